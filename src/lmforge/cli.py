@@ -1,0 +1,160 @@
+"""The `lmforge` command: pretrain, tokenizer, generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from lmforge.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one UserError line instead of usage text and exit 2."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    from lmforge.config import help_rows
+
+    p.add_argument("--config", metavar="YAML", help="a recipe file; the options below override its values")
+    group = p.add_argument_group("config options (dotted keys; also settable in the YAML file)")
+    for option, metavar, text in help_rows():
+        group.add_argument(option, metavar=metavar, help=text, default=argparse.SUPPRESS)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The config options given on the command line, as {dotted key: raw string}."""
+    from lmforge.config import leaves
+
+    keys = {path for path, _, _ in leaves()}
+    return {k: v for k, v in vars(args).items() if k in keys}
+
+
+def cmd_pretrain(args) -> int:
+    from lmforge.config import load_config, read_yaml
+    from lmforge.train.checkpoint import find_resume
+    from lmforge.train.loop import new_run_dir, train
+
+    overrides = _overrides(args)
+    cfg = load_config(args.config, overrides)
+    resume = None
+    if args.resume:
+        run_dir, resume = find_resume(args.resume, Path(cfg.log.out_dir), Path(cfg.log.run_dir) if cfg.log.run_dir else None)
+        saved = run_dir / "config.yaml"
+        base = read_yaml(saved) if saved.is_file() and not args.config else None
+        cfg = load_config(args.config, {**overrides, "log.run_dir": str(run_dir)}, base=base)
+    elif (new_run_dir(cfg) / "checkpoints").is_dir():
+        raise UserError(f"log.run_dir: {new_run_dir(cfg)} already holds a run; pass --resume auto to continue it")
+    result = train(cfg, resume)
+    if result.text:
+        print(result.text)
+    print(f"\nrun directory: {result.run_dir}")
+    print(f"weights:       {result.run_dir / 'model.safetensors'} (best val loss {result.best_val_loss:.4f})")
+    if result.plot:
+        print(f"plot:          {result.plot}")
+    if cfg.log.tensorboard:
+        print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    print(f"generate:      lmforge generate --checkpoint {result.run_dir} --prompt \"...\"")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from lmforge.data.formats import read_corpus, resolve_format
+    from lmforge.data.tokenizer import train_tokenizer
+
+    path = Path(args.input)
+    fmt = resolve_format(path, args.format)
+    specials = [t for t in args.special_tokens.split(",") if t]
+    tok = train_tokenizer((t for t, _ in read_corpus(path, fmt, args.text_field)), args.kind, args.vocab_size,
+                          specials, args.lowercase)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {out / 'tokenizer.json'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from lmforge.generate import generate_text
+    from lmforge.train.checkpoint import load_run
+    from lmforge.train.loop import pick_device
+
+    device = pick_device(args.device)
+    model, tok, _ = load_run(args.checkpoint, device)
+    for i in range(args.num_samples):
+        gen = torch.Generator(device=device).manual_seed(args.seed + i)
+        text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             stop=args.stop, generator=gen, use_cache=not args.no_cache)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="lmforge", description="Train Transformer language models: from raw text to a trained, "
+                    "evaluated and sampled model.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("pretrain", help="pre-train a model from raw text (default: a small GPT on the King James Bible)",
+                       description="Pre-train a model. With no options: a small GPT on the embedded King James Bible "
+                       "in about 4 minutes on a laptop CPU.", allow_abbrev=False)
+    p.add_argument("--resume", metavar="auto|RUN|CKPT",
+                   help="continue a run exactly: auto = the newest good checkpoint of --log.run_dir or of the newest run")
+    _config_options(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer on a corpus")
+    tsub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    t = tsub.add_parser("train", help="train a tokenizer and write OUT/tokenizer.json", allow_abbrev=False)
+    t.add_argument("--input", required=True, help="a .txt file, a folder of .txt files or a .jsonl file")
+    t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    t.add_argument("--kind", default="bpe", choices=["char", "bpe", "wordpiece"], help="tokenizer model [default: bpe]")
+    t.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size [default: 8000]")
+    t.add_argument("--special-tokens", default="<|endoftext|>", help="comma-separated special tokens [default: <|endoftext|>]")
+    t.add_argument("--lowercase", action="store_true", help="lower-case the text first")
+    t.add_argument("--format", default="auto", choices=["auto", "txt", "folder", "jsonl"], help="input format [default: auto]")
+    t.add_argument("--text-field", default="text", help="JSONL field holding the text [default: text]")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("generate", help="generate text from a trained run", allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True, help="a run directory (or one of its checkpoint files)")
+    p.add_argument("--prompt", default="", help="text to continue [default: start of a document]")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many new tokens (bounded by the context)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy [default: 0.8]")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    return f"lmforge: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

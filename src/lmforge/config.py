@@ -1,0 +1,295 @@
+"""The configuration: a tree of dataclasses, read from YAML plus dotted command-line overrides.
+
+Every field is declared with `opt(default, doc, check=...)`; the doc becomes the `--help` text and
+the check is run before any work starts. Why not jsonargparse: we want every mistake reported as a
+single line naming the key path, the value and what is accepted, and presets resolved before
+validation; that is a hundred lines here and hard to bend a general parser into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import UserError
+from lmforge.fields import between, fraction_open, ge, gt, opt, section
+from lmforge.model.config import PRESETS, ModelConfig
+
+
+class ConfigError(UserError):
+    pass
+
+
+# -- the tree --------------------------------------------------------------------------------------
+# ModelConfig lives beside the model; the rest is here.
+
+TOKENIZER_KINDS = ("char", "bpe", "wordpiece")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = opt("bpe", "tokenizer to train when no `path` is given", choices=TOKENIZER_KINDS)
+    vocab_size: int = opt(4096, "vocabulary size for bpe/wordpiece (char: upper bound)", check=gt(1))
+    path: str | None = opt(None, "an existing tokenizer.json (or a run directory) to use instead of training one")
+    special_tokens: list = opt(["<|endoftext|>"], "special tokens added to the vocabulary")
+    lowercase: bool = opt(False, "lower-case text before tokenising")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = opt(None, "a .txt file, a folder of .txt files or a .jsonl file (default: the embedded King James Bible)")
+    format: str = opt("auto", "how to read `path`", choices=("auto", "txt", "folder", "jsonl"))
+    text_field: str = opt("text", "the field holding the text in each .jsonl line")
+    val_fraction: float = opt(0.1, "the last fraction of the corpus kept for validation", check=fraction_open())
+    cache_dir: str = opt(".cache/lmforge/tokens", "where encoded token stores are kept and reused")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = opt(16, "sequences per micro-batch", check=gt(0))
+    grad_accum: int = opt(1, "micro-batches per optimizer step", check=gt(0))
+    max_steps: int = opt(2000, "optimizer steps (the schedule's length)", check=gt(0))
+    max_time: float = opt(0.0, "stop (with a checkpoint) after this many seconds of training; 0 = no limit", check=ge(0))
+    optimizer: str = opt("adamw", "optimizer", choices=("adamw",))
+    lr: float = opt(1e-3, "peak learning rate", check=gt(0))
+    min_lr: float = opt(1e-4, "learning-rate floor at the end of the schedule", check=ge(0))
+    schedule: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = opt(100, "linear warmup steps", check=ge(0))
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, embeddings)", check=ge(0))
+    beta1: float = opt(0.9, "Adam beta1", check=between(0, 1))
+    beta2: float = opt(0.95, "Adam beta2", check=between(0, 1))
+    eps: float = opt(1e-8, "Adam epsilon", check=gt(0))
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", check=ge(0))
+    precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile the model (falls back to eager with a warning)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = opt(1337, "random seed for init, data order and dropout")
+    checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end); 0 = only at the end", check=ge(0))
+    keep_checkpoints: int = opt(2, "how many recent step checkpoints to keep", check=gt(0))
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(250, "evaluate every N steps (and at the end); 0 = only at the end", check=ge(0))
+    batches: int = opt(20, "val batches per evaluation; 0 = the whole val split", check=ge(0))
+    batch_size: int = opt(32, "sequences per val batch", check=gt(0))
+    patience: int = opt(0, "stop after this many evaluations without improvement; 0 = never", check=ge(0))
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = opt("runs", "parent folder of run directories")
+    run_dir: str | None = opt(None, "this run's directory (default: OUT_DIR/<time>-<task>)")
+    every: int = opt(10, "log train metrics every N steps", check=gt(0))
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard event files")
+    samples: int = opt(3, "samples printed at the end of a language-model run", check=ge(0))
+    sample_tokens: int = opt(120, "tokens per printed sample", check=gt(0))
+
+
+@dataclass
+class Config:
+    task: str = opt("clm", "what to train", choices=("clm",))
+    model: ModelConfig = section(ModelConfig, "model")
+    data: DataConfig = section(DataConfig, "data")
+    train: TrainConfig = section(TrainConfig, "training and optimizer")
+    eval: EvalConfig = section(EvalConfig, "evaluation")
+    log: LogConfig = section(LogConfig, "logging and outputs")
+
+    def validate(self) -> None:
+        """Checks that involve more than one field."""
+        m, t = self.model, self.train
+        if m.d_model % m.n_head:
+            raise ConfigError(f"config: model.d_model = {m.d_model} must be divisible by model.n_head = {m.n_head}")
+        if m.n_head % m.n_kv_head:
+            raise ConfigError(f"config: model.n_head = {m.n_head} must be a multiple of model.n_kv_head = {m.n_kv_head}")
+        if m.pos == "rope" and (m.d_model // m.n_head) % 2:
+            raise ConfigError(f"config: model.pos = rope needs an even head size, got {m.d_model // m.n_head}")
+        if t.min_lr > t.lr:
+            raise ConfigError(f"config: train.min_lr = {t.min_lr} must be <= train.lr = {t.lr}")
+        if t.warmup_steps >= t.max_steps:
+            raise ConfigError(f"config: train.warmup_steps = {t.warmup_steps} must be < train.max_steps = {t.max_steps}")
+
+
+# -- reading and writing ---------------------------------------------------------------------------
+
+
+def leaves(cls: type = Config, prefix: str = ""):
+    """(dotted path, type, field) for every leaf field, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from leaves(hints[f.name], path + ".")
+        else:
+            yield path, hints[f.name], f
+
+
+def _type_name(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and _is_optional(tp):
+        return _type_name(args[0]) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_optional(tp) -> bool:
+    return (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in typing.get_args(tp)
+
+
+def _coerce(path: str, tp, value: Any, from_cli: bool):
+    """Turn `value` into `tp` or raise a ConfigError naming path, value and the expected type."""
+    def bad(expected: str):
+        return ConfigError(f"config: {path} = {value!r}: expected {expected}")
+
+    if _is_optional(tp):
+        if value is None or (from_cli and isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise bad("true or false")
+    if tp is int:
+        if isinstance(value, str) and from_cli:
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                raise bad("an integer") from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad("an integer")
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string; accept it as a number
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if tp is list or typing.get_origin(tp) is list:
+        if isinstance(value, str) and from_cli:
+            value = [v for v in value.split(",") if v] if not value.startswith("[") else yaml.safe_load(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise bad("a list of strings")
+    raise TypeError(f"unsupported config type {tp} at {path}")  # a bug in a dataclass, not user input
+
+
+def _build(cls: type, data: dict, prefix: str, from_cli: set[str]):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {prefix.rstrip('.') or 'top level'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            known = [p for p, _, _ in leaves(Config)]
+            guess = difflib.get_close_matches(prefix + str(key), known, n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else f"; known keys here: {', '.join(sorted(names))}"
+            raise ConfigError(f"config: unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data.get(f.name) or {}, path + ".", from_cli)
+            continue
+        if f.name not in data:
+            continue
+        value = _coerce(path, tp, data[f.name], path in from_cli)
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        if choices and value not in choices:
+            raise ConfigError(f"config: {path} = {value!r}: expected one of {', '.join(map(str, choices))}")
+        if check and value is not None and not check[0](value):
+            raise ConfigError(f"config: {path} = {value!r}: must be {check[1]}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, path: str, value: Any) -> None:
+    node = tree
+    *parents, last = path.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config: {path}: '{p}' is a value, not a section")
+        node = child
+    node[last] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: {p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"config: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {p}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {p}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: dict | None = None) -> Config:
+    """YAML file (or `base` dict) + dotted overrides (strings from the CLI) -> validated Config.
+
+    A model preset (`model.preset`) supplies defaults for the model section; keys given explicitly
+    in the file or on the command line win over it.
+    """
+    tree = dict(base or {})
+    if path is not None:
+        tree = read_yaml(path)
+    overrides = overrides or {}
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("preset"):
+        name = model["preset"]
+        if name not in PRESETS:
+            raise ConfigError(f"config: model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
+        tree["model"] = {**PRESETS[name], **model}
+    cfg = _build(Config, tree, "", set(overrides))
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def help_rows():
+    """(option, metavar, help) for every config field, for the CLI's --help."""
+    for path, tp, f in leaves(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = f" {{{','.join(map(str, f.metadata['choices']))}}}" if f.metadata.get("choices") else ""
+        check = f" ({f.metadata['check'][1]})" if f.metadata.get("check") else ""
+        yield f"--{path}", _type_name(tp).upper(), f"{f.metadata['doc']}{extra}{check} [default: {default}]"

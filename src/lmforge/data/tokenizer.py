@@ -1,0 +1,83 @@
+"""Tokenizers trained on the user's corpus with the `tokenizers` library: characters, byte-level
+BPE (GPT-2 style) and WordPiece (BERT style). Saved as tokenizer.json next to the model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from lmforge.errors import UserError
+
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>")
+
+
+def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, special_tokens: list[str],
+                    lowercase: bool = False) -> Tokenizer:
+    if kind == "char":
+        return _train_char(texts, vocab_size, special_tokens, lowercase)
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        if lowercase:
+            tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif kind == "wordpiece":
+        specials = WORDPIECE_SPECIALS + [t for t in special_tokens if t not in WORDPIECE_SPECIALS]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    else:
+        raise UserError(f"tokenizer: unknown kind {kind!r}; expected char, bpe or wordpiece")
+    tok.train_from_iterator(texts, trainer)
+    if kind == "wordpiece":
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def _train_char(texts: Iterable[str], vocab_size: int, special_tokens: list[str], lowercase: bool) -> Tokenizer:
+    # A word-level model over single characters: every character is a pre-token, unknown ones map to <unk>.
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text.lower() if lowercase else text)
+    specials = list(special_tokens) + (["<unk>"] if "<unk>" not in special_tokens else [])
+    chars = sorted(c for c, _ in counts.most_common(max(vocab_size - len(specials), 1)))
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json file, or a run/model folder that holds one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise UserError(f"tokenizer: {p}: no such file; expected a tokenizer.json or a folder holding one")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
+        raise UserError(f"tokenizer: {p}: not a tokenizer.json from the tokenizers library ({e})") from None
+
+
+def eos_id(tok: Tokenizer) -> int | None:
+    """The id that separates documents, if the tokenizer has one."""
+    for t in EOS_CANDIDATES:
+        i = tok.token_to_id(t)
+        if i is not None:
+            return i
+    return None

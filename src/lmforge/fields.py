@@ -1,0 +1,36 @@
+"""Declaring config fields: a default, a one-line doc (shown by --help), choices and a value check."""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any, Callable
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def gt(lo: float) -> Check:
+    return (lambda v: v > lo, f"> {lo}")
+
+
+def ge(lo: float) -> Check:
+    return (lambda v: v >= lo, f">= {lo}")
+
+
+def between(lo: float, hi: float) -> Check:
+    return (lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
+
+
+def fraction_open() -> Check:
+    return (lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None, check: Check | None = None):
+    """A config field with its one-line doc, its allowed choices and a value check."""
+    meta = {"doc": doc, "choices": choices, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str):
+    return field(default_factory=cls, metadata={"doc": doc, "choices": None, "check": None})

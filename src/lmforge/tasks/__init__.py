@@ -1,0 +1,69 @@
+"""Tasks: what the one training loop needs to know about a kind of training.
+
+A task reads its data, builds its model, turns a batch into a summed loss and a count of the targets
+it covers (so accumulation can normalise by real tokens), evaluates, and writes its artefacts.
+Adding a task means adding a module here and a line to TASKS.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from lmforge.data.batches import IGNORE_INDEX
+
+
+class Task:
+    name = ""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        """Read and check the data (raising UserError on bad input); fill derived config such as the
+        vocabulary size. Runs before anything is written."""
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_batches(self, seed: int) -> Iterator[dict]:
+        """An endless iterator with state_dict()/load_state_dict() for exact resume."""
+        raise NotImplementedError
+
+    def eval_batches(self) -> Iterable[dict]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """The loss summed over the batch's targets."""
+        raise NotImplementedError
+
+    def count(self, batch: dict) -> int:
+        """How many targets the batch's summed loss covers."""
+        return int((batch["target"] != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, to_device) -> dict[str, float]:
+        total, n = 0.0, 0
+        for batch in self.eval_batches():
+            total += float(self.loss(model, to_device(batch)))
+            n += self.count(batch)
+        loss = total / max(n, 1)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        """Files a run directory needs besides weights and config (a tokenizer, label maps)."""
+
+    def finish(self, model: nn.Module, run_dir: Path) -> str:
+        """Text printed at the end of a run (samples, a report)."""
+        return ""
+
+
+def make_task(cfg) -> Task:
+    from lmforge.tasks.clm import CausalLM
+
+    tasks = {"clm": CausalLM}
+    return tasks[cfg.task](cfg)

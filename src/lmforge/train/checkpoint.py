@@ -1,0 +1,139 @@
+"""Atomic checkpoints (temp file, fsync, rename) and finding the one to resume from."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from lmforge.errors import UserError
+
+CKPT_DIR = "checkpoints"
+WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync it, then rename it to `path`: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    ckpt_dir = run_dir / CKPT_DIR
+    ckpt_dir.mkdir(exist_ok=True)
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint in run_dir that loads, skipping damaged ones."""
+    for path in sorted((run_dir / CKPT_DIR).glob("step_*.pt"), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print(f"lmforge: warning: skipping {e}")
+    return None
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=metadata))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    missing, unexpected = load_model(model, str(path), strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint: {path}: weights do not fit the model (missing: {sorted(missing)[:3]}, "
+                        f"unexpected: {sorted(unexpected)[:3]})")
+
+
+def find_resume(resume: str, out_dir: Path, run_dir: Path | None) -> tuple[Path, tuple[Path, dict] | None]:
+    """--resume auto | RUN_DIR | CHECKPOINT -> (run directory, (checkpoint, its state) or None to start fresh).
+
+    `auto` takes the newest readable checkpoint of log.run_dir, or of the newest run under log.out_dir,
+    and starts fresh when there is none yet (so a restarted job can always pass --resume auto).
+    """
+    if resume == "auto":
+        if run_dir is None:
+            runs = [d for d in out_dir.glob("*") if any((d / CKPT_DIR).glob("step_*.pt"))]
+            if not runs:
+                raise UserError(f"--resume auto: no run with checkpoints under {out_dir}; set --log.run_dir to start one")
+            run_dir = max(runs, key=lambda d: max(p.stat().st_mtime for p in (d / CKPT_DIR).glob("step_*.pt")))
+        return run_dir, latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    p = Path(resume)
+    if p.is_file():
+        return p.parent.parent, (p, load_checkpoint(p))
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if not found:
+            raise UserError(f"--resume {p}: the run has no readable checkpoint in {p / CKPT_DIR}")
+        return p, found
+    raise UserError(f"--resume {resume}: no such run directory or checkpoint file; expected auto, a run directory or a .pt file")
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu"):
+    """A trained run directory (or one of its checkpoint files) -> (model in eval mode, tokenizer, config).
+
+    Uses the best weights (model.safetensors) of a run directory, or the given checkpoint's weights.
+    """
+    from lmforge.config import load_config, read_yaml
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.tasks import make_task
+
+    p = Path(path)
+    run_dir = p.parent.parent if p.is_file() else p
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run wrote")
+    cfg = load_config(base=read_yaml(run_dir / "config.yaml"))
+    model = make_task(cfg).build_model()
+    if p.is_file():
+        model.load_state_dict(load_checkpoint(p)["model"])
+    elif (run_dir / WEIGHTS).is_file():
+        load_weights(model, run_dir / WEIGHTS)
+    else:
+        found = latest_checkpoint(run_dir)
+        if not found:
+            raise UserError(f"checkpoint: {run_dir}: holds no weights yet ({WEIGHTS} or {CKPT_DIR}/step_*.pt)")
+        model.load_state_dict(found[1]["model"])
+    return model.to(device).eval(), load_tokenizer(run_dir), cfg

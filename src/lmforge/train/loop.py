@@ -1,0 +1,185 @@
+"""The one training loop. Every task trains through `train()`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from lmforge.config import Config, save_config
+from lmforge.errors import UserError
+from lmforge.optim import build_optimizer, build_schedule
+from lmforge.tasks import make_task
+from lmforge.train.checkpoint import WEIGHTS, rng_state, save_checkpoint, save_weights, set_rng_state
+from lmforge.train.perf import cpu_has_native_bf16, peak_flops
+from lmforge.train.tracking import Tracker
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    best_val_loss: float
+    last_val: dict
+    plot: Path | None
+    text: str  # what the task printed at the end (samples)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast on CUDA by default; on CPU fp32 unless bf16 is asked for (warned if emulated)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext, torch.float32
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("train.precision = bf16 on a CPU without fast native bf16: expect it to be many times "
+                      "slower than fp32 (train.precision = fp32)", stacklevel=2)
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), torch.bfloat16
+
+
+def new_run_dir(cfg: Config) -> Path:
+    if cfg.log.run_dir:
+        return Path(cfg.log.run_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.log.out_dir) / f"{stamp}-{cfg.task}"
+
+
+def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
+    """Train `cfg.task`; `resume` is (checkpoint path, its loaded state) to continue a run exactly."""
+    tc = cfg.train
+    device = pick_device(tc.device)
+    autocast, compute_dtype = autocast_for(tc.precision, device)
+    random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+
+    task = make_task(cfg)
+    task.setup()  # bad data stops the run here, before anything is written
+    model = task.build_model().to(device)
+    optimizer = build_optimizer(model, tc)
+    schedule = build_schedule(optimizer, tc)
+    batches = task.train_batches(tc.seed)
+
+    step, best, bad_evals, tokens_seen = 0, math.inf, 0, 0
+    run_dir = new_run_dir(cfg)
+    if resume is not None:
+        ckpt_path, state = resume
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        step, best, bad_evals, tokens_seen = state["step"], state["best"], state["bad_evals"], state["tokens"]
+        print(f"lmforge: resuming {run_dir} from {ckpt_path.name} (step {step})")
+    elif (run_dir / "checkpoints").is_dir():
+        raise UserError(f"log.run_dir: {run_dir} already holds a run; use --resume auto or another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    task.save_artifacts(run_dir)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 6 * n_params
+    peak = peak_flops(device, compute_dtype)
+    print(f"lmforge: {cfg.task} model with {n_params / 1e6:.2f}M parameters on {device}; run directory {run_dir}")
+
+    forward = model
+    if tc.compile:
+        forward = torch.compile(model)
+    to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
+
+    def train_step(micro_batches) -> tuple[float, float]:
+        # Normalise by the real target tokens of all micro-batches together, so k accumulated
+        # micro-batches give exactly the gradient of one batch k times larger (not a mean of means).
+        n_targets = sum(task.count(b) for b in micro_batches)
+        total = 0.0
+        for b in micro_batches:
+            with autocast():
+                loss_sum = task.loss(forward, to_device(b))
+            (loss_sum / n_targets).backward()
+            total += loss_sum.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total / n_targets, float(grad_norm)
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "data": batches.state_dict(), "rng": rng_state(), "step": step, "best": best,
+            "bad_evals": bad_evals, "tokens": tokens_seen}, tc.keep_checkpoints)
+
+    def evaluate() -> dict:
+        nonlocal best, bad_evals
+        model.eval()
+        with autocast():
+            metrics = task.evaluate(forward, to_device)
+        model.train()
+        if metrics["loss"] < best:
+            best, bad_evals = metrics["loss"], 0
+            save_weights(model, run_dir / WEIGHTS, {"step": str(step), "val_loss": f"{metrics['loss']:.6f}"})
+        else:
+            bad_evals += 1
+        return metrics
+
+    tracker = Tracker(run_dir, cfg.log, tc.max_steps, step)
+    model.train()
+    last_val: dict = {}
+    started = window_start = time.perf_counter()
+    window_tokens, stop_reason = 0, "max_steps"
+    while step < tc.max_steps:
+        micro_batches = [next(batches) for _ in range(tc.grad_accum)]
+        lr = schedule.get_last_lr()[0]
+        try:
+            loss, grad_norm = train_step(micro_batches)
+        except Exception as e:  # torch.compile fails lazily, at the first call, on some platforms
+            if forward is model:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "continuing in eager mode", stacklevel=1)
+            forward = model
+            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = train_step(micro_batches)
+        step += 1
+        n_tokens = sum(b["input"].numel() for b in micro_batches)
+        tokens_seen += n_tokens
+        window_tokens += n_tokens
+        tracker.advance()
+        if step % cfg.log.every == 0 or step == tc.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tok_s = window_tokens / max(elapsed, 1e-9)
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s, "tokens": tokens_seen}
+            if peak:
+                metrics["mfu"] = flops_per_token * tok_s / peak
+            tracker.log(step, "train", metrics)
+            window_start, window_tokens = time.perf_counter(), 0
+        pause = time.perf_counter()  # evaluation and checkpoints are not counted in throughput
+        out_of_time = tc.max_time and time.perf_counter() - started >= tc.max_time
+        final = step == tc.max_steps or out_of_time
+        if (cfg.eval.every and step % cfg.eval.every == 0) or final:
+            last_val = evaluate()
+            tracker.log(step, "val", last_val)
+            if cfg.eval.patience and bad_evals >= cfg.eval.patience:
+                final, stop_reason = True, f"early stop: no val improvement in {bad_evals} evaluations"
+        if out_of_time:
+            stop_reason = f"time budget of {tc.max_time:.0f}s reached"
+        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or final:
+            checkpoint()
+        if final:
+            break
+        window_start += time.perf_counter() - pause
+    plot = tracker.close()
+    print(f"lmforge: stopped at step {step} ({stop_reason}); best val loss {best:.4f}")
+    text = task.finish(model, run_dir)
+    return RunResult(run_dir, step, best, last_val, plot, text)

@@ -1,0 +1,94 @@
+"""What a run reports: a progress bar, metrics.jsonl, TensorBoard event files, and a PNG of the
+loss and learning-rate curves at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS = "metrics.jsonl"
+PLOT = "curves.png"
+TB_DIR = "tensorboard"
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, lc, max_steps: int, start_step: int):
+        self.run_dir, self.lc = run_dir, lc
+        path = run_dir / METRICS
+        # On resume keep the history up to the checkpoint and drop what a crashed run logged after it.
+        kept = [r for r in read_metrics(path) if r["step"] <= start_step] if start_step else []
+        self.file = open(path, "w", encoding="utf-8")
+        for r in kept:
+            self.file.write(json.dumps(r) + "\n")
+        self.tb = None
+        if lc.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
+        interactive = lc.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=max_steps, initial=start_step, disable=not interactive, dynamic_ncols=True,
+                        unit="step", file=sys.stderr)
+        self.plain = lc.progress and not interactive  # logs and CI get a line per log interval instead
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        row = {"step": step, "split": split, **metrics}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+        if split == "train":
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 tok_s=f"{metrics['tok_s']:.0f}", refresh=False)
+        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        if split != "train":
+            self.bar.write(f"step {step} {split}: {text}")
+        elif self.plain:
+            print(f"step {step}: {text}", flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def close(self) -> Path | None:
+        self.bar.close()
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+        return plot_curves(self.run_dir)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    rows = read_metrics(run_dir / METRICS)
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val", lw=1.5)
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    path = run_dir / PLOT
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
