@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +15,26 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one UserError line instead of usage text and exit 2."""
 
     def error(self, message):
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+        if message.startswith("unrecognized arguments:"):
+            known = _long_options(self)
+            for word in message.split(":", 1)[1].split():
+                guess = difflib.get_close_matches(word.split("=")[0], known, n=1) if word.startswith("--") else []
+                if guess:
+                    message += f"; did you mean {guess[0]}?"
+                    break
+        where = self.prog.removeprefix("lmforge").strip()  # the CLI prints "lmforge: error: " before this
+        raise UserError(f"{where + ': ' if where else ''}{message} (see {self.prog} --help)")
+
+
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Every --option of a parser and of its subcommands (argparse reports unknown options from the top)."""
+    found = []
+    for action in parser._actions:
+        found += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _long_options(sub)
+    return sorted(set(found))
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:
@@ -40,7 +60,9 @@ def cmd_pretrain(args) -> int:
     from lmforge.train.loop import new_run_dir, train
 
     overrides = _overrides(args)
-    cfg = load_config(args.config, overrides)
+    # When resuming, this first reading only locates the run: the overrides may complete the saved
+    # config (e.g. a longer train.max_steps) and are checked against it below, not against defaults.
+    cfg = load_config(args.config, overrides, validate=not args.resume)
     resume = None
     if args.resume:
         run_dir, resume = find_resume(args.resume, Path(cfg.log.out_dir), Path(cfg.log.run_dir) if cfg.log.run_dir else None)
@@ -85,7 +107,7 @@ def cmd_generate(args) -> int:
     from lmforge.train.checkpoint import load_run
     from lmforge.train.loop import pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, "generate: --device")
     model, tok, _ = load_run(args.checkpoint, device)
     for i in range(args.num_samples):
         gen = torch.Generator(device=device).manual_seed(args.seed + i)

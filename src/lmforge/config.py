@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
-from lmforge.fields import between, fraction_open, ge, gt, opt, section
+from lmforge.fields import between, device_name, fraction_open, ge, gt, opt, section
 from lmforge.model.config import PRESETS, ModelConfig
 
 
@@ -69,8 +69,9 @@ class TrainConfig:
     eps: float = opt(1e-8, "Adam epsilon", check=gt(0))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", check=ge(0))
     precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    chunked_loss: bool = opt(True, "output projection + cross-entropy in chunks when the logits are large (saves memory)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager with a warning)")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N", check=device_name())
     seed: int = opt(1337, "random seed for init, data order and dropout")
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end); 0 = only at the end", check=ge(0))
     keep_checkpoints: int = opt(2, "how many recent step checkpoints to keep", check=gt(0))
@@ -255,11 +256,12 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                base: dict | None = None) -> Config:
+                base: dict | None = None, validate: bool = True) -> Config:
     """YAML file (or `base` dict) + dotted overrides (strings from the CLI) -> validated Config.
 
     A model preset (`model.preset`) supplies defaults for the model section; keys given explicitly
-    in the file or on the command line win over it.
+    in the file or on the command line win over it. validate=False skips the checks that involve
+    more than one field (for a partial config that is completed later, e.g. from a run to resume).
     """
     tree = dict(base or {})
     if path is not None:
@@ -274,7 +276,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config: model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
         tree["model"] = {**PRESETS[name], **model}
     cfg = _build(Config, tree, "", set(overrides))
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 

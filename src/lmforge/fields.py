@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import field
 from typing import Any, Callable
 
@@ -22,6 +23,10 @@ def between(lo: float, hi: float) -> Check:
 
 def fraction_open() -> Check:
     return (lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def device_name() -> Check:
+    return (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, mps, cuda or cuda:N")
 
 
 def opt(default: Any, doc: str, *, choices: tuple | None = None, check: Check | None = None):

@@ -37,6 +37,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     generation ends when every row has stopped. `on_token(tokens [B])` is called after each step
     and may return True to stop early (stop strings). The model's context bounds the total length.
     """
+    if not 0 < top_p <= 1:
+        raise UserError(f"generate: top_p = {top_p}: expected a probability mass in (0, 1]; 1 = off")
+    if top_k < 0:
+        raise UserError(f"generate: top_k = {top_k}: expected 0 (off) or a positive number of tokens")
     was_training = model.training
     model.eval()
     B, T = prompt.shape

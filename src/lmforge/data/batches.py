@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100  # target positions with this id carry no loss
+from lmforge.losses import IGNORE_INDEX  # noqa: F401  (re-exported: batches mark ignored targets with it)
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:

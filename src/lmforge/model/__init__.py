@@ -1,4 +1,3 @@
-from lmforge.model.config import PRESETS, ModelConfig
-from lmforge.model.transformer import GPT
+"""Models: ModelConfig and presets (model.config), shared layers (model.layers), stacks (model.transformer).
 
-__all__ = ["GPT", "ModelConfig", "PRESETS"]
+Kept free of imports so that reading a config does not load torch."""

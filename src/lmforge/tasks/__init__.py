@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from lmforge.data.batches import IGNORE_INDEX
+from lmforge.losses import IGNORE_INDEX
 
 
 class Task:

@@ -6,14 +6,14 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lmforge.data.batches import IGNORE_INDEX, RandomWindows, eval_windows
+from lmforge.data.batches import RandomWindows, eval_windows
 from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import eos_id
 from lmforge.errors import UserError
 from lmforge.generate import generate_text
-from lmforge.model import GPT
+from lmforge.losses import linear_cross_entropy_sum
+from lmforge.model.transformer import GPT
 from lmforge.tasks import Task
 
 
@@ -40,9 +40,9 @@ class CausalLM(Task):
         return eval_windows(self.data.val, self.cfg.model.max_seq_len, ec.batch_size, ec.batches)
 
     def loss(self, model, batch) -> torch.Tensor:
-        logits = model(batch["input"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        hidden = model.features(batch["input"])
+        return linear_cross_entropy_sum(hidden.flatten(0, 1), model.head.weight, batch["target"].flatten(),
+                                        chunked=self.cfg.train.chunked_loss)
 
     def save_artifacts(self, run_dir: Path) -> None:
         self.data.tokenizer.save(str(run_dir / "tokenizer.json"))

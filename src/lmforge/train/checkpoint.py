@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -68,12 +69,24 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint in run_dir that loads, skipping damaged ones."""
+    """The newest checkpoint in run_dir that loads, skipping damaged ones (with a warning).
+
+    None when the run has no checkpoint; a UserError when it has some but none can be read, since
+    starting over (or giving up) silently would lose the run.
+    """
+    damaged = []
     for path in sorted((run_dir / CKPT_DIR).glob("step_*.pt"), reverse=True):
         try:
-            return path, load_checkpoint(path)
+            found = path, load_checkpoint(path)
         except UserError as e:
-            print(f"lmforge: warning: skipping {e}")
+            damaged.append(e)
+            continue
+        for e in damaged:
+            print(f"lmforge: warning: skipping {e}", file=sys.stderr)
+        return found
+    if damaged:
+        raise UserError(f"checkpoint: none of the {len(damaged)} checkpoints in {run_dir / CKPT_DIR} can be read "
+                        f"(newest: {str(damaged[0]).removeprefix('checkpoint: ')})")
     return None
 
 
@@ -82,7 +95,11 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    missing, unexpected = load_model(model, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except Exception as e:  # a damaged file (SafetensorError) or tensors of other shapes (RuntimeError)
+        raise UserError(f"checkpoint: {path}: cannot be loaded ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
     if missing or unexpected:
         raise UserError(f"checkpoint: {path}: weights do not fit the model (missing: {sorted(missing)[:3]}, "
                         f"unexpected: {sorted(unexpected)[:3]})")
@@ -122,12 +139,15 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
     from lmforge.tasks import make_task
 
     p = Path(path)
-    run_dir = p.parent.parent if p.is_file() else p
+    # a file is run/model.safetensors (or another weights file beside config.yaml) or run/checkpoints/step_N.pt
+    run_dir = (p.parent if (p.parent / "config.yaml").is_file() else p.parent.parent) if p.is_file() else p
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run wrote")
     cfg = load_config(base=read_yaml(run_dir / "config.yaml"))
     model = make_task(cfg).build_model()
-    if p.is_file():
+    if p.is_file() and p.suffix == ".safetensors":
+        load_weights(model, p)
+    elif p.is_file():
         model.load_state_dict(load_checkpoint(p)["model"])
     elif (run_dir / WEIGHTS).is_file():
         load_weights(model, run_dir / WEIGHTS)

@@ -28,13 +28,27 @@ class RunResult:
     step: int
     best_val_loss: float
     last_val: dict
+    train_seconds: float  # time in training steps this session, without evaluation and checkpoints
     plot: Path | None
     text: str  # what the task printed at the end (samples)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, where: str = "config: train.device") -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps -> a device this machine has, or a one-line UserError
+    (torch would only fail deep inside the first .to())."""
+    from lmforge.fields import device_name
+
+    ok, accepted = device_name()
+    if not ok(name):
+        raise UserError(f"{where} = {name!r}: expected {accepted}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{where} = {name}: no CUDA device is available here; use auto or cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"{where} = {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{where} = mps: no MPS device is available here; use auto or cpu")
     return torch.device(name)
 
 
@@ -137,7 +151,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     model.train()
     last_val: dict = {}
     started = window_start = time.perf_counter()
-    window_tokens, stop_reason = 0, "max_steps"
+    window_tokens, stop_reason, paused = 0, "max_steps", 0.0
     while step < tc.max_steps:
         micro_batches = [next(batches) for _ in range(tc.grad_accum)]
         lr = schedule.get_last_lr()[0]
@@ -176,10 +190,12 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
             stop_reason = f"time budget of {tc.max_time:.0f}s reached"
         if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or final:
             checkpoint()
+        now = time.perf_counter()
+        window_start, paused = window_start + now - pause, paused + now - pause
         if final:
             break
-        window_start += time.perf_counter() - pause
+    train_seconds = time.perf_counter() - started - paused
     plot = tracker.close()
     print(f"lmforge: stopped at step {step} ({stop_reason}); best val loss {best:.4f}")
     text = task.finish(model, run_dir)
-    return RunResult(run_dir, step, best, last_val, plot, text)
+    return RunResult(run_dir, step, best, last_val, train_seconds, plot, text)

@@ -1,0 +1,105 @@
+"""Shared helpers: where the real data lives, small corpora and small configs.
+
+Every config built here points its token cache and run directory under pytest's tmp_path, turns the
+progress bar, TensorBoard and end-of-run samples off, and uses a model small enough to train a few
+steps on a shared 2-core CPU in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import load_config
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+WORDS = ("the king and queen of rome shall speak to thee now my lord what is this good night "
+         "sweet prince we are such stuff as dreams are made on and our little life is rounded").split()
+
+
+def shakespeare_text(n_chars: int | None = None) -> str:
+    """The first `n_chars` characters of Tiny Shakespeare; skips the test when the shared data is absent."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"real data not found at {SHAKESPEARE} (expected ../shared/data beside the checkout)")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    return text if n_chars is None else text[:n_chars]
+
+
+def synthetic_text(n_chars: int = 20_000, seed: int = 0) -> str:
+    """Pseudo-English lines from a fixed word list: enough structure to learn, no external data."""
+    rng = random.Random(seed)
+    lines, size = [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))).capitalize() + ".\n"
+        lines.append(line)
+        size += len(line)
+    return "".join(lines)[:n_chars]
+
+
+def write_corpus(tmp_path: Path, text: str, name: str = "corpus.txt") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> dict:
+    """Dotted overrides for a tiny char-level run whose every output lies under tmp_path."""
+    over = {
+        "data.path": str(corpus),
+        "data.tokenizer.kind": "char",
+        "data.cache_dir": str(tmp_path / "cache"),
+        "model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.max_seq_len": 16,
+        "train.batch_size": 4, "train.max_steps": 4, "train.warmup_steps": 0, "train.lr": 1e-3,
+        "train.min_lr": 1e-4, "train.checkpoint_every": 0, "train.device": "cpu", "train.precision": "fp32",
+        "eval.every": 0, "eval.batches": 2, "eval.batch_size": 8,
+        "log.out_dir": str(tmp_path / "runs"), "log.run_dir": str(tmp_path / "run"), "log.every": 1,
+        "log.progress": False, "log.tensorboard": False, "log.samples": 0,
+    }
+    over.update(extra)
+    return over
+
+
+def tiny_config(tmp_path: Path, corpus: Path, **extra):
+    """A validated Config for a tiny run; keyword keys are dotted paths with `__` for dots."""
+    return load_config(overrides=tiny_overrides(tmp_path, corpus, **{k.replace("__", "."): v for k, v in extra.items()}))
+
+
+def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A 20k-character synthetic corpus in tmp_path."""
+    return write_corpus(tmp_path, synthetic_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_setup(tmp_path_factory):
+    """One intra-op thread: the models here are tiny, and on a CPU shared with other work two threads
+    waiting on each other are ten times slower than one. train() reports MFU against a CPU peak it
+    measures once and caches under ~/.cache; in tests use a fixed figure and a cache file under the
+    session's temp folder, so nothing is measured or written to the home folder."""
+    import torch
+
+    import lmforge.train.perf as perf
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(perf, "CACHE", tmp_path_factory.mktemp("perf") / "peak_flops.json")
+        mp.setattr(perf, "measure_matmul_flops", lambda *a, **k: 1e11)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Run every test from its tmp_path, so a relative default (runs/, .cache/) can never land in the repo."""
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,227 @@
+"""The config tree: YAML plus dotted overrides, presets, one-line errors, --help text; and the
+optimizer pieces it drives: the learning-rate schedule and the weight-decay groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import Config, ConfigError, TrainConfig, leaves, load_config, read_yaml
+from lmforge.errors import UserError
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import GPT
+from lmforge.optim import build_optimizer, build_schedule, lr_at, param_groups
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_yaml_plus_dotted_overrides(tmp_path):
+    recipe = write(tmp_path, """
+model:
+  preset: char-tiny
+  n_layer: 3
+train:
+  lr: 3e-4          # YAML reads this as a string; it is accepted as a number
+  batch_size: 8
+  max_steps: 50
+  warmup_steps: 5
+log:
+  tensorboard: no
+data:
+  tokenizer:
+    special_tokens: ["<s>", "</s>"]
+""")
+    cfg = load_config(recipe, {"train.batch_size": "32", "model.d_model": "64", "log.progress": "false",
+                               "train.max_steps": "1e3", "data.path": "null", "log.run_dir": "somewhere",
+                               "data.tokenizer.special_tokens": "<a>,<b>"})
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.batch_size == 32  # the command line wins over the file
+    assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
+    assert cfg.model.n_layer == 3 and cfg.model.d_model == 64
+    assert cfg.log.tensorboard is False and cfg.log.progress is False
+    assert cfg.data.path is None and cfg.log.run_dir == "somewhere"
+    assert cfg.data.tokenizer.special_tokens == ["<a>", "<b>"]
+    assert cfg.train.weight_decay == TrainConfig().weight_decay  # untouched keys keep their defaults
+
+
+def test_preset_supplies_defaults_and_explicit_keys_win(tmp_path):
+    cfg = load_config(overrides={"model.preset": "char-tiny"}).model
+    assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.max_seq_len) == (4, 4, 128, 64)
+    recipe = write(tmp_path, "model:\n  preset: gpt2-small\n  n_layer: 2\n  max_seq_len: 128\n")
+    cfg = load_config(recipe, {"model.max_seq_len": "256"}).model
+    assert cfg.n_layer == 2 and cfg.max_seq_len == 256  # file and command line beat the preset
+    assert (cfg.d_model, cfg.vocab_size, cfg.mlp) == (768, 50257, "gelu_tanh")  # the rest is the preset's
+    with pytest.raises(ConfigError, match="model.preset = 'gpt5'.*char-tiny"):
+        load_config(overrides={"model.preset": "gpt5"})
+
+
+def test_derived_model_defaults():
+    assert load_config(overrides={"model.d_model": 96, "model.n_head": 4}).model.d_ff == 384
+    swiglu = load_config(overrides={"model.d_model": 96, "model.n_head": 4, "model.mlp": "swiglu"}).model
+    assert swiglu.d_ff == 256  # 8/3 * 96 = 256, a multiple of 64
+    assert swiglu.n_kv_head == 4
+
+
+def error_of(tmp_path, yaml_text=None, overrides=None) -> str:
+    path = write(tmp_path, yaml_text) if yaml_text is not None else None
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_key_suggests_the_close_match(tmp_path):
+    assert error_of(tmp_path, "train:\n  lrr: 0.1\n") == "config: unknown key 'train.lrr'; did you mean 'train.lr'?"
+    assert "did you mean 'model.n_head'" in error_of(tmp_path, overrides={"model.n_heads": "4"})
+    assert "did you mean 'eval.patience'" in error_of(tmp_path, "eval:\n  patiense: 3\n")
+    msg = error_of(tmp_path, "zzz: 1\n")
+    assert "unknown key 'zzz'" in msg and "known keys here: data, eval, log, model, task, train" in msg
+    assert "'lr' is a value, not a section" in error_of(tmp_path, "train:\n  lr: 0.1\n", {"train.lr.x": "1"})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  batch_size: abc\n", "config: train.batch_size = 'abc': expected an integer"),
+    ("train:\n  batch_size: 2.5\n", "config: train.batch_size = 2.5: expected an integer"),
+    ("train:\n  lr: fast\n", "config: train.lr = 'fast': expected a number"),
+    ("train:\n  lr: [1]\n", "config: train.lr = [1]: expected a number"),
+    ("log:\n  progress: 3\n", "config: log.progress = 3: expected true or false"),
+    ("train:\n  max_steps: true\n", "config: train.max_steps = True: expected an integer"),
+    ("data:\n  tokenizer:\n    special_tokens: 5\n", "config: data.tokenizer.special_tokens = 5: expected a list of strings"),
+    ("train: 5\n", "config: train: expected a mapping of keys, got 5"),
+])
+def test_wrong_type(tmp_path, text, expected):
+    assert error_of(tmp_path, text) == expected
+
+
+def test_wrong_type_from_the_command_line(tmp_path):
+    assert error_of(tmp_path, overrides={"train.batch_size": "many"}) == \
+        "config: train.batch_size = 'many': expected an integer"
+    assert error_of(tmp_path, overrides={"log.progress": "maybe"}) == "config: log.progress = 'maybe': expected true or false"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.lr", "0", "config: train.lr = 0.0: must be > 0"),
+    ("train.batch_size", "-1", "config: train.batch_size = -1: must be > 0"),
+    ("data.val_fraction", "1", "config: data.val_fraction = 1.0: must be in (0, 1)"),
+    ("model.dropout", "1.5", "config: model.dropout = 1.5: must be in [0, 0.99]"),
+    ("train.max_time", "-5", "config: train.max_time = -5.0: must be >= 0"),
+    ("train.device", "gpu", "config: train.device = 'gpu': must be auto, cpu, mps, cuda or cuda:N"),
+    ("train.device", "cuda:x", "config: train.device = 'cuda:x': must be auto, cpu, mps, cuda or cuda:N"),
+])
+def test_out_of_range(tmp_path, key, value, expected):
+    assert error_of(tmp_path, overrides={key: value}) == expected
+
+
+def test_choices(tmp_path):
+    assert error_of(tmp_path, overrides={"model.pos": "alibi"}) == \
+        "config: model.pos = 'alibi': expected one of learned, rope"
+    assert error_of(tmp_path, "data:\n  tokenizer:\n    kind: sentencepiece\n") == \
+        "config: data.tokenizer.kind = 'sentencepiece': expected one of char, bpe, wordpiece"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"model.d_model": "100", "model.n_head": "3"}, "model.d_model = 100 must be divisible by model.n_head = 3"),
+    ({"model.n_head": "6", "model.n_kv_head": "4"}, "model.n_head = 6 must be a multiple of model.n_kv_head = 4"),
+    ({"model.pos": "rope", "model.d_model": "60", "model.n_head": "4"}, "model.pos = rope needs an even head size, got 15"),
+    ({"train.lr": "1e-4", "train.min_lr": "1e-3"}, "train.min_lr = 0.001 must be <= train.lr = 0.0001"),
+    ({"train.warmup_steps": "10", "train.max_steps": "10"}, "train.warmup_steps = 10 must be < train.max_steps = 10"),
+])
+def test_cross_field_checks(tmp_path, overrides, expected):
+    assert error_of(tmp_path, overrides=overrides) == f"config: {expected}"
+
+
+def test_read_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        read_yaml(tmp_path / "missing.yaml")
+    bad = write(tmp_path, "train:\n  lr: 1\n  batch_size: [1, 2\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
+        read_yaml(bad)
+    with pytest.raises(ConfigError, match="mapping"):
+        read_yaml(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    (tmp_path / "latin1.yaml").write_bytes(b"task: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_yaml(tmp_path / "latin1.yaml")
+    assert read_yaml(write(tmp_path, "# nothing\n", "empty.yaml")) == {}
+    assert isinstance(ConfigError("x"), UserError)
+
+
+def test_pretrain_help_shows_every_field_doc(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--help"])
+    assert e.value.code == 0
+    squashed = re.sub(r"\s+", "", capsys.readouterr().out)  # help text is wrapped at any space or hyphen
+    for path, _, field in leaves(Config):
+        assert f"--{path}" in squashed
+        assert re.sub(r"\s+", "", field.metadata["doc"]) in squashed, path
+    assert "{learned,rope}" in squashed and "[default:0.1]" in squashed and "(>0)" in squashed
+
+
+def test_lr_schedule_hits_its_documented_values():
+    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=111)
+    assert lr_at(0, tc) == pytest.approx(1e-4)  # warmup starts at lr / warmup_steps
+    assert lr_at(4, tc) == pytest.approx(5e-4)
+    assert lr_at(9, tc) == pytest.approx(1e-3)  # the peak at the end of warmup
+    assert lr_at(10, tc) == pytest.approx(1e-3)  # decay starts from the peak
+    assert lr_at(60, tc) == pytest.approx(5.5e-4)  # cosine midpoint: halfway between lr and min_lr
+    assert lr_at(35, tc) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, tc) == pytest.approx(1e-4)  # the floor at the last step
+    assert lr_at(500, tc) == pytest.approx(1e-4)
+    decay = [lr_at(s, tc) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+
+    lin = dataclasses.replace(tc, schedule="linear")
+    assert lr_at(35, lin) == pytest.approx(1e-4 + 9e-4 * 0.75)
+    assert lr_at(60, lin) == pytest.approx(5.5e-4) and lr_at(110, lin) == pytest.approx(1e-4)
+    const = dataclasses.replace(tc, schedule="constant")
+    assert lr_at(5, const) == pytest.approx(6e-4) and lr_at(110, const) == 1e-3
+    no_warmup = TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=3)
+    assert [lr_at(s, no_warmup) for s in range(3)] == pytest.approx([1e-3, 5e-4, 0.0])
+
+
+def test_schedule_drives_the_optimizer():
+    tc = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=3, max_steps=12)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=tc.lr)
+    sched = build_schedule(opt, tc)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([lr_at(s, tc) for s in range(12)], rel=1e-12)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(tie_embeddings=False), dict(norm="rmsnorm", bias=False, pos="rope")])
+def test_param_groups_decay_only_weight_matrices(extra):
+    model = GPT(ModelConfig(vocab_size=50, max_seq_len=16, n_layer=2, n_head=2, d_model=32, **extra))
+    decay_group, no_decay_group = param_groups(model, 0.1)
+    assert decay_group["weight_decay"] == 0.1 and no_decay_group["weight_decay"] == 0.0
+    decay = {id(p) for p in decay_group["params"]}
+    no_decay = {id(p) for p in no_decay_group["params"]}
+    ids = [id(p) for p in decay_group["params"] + no_decay_group["params"]]
+    assert len(ids) == len(set(ids))  # each parameter exactly once
+    assert set(ids) == {id(p) for p in model.parameters()}
+
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in named.items():
+        is_matrix_weight = name.endswith("weight") and any(k in name for k in ("qkv", "proj", "up", "down"))
+        if name == "head.weight" and not model.cfg.tie_embeddings:
+            is_matrix_weight = True
+        assert (id(p) in decay) == is_matrix_weight, name
+        assert (id(p) in no_decay) == (not is_matrix_weight), name
+    assert id(model.tok_emb.weight) in no_decay and id(model.head.weight) in (no_decay if model.cfg.tie_embeddings else decay)
+
+    tc = TrainConfig(weight_decay=0.1)
+    opt = build_optimizer(model, tc)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(set(ids))
