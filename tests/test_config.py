@@ -131,7 +131,7 @@ def test_choices(tmp_path):
 
 @pytest.mark.parametrize("overrides, expected", [
     ({"model.d_model": "100", "model.n_head": "3"}, "model.d_model = 100 must be divisible by model.n_head = 3"),
-    ({"model.n_head": "6", "model.n_kv_head": "4"}, "model.n_head = 6 must be a multiple of model.n_kv_head = 4"),
+    ({"model.d_model": "384", "model.n_head": "6", "model.n_kv_head": "4"}, "model.n_head = 6 must be a multiple of model.n_kv_head = 4"),
     ({"model.pos": "rope", "model.d_model": "60", "model.n_head": "4"}, "model.pos = rope needs an even head size, got 15"),
     ({"train.lr": "1e-4", "train.min_lr": "1e-3"}, "train.min_lr = 0.001 must be <= train.lr = 0.0001"),
     ({"train.warmup_steps": "10", "train.max_steps": "10"}, "train.warmup_steps = 10 must be < train.max_steps = 10"),

@@ -35,7 +35,7 @@ def preset(name: str, **extra) -> ModelConfig:
 
 
 def test_char_tiny_parameter_count():
-    cfg = preset("char-tiny", vocab_size=65)
+    cfg = preset("char-tiny", vocab_size=65, pos="learned", norm="layernorm", bias=True)  # nanoGPT's layout
     model = GPT(cfg)
     # 4 blocks of 198,272 + 65*128 token + 64*128 position embeddings + the final LayerNorm's 256
     assert model.num_params() == 809_856 == expected_params(cfg)
@@ -124,7 +124,7 @@ def test_depth_scaled_init_std(depth_scaled):
     torch.manual_seed(0)
     n_layer, std = 8, 0.02
     model = GPT(ModelConfig(vocab_size=512, max_seq_len=64, n_layer=n_layer, n_head=4, d_model=256, init_std=std,
-                            depth_scaled_init=depth_scaled))
+                            depth_scaled_init=depth_scaled, pos="learned", norm="layernorm", bias=True))
     residual = torch.cat([torch.cat([b.attn.proj.weight.flatten(), b.mlp.down.weight.flatten()]) for b in model.blocks])
     other = torch.cat([torch.cat([b.attn.qkv.weight.flatten(), b.mlp.up.weight.flatten()]) for b in model.blocks])
     want = std / math.sqrt(2 * n_layer) if depth_scaled else std
@@ -174,7 +174,9 @@ def test_model_cross_entropy_matches_functional():
     model = GPT(ModelConfig(vocab_size=40, max_seq_len=16, n_layer=1, n_head=2, d_model=32, init_std=0.2))
     batch = {"input": torch.randint(40, (3, 16)), "target": torch.randint(40, (3, 16))}
     batch["target"][0, :5] = IGNORE_INDEX
-    task = CausalLM.__new__(CausalLM)
+    from lmforge.config import Config
+
+    task = CausalLM(Config())
     got = task.loss(model, batch)
     logits = model(batch["input"])
     logp = F.log_softmax(logits, -1)

@@ -9,20 +9,23 @@ from lmforge.fields import between, ge, gt, opt
 
 @dataclass
 class ModelConfig:
+    """The defaults are the model `lmforge pretrain` trains with no config: a 4-layer, 256-wide GPT
+    with RoPE and RMSNorm (about 4M parameters at a 4096-token vocabulary)."""
+
     preset: str | None = opt(None, "named preset supplying the defaults below (char-tiny, gpt-10m, gpt2-small)")
     vocab_size: int = opt(0, "vocabulary size; 0 = take it from the tokenizer", check=ge(0))
-    max_seq_len: int = opt(256, "context length in tokens", check=gt(0))
-    n_layer: int = opt(6, "Transformer blocks", check=gt(0))
-    n_head: int = opt(6, "attention heads", check=gt(0))
+    max_seq_len: int = opt(128, "context length in tokens", check=gt(0))
+    n_layer: int = opt(4, "Transformer blocks", check=gt(0))
+    n_head: int = opt(4, "attention heads", check=gt(0))
     n_kv_head: int = opt(0, "key/value heads (grouped-query attention); 0 = n_head", check=ge(0))
-    d_model: int = opt(384, "model width", check=gt(0))
+    d_model: int = opt(256, "model width", check=gt(0))
     d_ff: int = opt(0, "MLP hidden width; 0 = 4*d_model (8/3*d_model rounded to 64 for swiglu)", check=ge(0))
-    pos: str = opt("learned", "position encoding", choices=("learned", "rope"))
+    pos: str = opt("rope", "position encoding", choices=("learned", "rope"))
     rope_theta: float = opt(10000.0, "RoPE base", check=gt(0))
-    norm: str = opt("layernorm", "normalisation", choices=("layernorm", "rmsnorm"))
+    norm: str = opt("rmsnorm", "normalisation", choices=("layernorm", "rmsnorm"))
     norm_eps: float = opt(1e-5, "normalisation epsilon", check=gt(0))
     mlp: str = opt("gelu", "MLP activation (gelu_tanh: the tanh approximation GPT-2 uses)", choices=("gelu", "gelu_tanh", "relu", "swiglu"))
-    bias: bool = opt(True, "biases in linear layers and LayerNorm")
+    bias: bool = opt(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = opt(True, "share the token embedding with the output projection")
     dropout: float = opt(0.0, "dropout on embeddings, attention and residual branches", check=between(0, 0.99))
     init_std: float = opt(0.02, "std of the normal init of weights", check=gt(0))
@@ -43,7 +46,7 @@ class ModelConfig:
 PRESETS: dict[str, dict] = {
     # nanoGPT's shakespeare_char CPU shape: ~0.8M parameters at a character vocabulary.
     "char-tiny": dict(n_layer=4, n_head=4, d_model=128, max_seq_len=64),
-    # ~10.7M parameters in the blocks: a model a laptop CPU trains in minutes.
+    # ~10.6M parameters in the blocks (nanoGPT's shakespeare_char GPU shape).
     "gpt-10m": dict(n_layer=6, n_head=6, d_model=384, max_seq_len=256),
     # GPT-2 small (124M at vocabulary 50257).
     "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=1024, vocab_size=50257, mlp="gelu_tanh",
