@@ -293,3 +293,47 @@ def test_run_directory_and_repeat_from_resolved_config(tmp_path):
     assert second.best_val_loss == pytest.approx(first.best_val_loss, abs=1e-6)
     assert read_metrics(tmp_path / "again", "train")[-1]["loss"] == pytest.approx(rows[-1]["loss"], abs=1e-6)
     assert (tmp_path / "again" / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, corpus, monkeypatch):
+    """A torch.compile that fails at the first call gives a warning and the same run as eager."""
+    import warnings
+
+    import torch
+
+    from lmforge.train.loop import train
+
+    eager = train(tiny_config(tmp_path / "eager", corpus))
+
+    def broken_compile(fn, *args, **kwargs):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler for inductor")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = train(tiny_config(tmp_path / "compiled", corpus, train__compile=True))
+    assert any("torch.compile failed" in str(w.message) and "eager" in str(w.message) for w in caught)
+    eager_losses = [r["loss"] for r in read_metrics(eager.run_dir, "train")]
+    assert [r["loss"] for r in read_metrics(fallback.run_dir, "train")] == eager_losses
+
+
+def test_bf16_on_cpu_without_native_support_warns(monkeypatch):
+    import warnings
+
+    import torch
+
+    from lmforge.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctx, dtype = loop.autocast_for("bf16", torch.device("cpu"))
+    assert dtype == torch.bfloat16 and any("slower than fp32" in str(w.message) for w in caught)
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop.autocast_for("bf16", torch.device("cpu"))
+    assert not caught
+    assert loop.autocast_for("auto", torch.device("cpu"))[1] == torch.float32

@@ -63,6 +63,20 @@ def autocast_for(precision: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), torch.bfloat16
 
 
+def set_compiled(model: torch.nn.Module, on: bool) -> bool:
+    """Regional compilation: compile the forward of each repeated block (the Transformer layers), which
+    compiles faster than the whole model and leaves tasks free to call any model method. Returns `on`."""
+    from lmforge.model.layers import Block
+
+    for module in model.modules():
+        if isinstance(module, Block):
+            if on:
+                module.forward = torch.compile(module.forward)
+            else:
+                vars(module).pop("forward", None)  # back to the class's eager forward
+    return on
+
+
 def new_run_dir(cfg: Config) -> Path:
     if cfg.log.run_dir:
         return Path(cfg.log.run_dir)
@@ -107,9 +121,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     peak = peak_flops(device, compute_dtype)
     print(f"lmforge: {cfg.task} model with {n_params / 1e6:.2f}M parameters on {device}; run directory {run_dir}")
 
-    forward = model
-    if tc.compile:
-        forward = torch.compile(model)
+    compiled = tc.compile and set_compiled(model, True)
     to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
 
     def train_step(micro_batches) -> tuple[float, float]:
@@ -119,7 +131,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
         total = 0.0
         for b in micro_batches:
             with autocast():
-                loss_sum = task.loss(forward, to_device(b))
+                loss_sum = task.loss(model, to_device(b))
             (loss_sum / n_targets).backward()
             total += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
@@ -138,7 +150,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
         nonlocal best, bad_evals
         model.eval()
         with autocast():
-            metrics = task.evaluate(forward, to_device)
+            metrics = task.evaluate(model, to_device)
         model.train()
         if metrics["loss"] < best:
             best, bad_evals = metrics["loss"], 0
@@ -158,11 +170,11 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
         try:
             loss, grad_norm = train_step(micro_batches)
         except Exception as e:  # torch.compile fails lazily, at the first call, on some platforms
-            if forward is model:
+            if not compiled:
                 raise
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "continuing in eager mode", stacklevel=1)
-            forward = model
+            compiled = set_compiled(model, False)
             optimizer.zero_grad(set_to_none=True)
             loss, grad_norm = train_step(micro_batches)
         step += 1
