@@ -337,3 +337,17 @@ def test_bf16_on_cpu_without_native_support_warns(monkeypatch):
         loop.autocast_for("bf16", torch.device("cpu"))
     assert not caught
     assert loop.autocast_for("auto", torch.device("cpu"))[1] == torch.float32
+
+
+def test_resume_from_another_architecture_is_one_line_error(tmp_path, corpus):
+    """A checkpoint whose weights do not fit the configured model names the first bad key and both shapes."""
+    from lmforge.errors import UserError
+    from lmforge.train.checkpoint import find_resume
+    from lmforge.train.loop import train
+
+    first = train(tiny_config(tmp_path / "a", corpus, train__checkpoint_every=2))
+    _, resume = find_resume(str(first.run_dir), tmp_path, None)
+    wider = tiny_config(tmp_path / "b", corpus, model__d_model=64)
+    with pytest.raises(UserError, match=r"weight '.*' has shape \(\d+, 32\) but the model expects \(\d+, 64\)"):
+        train(wider, resume)
+    assert not (tmp_path / "b" / "run").exists()

@@ -90,6 +90,24 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def load_model_state(model: torch.nn.Module, state: dict, source: Path) -> None:
+    """load_state_dict, with a mismatch (a checkpoint of another architecture or size) reported as one
+    line naming the first bad key and both shapes."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise UserError(f"checkpoint: {source}: weight '{key}' does not exist in this model; "
+                            "the checkpoint is from another architecture")
+        if own[key].shape != value.shape:
+            raise UserError(f"checkpoint: {source}: weight '{key}' has shape {tuple(value.shape)} but the model "
+                            f"expects {tuple(own[key].shape)}")
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise UserError(f"checkpoint: {source}: weight '{missing[0]}' is missing ({len(missing)} in all); "
+                        "the checkpoint is from another architecture")
+    model.load_state_dict(state)
+
+
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
     atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=metadata))
 
@@ -148,12 +166,12 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
     if p.is_file() and p.suffix == ".safetensors":
         load_weights(model, p)
     elif p.is_file():
-        model.load_state_dict(load_checkpoint(p)["model"])
+        load_model_state(model, load_checkpoint(p)["model"], p)
     elif (run_dir / WEIGHTS).is_file():
         load_weights(model, run_dir / WEIGHTS)
     else:
         found = latest_checkpoint(run_dir)
         if not found:
             raise UserError(f"checkpoint: {run_dir}: holds no weights yet ({WEIGHTS} or {CKPT_DIR}/step_*.pt)")
-        model.load_state_dict(found[1]["model"])
+        load_model_state(model, found[1]["model"], found[0])
     return model.to(device).eval(), load_tokenizer(run_dir), cfg

@@ -17,7 +17,7 @@ from lmforge.config import Config, save_config
 from lmforge.errors import UserError
 from lmforge.optim import build_optimizer, build_schedule
 from lmforge.tasks import make_task
-from lmforge.train.checkpoint import WEIGHTS, rng_state, save_checkpoint, save_weights, set_rng_state
+from lmforge.train.checkpoint import WEIGHTS, load_model_state, rng_state, save_checkpoint, save_weights, set_rng_state
 from lmforge.train.perf import cpu_has_native_bf16, peak_flops
 from lmforge.train.tracking import Tracker
 
@@ -103,7 +103,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     run_dir = new_run_dir(cfg)
     if resume is not None:
         ckpt_path, state = resume
-        model.load_state_dict(state["model"])
+        load_model_state(model, state["model"], ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         batches.load_state_dict(state["data"])
@@ -127,7 +127,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     def train_step(micro_batches) -> tuple[float, float]:
         # Normalise by the real target tokens of all micro-batches together, so k accumulated
         # micro-batches give exactly the gradient of one batch k times larger (not a mean of means).
-        n_targets = sum(task.count(b) for b in micro_batches)
+        n_targets = max(1, sum(task.count(b) for b in micro_batches))  # an all-ignored step adds no gradient
         total = 0.0
         for b in micro_batches:
             with autocast():
