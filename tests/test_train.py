@@ -351,3 +351,21 @@ def test_resume_from_another_architecture_is_one_line_error(tmp_path, corpus):
     with pytest.raises(UserError, match=r"weight '.*' has shape \(\d+, 32\) but the model expects \(\d+, 64\)"):
         train(wider, resume)
     assert not (tmp_path / "b" / "run").exists()
+
+
+def test_default_job_runs_on_the_embedded_corpus(tmp_path):
+    """`lmforge pretrain` with no options (what `make run` does), cut to 3 steps: the embedded King James
+    Bible is found, a BPE tokenizer of the default size is trained, and the run directory is complete."""
+    from lmforge.cli import main
+
+    out = tmp_path / "runs"
+    rc = main(["pretrain", "--train.max_steps", "3", "--train.warmup_steps", "1", "--eval.batches", "1",
+               "--data.cache_dir", str(tmp_path / "cache"), "--log.out_dir", str(out), "--log.samples", "1",
+               "--log.sample_tokens", "5", "--log.tensorboard", "false"])
+    assert rc == 0
+    (run,) = out.iterdir()
+    from lmforge.config import load_config, read_yaml
+
+    cfg = load_config(base=read_yaml(run / "config.yaml"))
+    assert cfg.data.path is None and cfg.model.vocab_size == cfg.data.tokenizer.vocab_size == 4096
+    assert (run / "model.safetensors").is_file() and (run / "curves.png").is_file()
