@@ -13,7 +13,8 @@ import torch
 import lmforge.data.store as store
 from conftest import shakespeare_text, synthetic_text, write_corpus
 from lmforge.config import load_config
-from lmforge.data.batches import IGNORE_INDEX, RandomWindows, eval_windows
+from lmforge.data.batches import RandomWindows, eval_windows
+from lmforge.losses import IGNORE_INDEX
 from lmforge.data.formats import read_corpus
 from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import eos_id, load_tokenizer, train_tokenizer

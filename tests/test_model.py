@@ -167,7 +167,7 @@ def test_context_overflow_is_rejected():
 
 def test_model_cross_entropy_matches_functional():
     """The task's summed loss is F.cross_entropy over real targets (the oracle written independently)."""
-    from lmforge.data.batches import IGNORE_INDEX
+    from lmforge.losses import IGNORE_INDEX
     from lmforge.tasks.clm import CausalLM
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from conftest import read_metrics, shakespeare_text, tiny_config, write_corpus
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml
-from lmforge.data.batches import IGNORE_INDEX
+from lmforge.losses import IGNORE_INDEX
 from lmforge.optim import lr_at
 from lmforge.tasks import make_task
 from lmforge.tasks.clm import CausalLM

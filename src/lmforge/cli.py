@@ -57,7 +57,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 def cmd_pretrain(args) -> int:
     from lmforge.config import load_config, read_yaml
     from lmforge.train.checkpoint import find_resume
-    from lmforge.train.loop import new_run_dir, train
+    from lmforge.train.loop import train  # refuses a run directory that already holds a run
 
     overrides = _overrides(args)
     # When resuming, this first reading only locates the run: the overrides may complete the saved
@@ -69,8 +69,6 @@ def cmd_pretrain(args) -> int:
         saved = run_dir / "config.yaml"
         base = read_yaml(saved) if saved.is_file() and not args.config else None
         cfg = load_config(args.config, {**overrides, "log.run_dir": str(run_dir)}, base=base)
-    elif (new_run_dir(cfg) / "checkpoints").is_dir():
-        raise UserError(f"log.run_dir: {new_run_dir(cfg)} already holds a run; pass --resume auto to continue it")
     result = train(cfg, resume)
     if result.text:
         print(result.text)

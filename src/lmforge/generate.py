@@ -51,14 +51,15 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     caches = model.new_caches(B, T + max_new_tokens) if use_cache else None
     seq, out = prompt, []
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    stops = torch.tensor(sorted(stop_ids), device=prompt.device) if stop_ids else None
     logits = model(prompt, caches)[:, -1]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if out:
             nxt = torch.where(done, out[-1], nxt)
         out.append(nxt)
-        if stop_ids:
-            done |= torch.isin(nxt, torch.tensor(sorted(stop_ids), device=nxt.device))
+        if stops is not None:
+            done |= torch.isin(nxt, stops)
         if bool(done.all()) or (on_token is not None and on_token(nxt)) or len(out) == max_new_tokens:
             break
         if use_cache:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmforge.losses import IGNORE_INDEX  # noqa: F401  (re-exported: batches mark ignored targets with it)
+from lmforge.losses import IGNORE_INDEX
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
