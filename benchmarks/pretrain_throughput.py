@@ -7,9 +7,8 @@ optimizer factory, transformers with `labels=` and
 torch.optim.AdamW, as its Trainer does. Steps are interleaved in one process (A B A B ...) and the
 medians of the steady steps are compared.
 
-Memory: the profiler's allocation stream of one training step of each model gives the peak of the
-bytes allocated during the step (activations, gradients, temporaries) on top of what is resident
-before it (weights and optimizer state, counted exactly). MFU: lmforge's training FLOPs per token
+Memory: the peak resident memory during one training step of each model (activations, gradients,
+temporaries; see `memory.py`) on top of the bytes of its weights and optimizer state, counted exactly. MFU: lmforge's training FLOPs per token
 (6 per matmul weight plus attention, PaLM appendix B) times tokens/s over the fp32 matmul peak
 measured here (best of several 1024^3 and 2048^3 matmuls, before and after the steps).
 
@@ -22,20 +21,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lmforge.config import TrainConfig  # noqa: E402
-from lmforge.losses import linear_cross_entropy_sum  # noqa: E402
+from lmforge.losses import linear_cross_entropy  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import GPT  # noqa: E402
 from lmforge.optim import build_optimizer  # noqa: E402
 from lmforge.train.perf import measure_matmul_flops  # noqa: E402
+from memory import peak_bytes  # noqa: E402
 
 VOCAB, LAYERS, WIDTH, HEADS, CONTEXT, BATCH = 8192, 6, 384, 6, 256, 8
 
@@ -55,7 +53,7 @@ def build_models():
 
 def step_ours(model, opt, tokens):
     x, y = tokens[:, :-1], tokens[:, 1:]  # the causal-LM task's loss: chunked output projection + CE
-    loss = linear_cross_entropy_sum(model.features(x).flatten(0, 1), model.head.weight, y.flatten()) / y.numel()
+    loss = linear_cross_entropy(model.features(x), model.head.weight, y)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -76,29 +74,6 @@ def resident_bytes(model, opt) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
-
-
-def step_peak_bytes(step, model, opt, tokens, tmp: Path) -> int:
-    """Peak of (created - destroyed) tensor bytes over one step, from the profiler's memory timeline
-    (export_memory_timeline's raw events: timestamp, action, bytes, category)."""
-    import gzip
-    import json
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step(model, opt, tokens)
-    path = tmp / "memory.raw.json.gz"
-    with warnings.catch_warnings():  # deprecated in favour of a CUDA-only API; the CPU path still works
-        warnings.simplefilter("ignore", FutureWarning)
-        prof.export_memory_timeline(str(path), device="cpu")
-    create, destroy = 2, 4  # torch.profiler._memory_profiler.Action values; destroys carry negative bytes
-    live = peak = 0
-    for _, action, nbytes, _ in sorted(json.loads(gzip.open(path).read()), key=lambda e: e[0]):
-        if action in (create, destroy):
-            live += nbytes
-            peak = max(peak, live)
-    return peak
 
 
 def main() -> None:
@@ -127,9 +102,8 @@ def main() -> None:
     tok_s = {k: tokens_per_step / statistics.median(v) for k, v in times.items()}
 
     mem = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, step, model, opt in (("lmforge", step_ours, ours, opt_ours), ("hf", step_hf, hf, opt_hf)):
-            mem[name] = resident_bytes(model, opt) + step_peak_bytes(step, model, opt, batches[0], Path(tmp))
+    for name, step, model, opt in (("lmforge", step_ours, ours, opt_ours), ("hf", step_hf, hf, opt_hf)):
+        mem[name] = resident_bytes(model, opt) + peak_bytes(lambda: step(model, opt, batches[0]))[0]
 
     peak = max(peak, measure_matmul_flops(torch.float32))
     mfu = ours.flops_per_token() * tok_s["lmforge"] / peak

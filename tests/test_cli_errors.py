@@ -73,6 +73,19 @@ IN_PROCESS = [
     pytest.param(["pretrain", "--train.device", "cuda"], ["train.device = cuda", "no CUDA device"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"), id="no-cuda"),
     ("tokenizer-missing-input", ["tokenizer", "train", "--input", "nowhere.txt", "--out", "tok"], ["nowhere.txt"]),
+    ("unknown-optimizer", ["pretrain", "--train.optimizer", "lion"], ["train.optimizer = 'lion'", "adamw, adam, sgd"]),
+    ("unknown-schedule", ["pretrain", "--train.schedule", "step"], ["train.schedule = 'step'", "wsd, inverse_sqrt"]),
+    ("unknown-loss", ["pretrain", "--loss.name", "kl"], ["loss.name = 'kl'", "cross_entropy, focal"]),
+    ("loss-wrong-for-task", ["pretrain", "--loss.name", "mse"], ["loss.name = mse", "clm task trains with cross_entropy"]),
+    ("loss-option-not-taken", ["pretrain", "--loss.delta", "2"],
+     ["loss.delta = 2.0 does not apply to loss.name = cross_entropy", "loss.label_smoothing"]),
+    ("label-smoothing-range", ["pretrain", "--loss.label_smoothing", "1.5"], ["loss.label_smoothing = 1.5", "in [0, 1]"]),
+    ("class-weights-not-numbers", ["pretrain", "--loss.class_weights", "1,x"], ["loss.class_weights[1] = 'x'", "a number"]),
+    ("clm-class-weights", ["pretrain", "--loss.class_weights", "1,2"], ["loss.class_weights", "clm task takes no class"]),
+    ("lr-scale-malformed", ["pretrain", "--train.lr_scale", "head.*"], ["train.lr_scale = 'head.*'", "key=value"]),
+    ("lr-scale-not-number", ["pretrain", "--train.lr_scale", "head.*=big"], ["train.lr_scale.head.* = 'big'", "a number"]),
+    ("nesterov-without-momentum", ["pretrain", "--train.optimizer", "sgd", "--train.nesterov", "true",
+                                   "--train.momentum", "0"], ["train.nesterov", "train.momentum > 0"]),
 ]
 
 

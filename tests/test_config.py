@@ -1,21 +1,15 @@
-"""The config tree: YAML plus dotted overrides, presets, one-line errors, --help text; and the
-optimizer pieces it drives: the learning-rate schedule and the weight-decay groups."""
+"""The config tree: YAML plus dotted overrides, presets, one-line errors, --help text."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import pytest
-import torch
 
 from lmforge.cli import main
 from lmforge.config import Config, ConfigError, TrainConfig, leaves, load_config, read_yaml
 from lmforge.errors import UserError
-from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import GPT
-from lmforge.optim import build_optimizer, build_schedule, lr_at, param_groups
 
 
 def write(tmp_path, text, name="recipe.yaml"):
@@ -164,64 +158,3 @@ def test_pretrain_help_shows_every_field_doc(capsys):
         assert f"--{path}" in squashed
         assert re.sub(r"\s+", "", field.metadata["doc"]) in squashed, path
     assert "{learned,rope}" in squashed and "[default:0.1]" in squashed and "(>0)" in squashed
-
-
-def test_lr_schedule_hits_its_documented_values():
-    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=111)
-    assert lr_at(0, tc) == pytest.approx(1e-4)  # warmup starts at lr / warmup_steps
-    assert lr_at(4, tc) == pytest.approx(5e-4)
-    assert lr_at(9, tc) == pytest.approx(1e-3)  # the peak at the end of warmup
-    assert lr_at(10, tc) == pytest.approx(1e-3)  # decay starts from the peak
-    assert lr_at(60, tc) == pytest.approx(5.5e-4)  # cosine midpoint: halfway between lr and min_lr
-    assert lr_at(35, tc) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert lr_at(110, tc) == pytest.approx(1e-4)  # the floor at the last step
-    assert lr_at(500, tc) == pytest.approx(1e-4)
-    decay = [lr_at(s, tc) for s in range(10, 111)]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
-
-    lin = dataclasses.replace(tc, schedule="linear")
-    assert lr_at(35, lin) == pytest.approx(1e-4 + 9e-4 * 0.75)
-    assert lr_at(60, lin) == pytest.approx(5.5e-4) and lr_at(110, lin) == pytest.approx(1e-4)
-    const = dataclasses.replace(tc, schedule="constant")
-    assert lr_at(5, const) == pytest.approx(6e-4) and lr_at(110, const) == 1e-3
-    no_warmup = TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=3)
-    assert [lr_at(s, no_warmup) for s in range(3)] == pytest.approx([1e-3, 5e-4, 0.0])
-
-
-def test_schedule_drives_the_optimizer():
-    tc = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=3, max_steps=12)
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=tc.lr)
-    sched = build_schedule(opt, tc)
-    seen = []
-    for _ in range(12):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen == pytest.approx([lr_at(s, tc) for s in range(12)], rel=1e-12)
-
-
-@pytest.mark.parametrize("extra", [dict(), dict(tie_embeddings=False), dict(norm="rmsnorm", bias=False, pos="rope")])
-def test_param_groups_decay_only_weight_matrices(extra):
-    model = GPT(ModelConfig(vocab_size=50, max_seq_len=16, n_layer=2, n_head=2, d_model=32, **extra))
-    decay_group, no_decay_group = param_groups(model, 0.1)
-    assert decay_group["weight_decay"] == 0.1 and no_decay_group["weight_decay"] == 0.0
-    decay = {id(p) for p in decay_group["params"]}
-    no_decay = {id(p) for p in no_decay_group["params"]}
-    ids = [id(p) for p in decay_group["params"] + no_decay_group["params"]]
-    assert len(ids) == len(set(ids))  # each parameter exactly once
-    assert set(ids) == {id(p) for p in model.parameters()}
-
-    named = dict(model.named_parameters(remove_duplicate=False))
-    for name, p in named.items():
-        is_matrix_weight = name.endswith("weight") and any(k in name for k in ("qkv", "proj", "up", "down"))
-        if name == "head.weight" and not model.cfg.tie_embeddings:
-            is_matrix_weight = True
-        assert (id(p) in decay) == is_matrix_weight, name
-        assert (id(p) in no_decay) == (not is_matrix_weight), name
-    assert id(model.tok_emb.weight) in no_decay and id(model.head.weight) in (no_decay if model.cfg.tie_embeddings else decay)
-
-    tc = TrainConfig(weight_decay=0.1)
-    opt = build_optimizer(model, tc)
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(set(ids))

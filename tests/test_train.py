@@ -69,12 +69,14 @@ def test_tiny_model_learns_shakespeare(tmp_path):
     assert result.last_val["loss"] < bound - 0.3, (result.last_val, bound)
 
 
-def test_resume_equals_uninterrupted(tmp_path, capsys):
+@pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("muon", "wsd")])
+def test_resume_equals_uninterrupted(tmp_path, capsys, optimizer, schedule):
     n = 6
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     cfg = tiny_config(tmp_path, corpus, model__dropout=0.2, train__max_steps=2 * n, train__checkpoint_every=n,
-                      train__keep_checkpoints=10, train__warmup_steps=2, eval__every=n, log__run_dir=str(run_a))
+                      train__keep_checkpoints=10, train__warmup_steps=2, eval__every=n, log__run_dir=str(run_a),
+                      train__optimizer=optimizer, train__schedule=schedule)
     train(cfg)
     assert ckpt(run_a, n).is_file() and ckpt(run_a, 2 * n).is_file()
 

@@ -52,29 +52,77 @@ class DataConfig:
     tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer")
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad", "muon")
+SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = opt(16, "sequences per micro-batch", check=gt(0))
     grad_accum: int = opt(1, "micro-batches per optimizer step", check=gt(0))
     max_steps: int = opt(500, "optimizer steps (the schedule's length)", check=gt(0))
     max_time: float = opt(0.0, "stop (with a checkpoint) after this many seconds of training; 0 = no limit", check=ge(0))
-    optimizer: str = opt("adamw", "optimizer", choices=("adamw",))
-    lr: float = opt(3e-3, "peak learning rate", check=gt(0))
-    min_lr: float = opt(1e-4, "learning-rate floor at the end of the schedule", check=ge(0))
-    schedule: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    optimizer: str = opt("adamw", "optimizer; muon = Muon on hidden weight matrices + AdamW on the rest", choices=OPTIMIZERS)
+    lr: float = opt(3e-3, "peak learning rate (of the AdamW part when optimizer = muon)", check=gt(0))
+    min_lr: float = opt(1e-4, "learning-rate floor; other groups keep the same ratio to their peak", check=ge(0))
+    schedule: str = opt("cosine", "shape after warmup: wsd = warmup-stable-decay, inverse_sqrt = the original Transformer's",
+                        choices=SCHEDULES)
     warmup_steps: int = opt(50, "linear warmup steps", check=ge(0))
-    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases, norms, embeddings)", check=ge(0))
-    beta1: float = opt(0.9, "Adam beta1", check=between(0, 1))
-    beta2: float = opt(0.95, "Adam beta2", check=between(0, 1))
-    eps: float = opt(1e-8, "Adam epsilon", check=gt(0))
+    decay_fraction: float = opt(0.2, "wsd: the fraction of the post-warmup steps spent decaying", check=between(0, 1))
+    weight_decay: float = opt(0.1, "decoupled weight decay (not applied to biases, norms, embeddings)", check=ge(0))
+    beta1: float = opt(0.9, "Adam/AdamW beta1", check=between(0, 1))
+    beta2: float = opt(0.95, "Adam/AdamW beta2; RMSprop's smoothing constant", check=between(0, 1))
+    eps: float = opt(1e-8, "Adam/AdamW/RMSprop/Adagrad epsilon", check=gt(0))
+    momentum: float = opt(0.9, "SGD and RMSprop momentum", check=between(0, 1))
+    nesterov: bool = opt(False, "SGD: Nesterov momentum")
+    dampening: float = opt(0.0, "SGD: momentum dampening", check=between(0, 1))
+    muon_lr: float = opt(0.02, "Muon's peak learning rate for the hidden weight matrices", check=gt(0))
+    muon_momentum: float = opt(0.95, "Muon's momentum (Nesterov)", check=between(0, 1))
+    lr_scale: dict[str, float] = opt({}, "learning-rate multipliers by parameter-name pattern, e.g. {'head.*': 0.5} or head.*=0.5,blocks.0.*=0.1")
+    layer_decay: float = opt(1.0, "layer-wise lr decay: layer i of L gets lr * layer_decay^(L + 1 - i), embeddings i = 0",
+                             check=between(0, 1))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", check=ge(0))
     precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
-    chunked_loss: bool = opt(True, "output projection + cross-entropy in chunks when the logits are large (saves memory)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager with a warning)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N", check=device_name())
     seed: int = opt(1337, "random seed for init, data order and dropout")
     checkpoint_every: int = opt(200, "save a checkpoint every N steps (and at the end); 0 = only at the end", check=ge(0))
     keep_checkpoints: int = opt(2, "how many recent step checkpoints to keep", check=gt(0))
+
+
+LOSS_NAMES = ("cross_entropy", "focal", "bce", "binary_focal", "mse", "mae", "huber", "smooth_l1", "hinge",
+              "hinge_crammer_singer", "hinge_weston_watkins")
+# Which loss.* options each loss takes (the keyword arguments of its function in losses.py).
+LOSS_OPTIONS = {
+    "cross_entropy": ("label_smoothing", "z_loss", "softcap", "class_weights"),
+    "focal": ("gamma", "class_weights"),
+    "bce": ("pos_weight",),
+    "binary_focal": ("gamma", "alpha"),
+    "mse": (),
+    "mae": (),
+    "huber": ("delta",),
+    "smooth_l1": ("delta",),
+    "hinge": ("margin",),
+    "hinge_crammer_singer": ("margin",),
+    "hinge_weston_watkins": ("margin",),
+}
+TASK_LOSSES = {"clm": ("cross_entropy",)}  # the losses each task can train with
+
+
+@dataclass
+class LossConfig:
+    name: str = opt("cross_entropy", "the loss (docs/losses-and-optimizers.md says which to pick)", choices=LOSS_NAMES)
+    label_smoothing: float = opt(0.0, "cross_entropy: mass spread evenly over all classes", check=between(0, 1))
+    z_loss: float = opt(0.0, "cross_entropy: weight of the z-loss z * logsumexp(logits)^2 (1e-4 is usual)", check=ge(0))
+    softcap: float = opt(0.0, "cross_entropy: cap logits to c * tanh(logits / c); 0 = off (30 is usual)", check=ge(0))
+    class_weights: list[float] | None = opt(None, "cross_entropy / focal: a weight per class (focal: its alpha)")
+    pos_weight: list[float] | None = opt(None, "bce: a weight on the positive term per label (> 1 favours recall)")
+    delta: float = opt(1.0, "huber / smooth_l1: where the loss turns from quadratic to linear", check=gt(0))
+    margin: float = opt(1.0, "hinge losses: the margin", check=gt(0))
+    gamma: float = opt(2.0, "focal / binary_focal: the focusing exponent; 0 = plain cross-entropy", check=ge(0))
+    alpha: float | None = opt(0.25, "binary_focal: the weight of positives (negatives get 1 - alpha); null = none",
+                              check=between(0, 1))
+    chunked: bool = opt(True, "cross_entropy on an LM head: fused projection + loss in chunks when the logits are large")
 
 
 @dataclass
@@ -105,6 +153,7 @@ class Config:
     model: ModelConfig = section(ModelConfig, "model")
     data: DataConfig = section(DataConfig, "data")
     train: TrainConfig = section(TrainConfig, "training and optimizer")
+    loss: LossConfig = section(LossConfig, "the loss")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     log: LogConfig = section(LogConfig, "logging and outputs")
 
@@ -121,6 +170,25 @@ class Config:
             raise ConfigError(f"config: train.min_lr = {t.min_lr} must be <= train.lr = {t.lr}")
         if t.warmup_steps >= t.max_steps:
             raise ConfigError(f"config: train.warmup_steps = {t.warmup_steps} must be < train.max_steps = {t.max_steps}")
+        if t.nesterov and (t.momentum == 0 or t.dampening != 0):
+            raise ConfigError(f"config: train.nesterov = true needs train.momentum > 0 and train.dampening = 0 "
+                              f"(got {t.momentum} and {t.dampening})")
+        self._validate_loss()
+
+    def _validate_loss(self) -> None:
+        lc, defaults = self.loss, LossConfig()
+        allowed = TASK_LOSSES.get(self.task)
+        if allowed and lc.name not in allowed:
+            raise ConfigError(f"config: loss.name = {lc.name}: the {self.task} task trains with {', '.join(allowed)}")
+        for f in dataclasses.fields(LossConfig):
+            if f.name in ("name", "chunked") or f.name in LOSS_OPTIONS[lc.name]:
+                continue
+            if getattr(lc, f.name) != getattr(defaults, f.name):
+                takes = ", ".join(f"loss.{k}" for k in LOSS_OPTIONS[lc.name]) or "no options"
+                raise ConfigError(f"config: loss.{f.name} = {getattr(lc, f.name)!r} does not apply to "
+                                  f"loss.name = {lc.name} (it takes {takes})")
+        if self.task == "clm" and lc.class_weights is not None:
+            raise ConfigError("config: loss.class_weights: the clm task takes no class weights")
 
 
 # -- reading and writing ---------------------------------------------------------------------------
@@ -142,6 +210,9 @@ def _type_name(tp) -> str:
     if args and _is_optional(tp):
         return _type_name(args[0]) + " or null"
     return getattr(tp, "__name__", str(tp))
+
+
+_PLURALS = {str: "strings", float: "numbers", int: "integers", bool: "booleans"}
 
 
 def _is_optional(tp) -> bool:
@@ -192,9 +263,21 @@ def _coerce(path: str, tp, value: Any, from_cli: bool):
     if tp is list or typing.get_origin(tp) is list:
         if isinstance(value, str) and from_cli:
             value = [v for v in value.split(",") if v] if not value.startswith("[") else yaml.safe_load(value)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise bad("a list of strings")
+        item = (typing.get_args(tp) or (str,))[0]
+        if isinstance(value, list):
+            return [_coerce(f"{path}[{i}]", item, v, from_cli) for i, v in enumerate(value)]
+        raise bad(f"a list of {_PLURALS.get(item, item)}")
+    if tp is dict or typing.get_origin(tp) is dict:
+        key_type, value_type = typing.get_args(tp) or (str, str)
+        if isinstance(value, str) and from_cli:  # key=value,key=value
+            pairs = [p.split("=", 1) for p in value.split(",") if p]
+            if any(len(p) != 2 for p in pairs):
+                raise bad("key=value pairs separated by commas")
+            value = dict(pairs)
+        if isinstance(value, dict):
+            return {_coerce(path, key_type, k, from_cli): _coerce(f"{path}.{k}", value_type, v, from_cli)
+                    for k, v in value.items()}
+        raise bad("a mapping of names to values")
     raise TypeError(f"unsupported config type {tp} at {path}")  # a bug in a dataclass, not user input
 
 

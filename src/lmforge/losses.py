@@ -1,46 +1,329 @@
-"""Losses. Each returns the loss *summed* over real targets; the training loop divides by the real
-target count of the whole (accumulated) step."""
+"""The losses at the end of a network. Each is a plain function of (predictions, targets, options)
+with `reduction="mean"` (over real targets) or `"sum"`; the training loop asks for sums and divides
+by the real target count of the whole accumulated step. `LOSSES` maps the config's `loss.name` to
+the function; `docs/losses-and-optimizers.md` says when to use which.
+
+Low-precision inputs (bf16/fp16 under autocast) are upcast to fp32 before any softmax or reduction.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets with this id carry no loss
 
-CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MiB in fp32) for the chunked output loss
-CHUNK_ABOVE = 1 << 22  # use chunks when the full logits would exceed this many elements (16 MiB in fp32)
+# The chunked linear+CE works on this many logits at a time (64 MiB in fp32): 128 rows at a
+# vocabulary of 128k, 512 at 32k. Fewer, larger chunks keep the weight-gradient accumulation
+# (a read-modify-write of the whole [V, d] gradient per chunk) a small part of the time.
+CHUNK_ELEMENTS = 1 << 24
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over targets != IGNORE_INDEX. logits [N, V] (bf16/fp16 upcast to fp32), targets [N]."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def _reduce(total: torch.Tensor, denom: torch.Tensor | int, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if isinstance(denom, torch.Tensor):
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # no real targets: 0, not 0/0
+        return total / denom
+    return total / max(denom, 1)
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_sum(hidden @ weight.t(), targets)
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunked: bool = True) -> torch.Tensor:
-    """Cross-entropy of the output projection `hidden @ weight.T`, summed over real targets.
+# -- the cross-entropy family ----------------------------------------------------------------------
 
-    hidden [N, d], weight [V, d], targets [N]. When the [N, V] logits would be large, rows are processed
-    in chunks under activation checkpointing: each chunk's logits exist only while that chunk is
-    computed (and recomputed in backward), so the loss holds O(chunk * V) memory instead of
-    O(N * V), for one extra output-projection matmul.
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0,
+                  class_weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Softmax cross-entropy, logits [..., V] and class-index targets [...].
+
+    With s = c * tanh(x / c) when `softcap` c > 0 (else s = x), lse = logsumexp(s), weights w (all 1
+    without `class_weights`) and label smoothing e, a real target y contributes
+
+        w_y * (1 - e) * (lse - s_y)  +  (e / V) * sum_j w_j * (lse - s_j)  +  z * w_y * lse^2
+
+    (torch's label-smoothing convention; the last term is the z-loss of PaLM, weighted and averaged
+    like the main loss). "mean" divides the sum over real targets by the sum of w_y over them (their
+    count without weights), like `F.cross_entropy`; targets equal to `ignore_index` contribute
+    nothing, and a batch with none gives 0.
     """
-    n, vocab = targets.numel(), weight.shape[0]
-    if not chunked or n * vocab <= CHUNK_ABOVE:
-        return _chunk_loss(hidden, weight, targets)
-    rows = max(1, CHUNK_ELEMENTS // vocab)
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, n, rows):
-        h, t = hidden[start:start + rows], targets[start:start + rows]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight, t, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight, t)
-    return total
+    vocab = logits.shape[-1]
+    logits, targets = _fp32(logits.reshape(-1, vocab)), targets.reshape(-1)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    total = F.cross_entropy(logits, targets, weight=class_weights, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, reduction="sum")
+    real = targets != ignore_index
+    w_y = class_weights[targets[real]] if class_weights is not None else None
+    if z_loss:
+        lse2 = torch.logsumexp(logits[real], dim=-1).square()
+        total = total + z_loss * (lse2 * w_y if w_y is not None else lse2).sum()
+    return _reduce(total, w_y.sum() if w_y is not None else real.sum(), reduction)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """`cross_entropy(hidden @ weight.T + bias, targets, ...)` over row chunks, without ever holding the
+    [N, V] logits. Each chunk's gradient with respect to its logits is formed in the forward pass,
+    from the softmax already computed there, and folded straight into the gradients of hidden, weight
+    and bias; backward only scales them. So backward costs no recomputation, and the memory above the
+    inputs is one [rows, V] chunk plus the gradients themselves.
+
+    Written by hand because no library in our stack provides it: torch has no fused linear+CE, and
+    the CUDA-only kernels elsewhere (Liger, Cut Cross-Entropy) cover neither CPU nor every option.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, class_weights, opts):
+        ignore_index, smoothing, z_loss, softcap, reduction, compute_dtype, chunk_rows, need_grads = opts
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and accumulation dtype
+        vocab, device = weight.shape[0], hidden.device
+        rows_real = (targets != ignore_index).nonzero().squeeze(1)  # ignored rows: no loss, zero gradient
+        targets_real = targets.index_select(0, rows_real)
+        cw = class_weights.to(acc) if class_weights is not None else None
+        w_y = cw.index_select(0, targets_real) if cw is not None else torch.ones(len(rows_real), dtype=acc, device=device)
+        weight_sum = cw.sum() if cw is not None else vocab
+        denom = w_y.sum()
+        scale = 1.0 / denom.clamp(min=1e-12) if reduction == "mean" else torch.ones((), dtype=acc, device=device)
+
+        w = weight.to(compute_dtype)
+        b = bias.to(acc) if bias is not None else None
+        want = ctx.needs_input_grad if need_grads else (False,) * 3
+        grad_h = torch.zeros_like(hidden) if want[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if want[1] else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=device) if b is not None and want[2] else None
+        total = torch.zeros((), dtype=acc, device=device)
+
+        for start in range(0, len(rows_real), chunk_rows):
+            rows, y = rows_real[start:start + chunk_rows], targets_real[start:start + chunk_rows]
+            wy = w_y[start:start + chunk_rows]
+            h = hidden.index_select(0, rows).to(compute_dtype)
+            logits = (h @ w.t()).to(acc)
+            if b is not None:
+                logits += b
+            tanh = None
+            if softcap:
+                tanh = logits.div_(softcap).tanh_()  # kept for the chain rule
+                logits = tanh * softcap
+            s_y = logits.gather(1, y[:, None]).squeeze(1)
+            # sum_j w_j s_j for the smoothing term, taken before the softmax overwrites `logits`
+            s_dot = (logits @ cw if cw is not None else logits.sum(1)) if smoothing else 0.0
+            top = logits.amax(1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: one [rows, V] buffer serves the whole chunk
+            norm = probs.sum(1, keepdim=True)
+            probs.div_(norm)
+            lse = (top + norm.log()).squeeze(1)
+            hit = wy * (1 - smoothing)  # weight of the target's own -log p_y term
+            loss = hit * (lse - s_y) + z_loss * wy * lse.square()
+            if smoothing:
+                loss = loss + smoothing / vocab * (weight_sum * lse - s_dot)
+            total += loss.sum()
+            if not any(want):
+                continue
+            # d loss / d s_k = p_k (hit + 2 z w_y lse + e W / V) - hit [k = y] - (e / V) w_k, times `scale`
+            dlogits = probs.mul_(((hit + 2 * z_loss * wy * lse + smoothing * weight_sum / vocab) * scale)[:, None])
+            dlogits.scatter_add_(1, y[:, None], (-hit * scale)[:, None])
+            if smoothing:
+                dlogits.sub_((cw[None, :] if cw is not None else 1.0) * (smoothing / vocab) * scale)
+            if softcap:
+                dlogits.mul_(tanh.square_().neg_().add_(1))  # d(c tanh(x / c)) / dx = 1 - tanh^2
+            if grad_b is not None:
+                grad_b += dlogits.sum(0)
+            d = dlogits.to(compute_dtype)
+            if grad_h is not None:
+                grad_h.index_copy_(0, rows, (d @ w).to(hidden.dtype))
+            if grad_w is not None:
+                if d.dtype == acc:
+                    grad_w.addmm_(d.t(), h)  # in place: no [V, d] temporary per chunk
+                else:
+                    grad_w += d.t() @ h
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
+        ctx.weight_dtype = weight.dtype
+        ctx.scaled = False
+        return total * scale if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if ctx.scaled:
+            raise RuntimeError("linear_cross_entropy: a second backward through the same graph after one "
+                               "with an upstream gradient other than 1 is not supported")
+        if grad_out.ne(1).item():
+            # in place: a scaled copy of the [V, d] weight gradient would double the loss's memory
+            ctx.scaled = True
+            for g in (grad_h, grad_w, grad_b):
+                g.mul_(grad_out.to(g.dtype))
+        want = ctx.needs_input_grad
+        return (grad_h if want[0] else None, grad_w.to(ctx.weight_dtype) if want[1] else None,
+                grad_b.to(ctx.weight_dtype) if want[2] else None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, ignore_index: int = IGNORE_INDEX,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0,
+                         class_weights: torch.Tensor | None = None, reduction: str = "mean",
+                         chunked: bool = True, chunk_elements: int | None = None) -> torch.Tensor:
+    """`cross_entropy(hidden @ weight.T + bias, targets, ...)` for hidden [..., d], weight [V, d],
+    targets [...], with every option of `cross_entropy`.
+
+    When the [N, V] logits would exceed `chunk_elements` (default CHUNK_ELEMENTS) and `chunked` is on,
+    they are never materialised: see `_LinearCrossEntropy`. Under autocast the matmuls run in the
+    autocast dtype and the softmax in fp32, as on the unchunked path.
+    """
+    vocab, width = weight.shape
+    hidden, targets = hidden.reshape(-1, width), targets.reshape(-1)
+    budget = chunk_elements or CHUNK_ELEMENTS
+    if not chunked or targets.numel() * vocab <= budget:
+        return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                             class_weights=class_weights, reduction=reduction)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        compute_dtype = torch.get_autocast_dtype(device)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    need_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    opts = (ignore_index, label_smoothing, z_loss, softcap, reduction, compute_dtype, max(1, budget // vocab),
+            need_grads)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, class_weights, opts)
+
+
+# -- binary and multi-label ------------------------------------------------------------------------
+
+
+def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, pos_weight: torch.Tensor | None = None,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Sigmoid cross-entropy for binary or multi-label targets in [0, 1] (same shape as logits):
+    -(pw * t * log sigmoid(x) + (1 - t) * log(1 - sigmoid(x))), pw = `pos_weight` per label (> 1
+    favours recall). "mean" averages over every element."""
+    per = F.binary_cross_entropy_with_logits(_fp32(logits), _fp32(targets), pos_weight=pos_weight, reduction="none")
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+def binary_focal(logits: torch.Tensor, targets: torch.Tensor, *, gamma: float = 2.0, alpha: float | None = 0.25,
+                 reduction: str = "mean") -> torch.Tensor:
+    """Focal loss for binary / multi-label targets (Lin et al. 2017): with p_t = p if t = 1 else 1 - p,
+    -a_t * (1 - p_t)^gamma * log p_t, a_t = alpha for positives and 1 - alpha for negatives (no
+    a_t when alpha is None). gamma = 0 and alpha = None is binary cross-entropy."""
+    logits, targets = _fp32(logits), _fp32(targets)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    per = ce * (1 - p_t).pow(gamma)
+    if alpha is not None:
+        per = per * (alpha * targets + (1 - alpha) * (1 - targets))
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+def focal(logits: torch.Tensor, targets: torch.Tensor, *, gamma: float = 2.0,
+          class_weights: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+          reduction: str = "mean") -> torch.Tensor:
+    """Multi-class focal loss: -a_y * (1 - p_y)^gamma * log p_y over a softmax, a = `class_weights`
+    (1 without). Down-weights easy examples; gamma = 0 is (weighted) cross-entropy summed. "mean"
+    averages over real targets."""
+    vocab = logits.shape[-1]
+    logits, targets = _fp32(logits.reshape(-1, vocab)), targets.reshape(-1)
+    real = targets != ignore_index
+    logp = F.log_softmax(logits[real], dim=-1).gather(1, targets[real][:, None]).squeeze(1)
+    per = -(1 - logp.exp()).pow(gamma) * logp
+    if class_weights is not None:
+        per = per * class_weights[targets[real]]
+    return _reduce(per.sum(), int(real.sum()), reduction)
+
+
+# -- regression ------------------------------------------------------------------------------------
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Mean squared error, (pred - target)^2: the default for regression; punishes large errors most."""
+    return _reduce((_fp32(pred) - _fp32(target)).square().sum(), pred.numel(), reduction)
+
+
+def mae(pred: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Mean absolute error (L1), |pred - target|: the median's loss, robust to outlying targets."""
+    return _reduce((_fp32(pred) - _fp32(target)).abs().sum(), pred.numel(), reduction)
+
+
+def huber(pred: torch.Tensor, target: torch.Tensor, *, delta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Huber loss: r^2 / 2 for |r| <= delta, delta * (|r| - delta / 2) beyond (r = pred - target):
+    quadratic near the target, linear (outlier-robust) far from it."""
+    r = (_fp32(pred) - _fp32(target)).abs()
+    per = torch.where(r <= delta, 0.5 * r.square(), delta * (r - 0.5 * delta))
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+def smooth_l1(pred: torch.Tensor, target: torch.Tensor, *, delta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Smooth L1 = Huber / delta: r^2 / (2 delta) for |r| <= delta, |r| - delta / 2 beyond; its slope
+    far from the target is 1 whatever delta is (Fast R-CNN's box loss)."""
+    return huber(pred, target, delta=delta, reduction=reduction) / delta
+
+
+# -- margins ---------------------------------------------------------------------------------------
+
+
+def hinge(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Binary hinge loss max(0, margin - y * s) for labels y in {-1, +1} or {0, 1} (0 read as -1)."""
+    bad = (labels != 1) & (labels != 0) & (labels != -1)
+    if bool(bad.any()):
+        raise ValueError(f"hinge: labels must be -1/+1 or 0/1, got {labels[bad][0].item()}")
+    scores = _fp32(scores)
+    y = torch.where(labels > 0, 1.0, -1.0).to(scores.dtype)
+    per = (margin - y * scores).clamp(min=0)
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+def _class_margins(scores: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """[N, C] of max(0, margin + s_j - s_y), zero at j = y."""
+    scores = _fp32(scores)
+    out = (margin + scores - scores.gather(1, labels[:, None])).clamp(min=0)
+    return out.scatter(1, labels[:, None], 0.0)
+
+
+def hinge_crammer_singer(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Multi-class hinge of Crammer and Singer: max(0, margin + max_{j != y} s_j - s_y), the margin
+    against the strongest wrong class only."""
+    per = _class_margins(scores, labels, margin).amax(1)
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+def hinge_weston_watkins(scores: torch.Tensor, labels: torch.Tensor, *, margin: float = 1.0,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Multi-class hinge of Weston and Watkins: sum_{j != y} max(0, margin + s_j - s_y): every wrong
+    class within the margin pays (C times torch's `multi_margin_loss`)."""
+    per = _class_margins(scores, labels, margin).sum(1)
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+# The config's loss.name -> function; config.LOSS_OPTIONS says which loss.* options each one takes.
+LOSSES = {
+    "cross_entropy": cross_entropy,
+    "focal": focal,
+    "bce": binary_cross_entropy,
+    "binary_focal": binary_focal,
+    "mse": mse,
+    "mae": mae,
+    "huber": huber,
+    "smooth_l1": smooth_l1,
+    "hinge": hinge,
+    "hinge_crammer_singer": hinge_crammer_singer,
+    "hinge_weston_watkins": hinge_weston_watkins,
+}
+
+
+def loss_options(lc, device: torch.device | str = "cpu") -> dict:
+    """The keyword options of `lc.name`'s function from a LossConfig, lists turned into tensors."""
+    from lmforge.config import LOSS_OPTIONS
+
+    out = {}
+    for key in LOSS_OPTIONS[lc.name]:
+        value = getattr(lc, key)
+        out[key] = torch.tensor(value, dtype=torch.float32, device=device) if isinstance(value, list) else value
+    return out

@@ -12,7 +12,7 @@ from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import eos_id
 from lmforge.errors import UserError
 from lmforge.generate import generate_text
-from lmforge.losses import linear_cross_entropy_sum
+from lmforge.losses import linear_cross_entropy, loss_options
 from lmforge.model.transformer import GPT
 from lmforge.tasks import Task
 
@@ -41,8 +41,8 @@ class CausalLM(Task):
 
     def loss(self, model, batch) -> torch.Tensor:
         hidden = model.features(batch["input"])
-        return linear_cross_entropy_sum(hidden.flatten(0, 1), model.head.weight, batch["target"].flatten(),
-                                        chunked=self.cfg.train.chunked_loss)
+        return linear_cross_entropy(hidden, model.head.weight, batch["target"], model.head.bias, reduction="sum",
+                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss))
 
     def save_artifacts(self, run_dir: Path) -> None:
         self.data.tokenizer.save(str(run_dir / "tokenizer.json"))

@@ -15,7 +15,7 @@ import torch
 
 from lmforge.config import Config, save_config
 from lmforge.errors import UserError
-from lmforge.optim import build_optimizer, build_schedule
+from lmforge.optim import build_optimizer, lr_at, set_lr
 from lmforge.tasks import make_task
 from lmforge.train.checkpoint import WEIGHTS, load_model_state, rng_state, save_checkpoint, save_weights, set_rng_state
 from lmforge.train.perf import cpu_has_native_bf16, peak_flops
@@ -96,7 +96,6 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     task.setup()  # bad data stops the run here, before anything is written
     model = task.build_model().to(device)
     optimizer = build_optimizer(model, tc)
-    schedule = build_schedule(optimizer, tc)
     batches = task.train_batches(tc.seed)
 
     step, best, bad_evals, tokens_seen = 0, math.inf, 0, 0
@@ -105,7 +104,6 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
         ckpt_path, state = resume
         load_model_state(model, state["model"], ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
         batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, best, bad_evals, tokens_seen = state["step"], state["best"], state["bad_evals"], state["tokens"]
@@ -135,14 +133,14 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
             (loss_sum / n_targets).backward()
             total += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        set_lr(optimizer, step, tc)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         return total / n_targets, float(grad_norm)
 
     def checkpoint() -> None:
         save_checkpoint(run_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "data": batches.state_dict(), "rng": rng_state(), "step": step, "best": best,
             "bad_evals": bad_evals, "tokens": tokens_seen}, tc.keep_checkpoints)
 
@@ -166,7 +164,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     window_tokens, stop_reason, paused = 0, "max_steps", 0.0
     while step < tc.max_steps:
         micro_batches = [next(batches) for _ in range(tc.grad_accum)]
-        lr = schedule.get_last_lr()[0]
+        lr = lr_at(step, tc)
         try:
             loss, grad_norm = train_step(micro_batches)
         except Exception as e:  # torch.compile fails lazily, at the first call, on some platforms
@@ -207,7 +205,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
         if final:
             break
     train_seconds = time.perf_counter() - started - paused
-    plot = tracker.close()
+    plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)])
     print(f"lmforge: stopped at step {step} ({stop_reason}); best val loss {best:.4f}")
     text = task.finish(model, run_dir)
     return RunResult(run_dir, step, best, last_val, train_seconds, plot, text)

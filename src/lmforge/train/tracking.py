@@ -51,12 +51,13 @@ class Tracker:
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
 
-    def close(self) -> Path | None:
+    def close(self, schedule: list[float] | None = None) -> Path | None:
+        """Finish; `schedule` is the planned learning rate of every step, drawn under the logged one."""
         self.bar.close()
         self.file.close()
         if self.tb:
             self.tb.close()
-        return plot_curves(self.run_dir)
+        return plot_curves(self.run_dir, schedule)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -74,7 +75,7 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def plot_curves(run_dir: Path) -> Path | None:
+def plot_curves(run_dir: Path, schedule: list[float] | None = None) -> Path | None:
     rows = read_metrics(run_dir / METRICS)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
@@ -92,7 +93,10 @@ def plot_curves(run_dir: Path) -> Path | None:
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    if schedule:  # logged step s ran at the schedule's value for the 0-based step s - 1
+        ax_lr.plot(range(1, len(schedule) + 1), schedule, color="tab:gray", ls="--", lw=1, label="schedule")
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], "o", ms=2.5, color="tab:green", label="logged")
+    ax_lr.legend()
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
     ax_lr.grid(alpha=0.3)
     fig.suptitle(run_dir.name)
