@@ -121,7 +121,7 @@ def test_chunked_linear_cross_entropy_equals_naive(smoothing, z, cap, weighted, 
     options = dict(label_smoothing=smoothing, z_loss=z, softcap=cap, reduction=reduction,
                    class_weights=torch.rand(v, generator=g) + 0.5 if weighted else None)
     inputs = [hidden, weight] + ([b] if bias else [])
-    got = linear_cross_entropy(hidden, weight, targets, b, chunk_elements=5 * v, **options)
+    got = linear_cross_entropy(hidden, weight, targets, b, chunk_rows=5, **options)
     want = cross_entropy(F.linear(hidden, weight, b), targets, **options)
     assert_same(got, want, inputs, rtol=1e-5, atol=1e-5)
 
@@ -135,14 +135,14 @@ def test_chunked_gradcheck_float64():
     targets[[2, 3]] = IGNORE_INDEX
     weights = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
     for options in (dict(), dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, class_weights=weights)):
-        fn = lambda h, w, b: linear_cross_entropy(h, w, targets, b, chunk_elements=3 * 7, **options)  # noqa: E731
+        fn = lambda h, w, b: linear_cross_entropy(h, w, targets, b, chunk_rows=3, **options)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
 def test_chunked_with_every_target_ignored_is_zero():
     hidden, weight = torch.randn(12, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
     targets = torch.full((12,), IGNORE_INDEX)
-    loss = linear_cross_entropy(hidden, weight, targets, chunk_elements=9, label_smoothing=0.1, z_loss=1e-3)
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=1, label_smoothing=0.1, z_loss=1e-3)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
 
@@ -153,11 +153,11 @@ def test_chunked_scaled_backward_and_no_grad_path():
     hidden = torch.randn(30, 8, generator=g, requires_grad=True)
     weight = torch.randn(13, 8, generator=g, requires_grad=True)
     targets = torch.randint(13, (30,), generator=g)
-    got = linear_cross_entropy(hidden, weight, targets, reduction="sum", chunk_elements=4 * 13) / 7.0
+    got = linear_cross_entropy(hidden, weight, targets, reduction="sum", chunk_rows=4) / 7.0
     want = cross_entropy(hidden @ weight.t(), targets, reduction="sum") / 7.0
     assert_same(got, want, [hidden, weight], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        scored = linear_cross_entropy(hidden, weight, targets, chunk_elements=4 * 13)
+        scored = linear_cross_entropy(hidden, weight, targets, chunk_rows=4)
     assert scored.grad_fn is None
     torch.testing.assert_close(scored, cross_entropy(hidden @ weight.t(), targets).detach())
 
@@ -168,11 +168,11 @@ def test_chunked_under_bf16_autocast_matches_naive_autocast():
     weight = (0.2 * torch.randn(50, 32, generator=g)).requires_grad_()
     targets = torch.randint(50, (64,), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = linear_cross_entropy(hidden.bfloat16(), weight, targets, chunk_elements=16 * 50, label_smoothing=0.1)
+        got = linear_cross_entropy(hidden.bfloat16(), weight, targets, chunk_rows=16, label_smoothing=0.1)
         want = cross_entropy(F.linear(hidden.bfloat16(), weight), targets, label_smoothing=0.1)
     assert got.dtype == torch.float32
     assert_same(got, want, [hidden, weight], rtol=2e-2, atol=2e-2)
-    assert grads(linear_cross_entropy(hidden, weight, targets, chunk_elements=16 * 50), [weight])[0].dtype == torch.float32
+    assert grads(linear_cross_entropy(hidden, weight, targets, chunk_rows=16), [weight])[0].dtype == torch.float32
 
 
 def test_unchunked_when_small_or_switched_off(monkeypatch):
@@ -180,10 +180,10 @@ def test_unchunked_when_small_or_switched_off(monkeypatch):
     real_apply = losses._LinearCrossEntropy.apply
     monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real_apply(*a))
     h, w, t = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3), torch.randint(5, (4,))
-    linear_cross_entropy(h, w, t)  # 20 logits: far below the chunk size
-    linear_cross_entropy(h, w, t, chunked=False, chunk_elements=1)
+    linear_cross_entropy(h, w, t)  # 4 rows: far below one chunk
+    linear_cross_entropy(h, w, t, chunked=False, chunk_rows=1)
     assert calls == []
-    linear_cross_entropy(h, w, t, chunk_elements=8)
+    linear_cross_entropy(h, w, t, chunk_rows=3)
     assert calls == [1]
 
 

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # targets with this id carry no loss
 
-# The chunked linear+CE works on this many logits at a time (64 MiB in fp32): 128 rows at a
-# vocabulary of 128k, 512 at 32k. Fewer, larger chunks keep the weight-gradient accumulation
-# (a read-modify-write of the whole [V, d] gradient per chunk) a small part of the time.
-CHUNK_ELEMENTS = 1 << 24
+# The chunked linear+CE works on about this many logits at a time (16 MiB in fp32), but on at least
+# MIN_CHUNK_ROWS rows: each chunk adds into the whole [V, d] weight gradient, and at a large
+# vocabulary that read-modify-write must stay a small part of the chunk's matmuls (128 rows at
+# 128k = 64 MiB of logits: 0.86x the naive time, measured by benchmarks/linear_ce_memory.py).
+CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK_ROWS = 128
 
 
 def _reduce(total: torch.Tensor, denom: torch.Tensor | int, reduction: str) -> torch.Tensor:
@@ -166,18 +168,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          bias: torch.Tensor | None = None, *, ignore_index: int = IGNORE_INDEX,
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0,
                          class_weights: torch.Tensor | None = None, reduction: str = "mean",
-                         chunked: bool = True, chunk_elements: int | None = None) -> torch.Tensor:
+                         chunked: bool = True, chunk_rows: int | None = None) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T + bias, targets, ...)` for hidden [..., d], weight [V, d],
     targets [...], with every option of `cross_entropy`.
 
-    When the [N, V] logits would exceed `chunk_elements` (default CHUNK_ELEMENTS) and `chunked` is on,
-    they are never materialised: see `_LinearCrossEntropy`. Under autocast the matmuls run in the
+    When `chunked` is on and the N rows exceed one chunk (`chunk_rows`; by default CHUNK_ELEMENTS / V
+    and at least MIN_CHUNK_ROWS), the [N, V] logits are never materialised: see `_LinearCrossEntropy`. Under autocast the matmuls run in the
     autocast dtype and the softmax in fp32, as on the unchunked path.
     """
     vocab, width = weight.shape
     hidden, targets = hidden.reshape(-1, width), targets.reshape(-1)
-    budget = chunk_elements or CHUNK_ELEMENTS
-    if not chunked or targets.numel() * vocab <= budget:
+    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
+    if not chunked or targets.numel() <= rows:
         return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index,
                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                              class_weights=class_weights, reduction=reduction)
@@ -189,8 +191,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     need_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    opts = (ignore_index, label_smoothing, z_loss, softcap, reduction, compute_dtype, max(1, budget // vocab),
-            need_grads)
+    opts = (ignore_index, label_smoothing, z_loss, softcap, reduction, compute_dtype, rows, need_grads)
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, bias, targets, class_weights, opts)
 
