@@ -206,6 +206,33 @@ def test_accumulation_equals_big_batch(tmp_path, monkeypatch):
     assert moved > 1e-3  # the step really moved the weights
 
 
+def test_chunked_loss_in_a_run_equals_unchunked(tmp_path, monkeypatch):
+    """The loop through the fused chunked loss (forced to 8-row chunks) with label smoothing, z-loss and
+    soft-capping trains exactly like the plain logits + cross-entropy."""
+    from lmforge import losses
+
+    calls = []
+    real_apply = losses._LinearCrossEntropy.apply
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(losses, "MIN_CHUNK_ROWS", 8)
+    corpus = write_corpus(tmp_path, shakespeare_text(30_000))
+    runs = {}
+    for chunked in (True, False):
+        calls.clear()
+        run = tmp_path / f"chunked-{chunked}"
+        train(tiny_config(tmp_path, corpus, loss__chunked=chunked, loss__label_smoothing=0.1, loss__z_loss=1e-3,
+                          loss__softcap=5.0, train__max_steps=5, eval__every=5, log__run_dir=str(run)))
+        runs[chunked] = run
+        assert bool(calls) == chunked
+    for split in ("train", "val"):
+        assert [r["loss"] for r in read_metrics(runs[True], split)] == pytest.approx(
+            [r["loss"] for r in read_metrics(runs[False], split)], abs=1e-5)
+    wa, wb = load_checkpoint(ckpt(runs[True], 5))["model"], load_checkpoint(ckpt(runs[False], 5))["model"]
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
 def test_resume_auto_skips_damaged_checkpoint(tmp_path, capsys):
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
     run = tmp_path / "run"
