@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import sys
 import warnings
@@ -63,8 +64,8 @@ def set_rng_state(state: dict) -> None:
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
     """The step checkpoints in ckpt_dir, files and sharded directories, oldest first."""
-    found = [p for p in ckpt_dir.glob("step_*") if p.suffix == ".pt" or p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1].removesuffix(".pt")))
+    found = [p for p in ckpt_dir.glob("step_*") if re.fullmatch(r"step_\d+(\.pt)?", p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:].removesuffix(".pt")))
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:

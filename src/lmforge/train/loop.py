@@ -222,7 +222,7 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
             tok_s = window_tokens / max(elapsed, 1e-9)
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s, "tokens": tokens_seen}
             if peak:
-                metrics["mfu"] = flops_per_token * tok_s / peak
+                metrics["mfu"] = flops_per_token * tok_s / (peak * d.world)  # tok_s counts every rank's tokens
             tracker.log(step, "train", metrics)
             window_start, window_tokens = time.perf_counter(), 0
         pause = time.perf_counter()  # evaluation and checkpoints are not counted in throughput
