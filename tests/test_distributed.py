@@ -209,3 +209,50 @@ def test_parallel_options_are_checked(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="train.parallel = none, but torchrun started 2 processes"):
         distributed.setup(tiny_config(tmp_path, corpus, train__parallel="none").train, torch.device("cpu"))
+
+
+def test_ranks_take_disjoint_slices_of_one_global_batch():
+    import numpy as np
+
+    from lmforge.data.batches import RandomWindows
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    whole = RandomWindows(tokens, 8, 6, seed=3)
+    ranks = [RandomWindows(tokens, 8, 3, seed=3, shard=(r, 2)) for r in range(2)]
+    for _ in range(3):
+        want, parts = next(whole), [next(r) for r in ranks]
+        for key in ("input", "target"):
+            assert torch.equal(torch.cat([p[key] for p in parts]), want[key])
+        assert not torch.equal(parts[0]["input"], parts[1]["input"])
+    assert torch.equal(ranks[1].state_dict()["generator"], whole.state_dict()["generator"])  # one global position
+
+
+def test_gradients_are_reduced_once_per_accumulated_step(corpus, tmp_path):
+    """distributed.no_sync skips DDP's all-reduce on every micro-batch but the last (a 1-process gloo group)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import GPT
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        runner = DDP(distributed.Runner(GPT(ModelConfig(vocab_size=20, n_layer=1, n_head=2, d_model=16, max_seq_len=8))))
+        reductions = []
+
+        def counting_hook(state, bucket):
+            reductions.append(bucket.index())
+            done = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+
+        runner.register_comm_hook(None, counting_hook)
+        x = torch.randint(20, (2, 8))
+        for accum in (1, 3):
+            reductions.clear()
+            for i in range(accum):
+                with distributed.no_sync(runner, skip=i < accum - 1):
+                    runner(lambda model, idx: model(idx).square().mean(), x).backward()
+            assert len(reductions) == len(set(reductions)) > 0, (accum, reductions)  # each bucket once
+    finally:
+        dist.destroy_process_group()
