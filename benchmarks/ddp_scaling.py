@@ -1,10 +1,11 @@
 """DDP scaling on this machine: `lmforge pretrain` on 1 process against 2 (torchrun, gloo), same global batch.
 
 The model is configs/shakespeare-char.yaml's shape (4 layers, width 128, context 64) on Tiny Shakespeare,
-global batch 32 sequences. The one process gets every core as intra-op threads; each of the two gets
-half of them, so both runs use the whole CPU and the ratio shows what data parallelism adds on it.
+global batch 32 sequences. One process runs twice, with every core as intra-op threads and with one
+thread, and the better of the two is the baseline; each of the two DDP processes gets half the cores.
 Throughput is the median of the logged train tok/s (every rank's tokens), leaving out the first window.
-On a 2-core CPU expect a ratio near 1 (the cores were already busy), on N GPUs near N.
+On an idle 2-core CPU expect a ratio near 1 (one process already uses both cores), on N GPUs near N;
+on a busy CPU intra-op threads that wait for each other can make one process much slower than two.
 
 Last line: RESULT ddp2_over_1=...
 """
@@ -30,13 +31,12 @@ DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 GLOBAL_BATCH = 32
 
 
-def run(nproc: int, steps: int, tmp: Path) -> float:
-    """tokens/s of a `steps`-step run on `nproc` processes."""
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+def run(nproc: int, threads: int, steps: int, tmp: Path) -> float:
+    """tokens/s of a `steps`-step run on `nproc` processes with `threads` intra-op threads each."""
     # a fixed peak in a private cache, so no process spends the run measuring matmul speed
     (tmp / "peak_flops.json").write_text(json.dumps(
         {f"{perf._cpu_name()}|threads={threads}|torch={torch.__version__}|{torch.float32}": 1e11}))
-    run_dir = tmp / f"run{nproc}"
+    run_dir = tmp / f"run{nproc}x{threads}"
     args = ["pretrain", "--data.path", str(DATA), "--data.tokenizer.kind", "char", "--data.cache_dir", str(tmp / "cache"),
             "--model.n_layer", "4", "--model.n_head", "4", "--model.d_model", "128", "--model.max_seq_len", "64",
             "--model.dropout", "0", "--train.batch_size", str(GLOBAL_BATCH // nproc), "--train.max_steps", str(steps),
@@ -56,12 +56,16 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_file():
         sys.exit(f"data not found: {DATA}")
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
-        one = run(1, args.steps, Path(tmp))
-        two = run(2, args.steps, Path(tmp))
-    print(f"cores: {os.cpu_count()}; global batch {GLOBAL_BATCH} x 64 tokens; {args.steps} steps")
-    print(f"1 process  (DDP off): {one:9.0f} tok/s")
-    print(f"2 processes (DDP):    {two:9.0f} tok/s")
+        one_all = run(1, cores, args.steps, Path(tmp))
+        one_single = run(1, 1, args.steps, Path(tmp))
+        two = run(2, max(1, cores // 2), args.steps, Path(tmp))
+    one = max(one_all, one_single)
+    print(f"cores: {cores}; global batch {GLOBAL_BATCH} x 64 tokens; {args.steps} steps")
+    print(f"1 process, {cores} threads:       {one_all:9.0f} tok/s")
+    print(f"1 process, 1 thread:         {one_single:9.0f} tok/s")
+    print(f"2 processes (DDP), {max(1, cores // 2)} each: {two:9.0f} tok/s")
     print(f"RESULT ddp2_over_1={two / one:.3f}")
 
 

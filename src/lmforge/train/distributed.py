@@ -111,8 +111,8 @@ def wrap(d: Dist, model: nn.Module, tc, compute_dtype: torch.dtype) -> nn.Module
     if d.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # no buffer needs syncing (no batch norm); the RoPE tables are the same on every rank
-        return DDP(runner, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
+        # no buffer needs syncing at each forward (no batch norm); the RoPE tables are the same on every rank
+        return DDP(runner, device_ids=[d.device.index] if d.device.type == "cuda" else None, forward_sync_buffers=False)
     if d.parallel == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
