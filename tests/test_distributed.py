@@ -154,14 +154,18 @@ def test_fsdp_equals_ddp(ddp_run, corpus2, tmp_path):
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(ddp_run, tmp_path, capsys):
-    """Cut the DDP run after step 2's checkpoint and go on in one process with the same global batch:
-    the rest of the run is the uninterrupted one's."""
+    """Damage the DDP run's last checkpoint and go on in one process with the same global batch: it
+    resumes from step 2's sharded checkpoint and the rest of the run is the uninterrupted one's."""
     run = tmp_path / "cut"
     shutil.copytree(ddp_run, run)
-    shutil.rmtree(step_dir(run, STEPS))
+    (step_dir(run, STEPS) / "extras.pt").write_bytes(b"\0" * 64)
     assert main(["pretrain", "--resume", "auto", "--log.run_dir", str(run),
                  "--train.batch_size", str(2 * PER_RANK), "--train.parallel", "auto"]) == 0
-    assert "from step_00000002 (step 2)" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "from step_00000002 (step 2)" in out.out
+    assert "skipping" in out.err and step_dir(run, STEPS).name in out.err
+    # step 4 is now the one-process file, and the damaged directory is gone
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004.pt"]
     assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, STEPS + 1))
     assert losses(run, "train") == pytest.approx(losses(ddp_run, "train"), abs=1e-5)
     resumed = load_checkpoint(run / "checkpoints" / f"step_{STEPS:08d}.pt")["model"]

@@ -68,9 +68,18 @@ def checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:].removesuffix(".pt")))
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _prune(ckpt_dir: Path, keep: int, written: Path) -> None:
+    """Keep the newest `keep`; drop a checkpoint of the other kind for the same step (a damaged one
+    from before a resume on another world size), so a step has one checkpoint."""
+    other = written.with_suffix("") if written.suffix == ".pt" else written.with_name(written.name + ".pt")
+    if other.exists():
+        _remove(other)
     for old in checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        _remove(old)
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
@@ -78,7 +87,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     ckpt_dir.mkdir(exist_ok=True)
     path = ckpt_dir / f"step_{step:08d}.pt"
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-    _prune(ckpt_dir, keep)
+    _prune(ckpt_dir, keep, path)
     return path
 
 
@@ -105,7 +114,7 @@ def save_sharded_checkpoint(d, run_dir: Path, step: int, model, optimizer, extra
             shutil.rmtree(path)
         os.replace(tmp, path)
         _fsync_dir(ckpt_dir)
-        _prune(ckpt_dir, keep)
+        _prune(ckpt_dir, keep, path)
     distributed.barrier(d)
     return path
 
