@@ -70,6 +70,8 @@ def cmd_pretrain(args) -> int:
         base = read_yaml(saved) if saved.is_file() and not args.config else None
         cfg = load_config(args.config, {**overrides, "log.run_dir": str(run_dir)}, base=base)
     result = train(cfg, resume)
+    if not result.is_main:  # under torchrun rank 0 reports
+        return 0
     if result.text:
         print(result.text)
     print(f"\nrun directory: {result.run_dir}")

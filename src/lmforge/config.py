@@ -54,6 +54,7 @@ class DataConfig:
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad", "muon")
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
 
 
 @dataclass
@@ -88,6 +89,11 @@ class TrainConfig:
     seed: int = opt(1337, "random seed for init, data order and dropout")
     checkpoint_every: int = opt(200, "save a checkpoint every N steps (and at the end); 0 = only at the end", check=ge(0))
     keep_checkpoints: int = opt(2, "how many recent step checkpoints to keep", check=gt(0))
+    parallel: str = opt("auto", "under torchrun: ddp = replicate the model, fsdp = shard it (FSDP2); auto = ddp "
+                        "under torchrun, none otherwise (docs/distributed.md)", choices=PARALLEL)
+    fsdp_cpu_offload: bool = opt(False, "fsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass: less "
+                                         "memory for about a third more compute")
 
 
 LOSS_NAMES = ("cross_entropy", "focal", "bce", "binary_focal", "mse", "mae", "huber", "smooth_l1", "hinge",
@@ -173,6 +179,11 @@ class Config:
         if t.nesterov and (t.momentum == 0 or t.dampening != 0):
             raise ConfigError(f"config: train.nesterov = true needs train.momentum > 0 and train.dampening = 0 "
                               f"(got {t.momentum} and {t.dampening})")
+        if t.parallel == "fsdp" and t.optimizer == "muon":
+            raise ConfigError("config: train.optimizer = muon needs whole weight matrices, which train.parallel = fsdp "
+                              "shards; use train.parallel = ddp")
+        if t.fsdp_cpu_offload and t.parallel != "fsdp":
+            raise ConfigError(f"config: train.fsdp_cpu_offload = true needs train.parallel = fsdp (got {t.parallel})")
         self._validate_loss()
 
     def _validate_loss(self) -> None:

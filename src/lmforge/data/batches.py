@@ -16,11 +16,15 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tenso
 class RandomWindows:
     """Endless batches of `batch_size` windows of `seq_len` + 1 tokens at random offsets.
 
-    The sampler's generator state is its whole position, so a checkpoint of it resumes exactly.
+    The sampler's generator state is its whole position, so a checkpoint of it resumes exactly. With
+    `shard` = (rank, world), every rank draws the same global batch of world x batch_size windows and
+    keeps its own slice: ranks see disjoint parts of exactly what one process with a world times larger
+    batch would see, and the position is the same on every rank, so it resumes at any world size.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.rank, self.world = shard
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
@@ -28,7 +32,8 @@ class RandomWindows:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         high = len(self.tokens) - self.seq_len  # a start must leave seq_len + 1 tokens
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
+        starts = torch.randint(high, (self.batch_size * self.world,), generator=self.generator).numpy()
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         w = _windows(self.tokens, starts, self.seq_len + 1)
         return {"input": w[:, :-1], "target": w[:, 1:]}
 

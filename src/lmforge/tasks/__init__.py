@@ -19,6 +19,7 @@ from lmforge.losses import IGNORE_INDEX
 
 class Task:
     name = ""
+    shard = (0, 1)  # (rank, world size) of this process; the loop sets it before train_batches()
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -31,7 +32,8 @@ class Task:
         raise NotImplementedError
 
     def train_batches(self, seed: int) -> Iterator[dict]:
-        """An endless iterator with state_dict()/load_state_dict() for exact resume."""
+        """An endless iterator with state_dict()/load_state_dict() for exact resume; with several
+        processes, rank r's share of each global batch (see data.batches.RandomWindows)."""
         raise NotImplementedError
 
     def eval_batches(self) -> Iterable[dict]:

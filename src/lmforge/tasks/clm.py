@@ -33,7 +33,7 @@ class CausalLM(Task):
         return GPT(self.cfg.model)
 
     def train_batches(self, seed: int) -> RandomWindows:
-        return RandomWindows(self.data.train, self.cfg.model.max_seq_len, self.cfg.train.batch_size, seed)
+        return RandomWindows(self.data.train, self.cfg.model.max_seq_len, self.cfg.train.batch_size, seed, self.shard)
 
     def eval_batches(self):
         ec = self.cfg.eval

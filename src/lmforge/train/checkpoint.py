@@ -1,19 +1,30 @@
-"""Atomic checkpoints (temp file, fsync, rename) and finding the one to resume from."""
+"""Atomic checkpoints (temp file, fsync, rename) and finding the one to resume from.
+
+One process writes RUN/checkpoints/step_N.pt, one file. Several processes write step_N/, a directory
+in torch.distributed.checkpoint's (DCP) format: each rank's shards of the model and optimizer, plus
+EXTRAS (step, best metric, sampler position, every rank's RNG states) from rank 0. Either kind resumes
+on any number of processes; `sharded_model_state` and `export_weights` consolidate a sharded one.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import re
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from lmforge.errors import UserError
+from lmforge.train import distributed
 
 CKPT_DIR = "checkpoints"
 WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
+EXTRAS = "extras.pt"  # in a sharded checkpoint: everything but the model and optimizer tensors
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,21 +62,156 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The step checkpoints in ckpt_dir, files and sharded directories, oldest first."""
+    found = [p for p in ckpt_dir.glob("step_*") if re.fullmatch(r"step_\d+(\.pt)?", p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:].removesuffix(".pt")))
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _prune(ckpt_dir: Path, keep: int, written: Path) -> None:
+    """Keep the newest `keep`; drop a checkpoint of the other kind for the same step (a damaged one
+    from before a resume on another world size), so a step has one checkpoint."""
+    other = written.with_suffix("") if written.suffix == ".pt" else written.with_name(written.name + ".pt")
+    if other.exists():
+        _remove(other)
+    for old in checkpoints(ckpt_dir)[:-keep]:
+        _remove(old)
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     ckpt_dir = run_dir / CKPT_DIR
     ckpt_dir.mkdir(exist_ok=True)
     path = ckpt_dir / f"step_{step:08d}.pt"
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
-        old.unlink()
+    _prune(ckpt_dir, keep, path)
     return path
 
 
+def _optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "optimizers", [optimizer]))  # an OptimizerChain's parts
+
+
+def save_sharded_checkpoint(d, run_dir: Path, step: int, model, optimizer, extras: dict, keep: int) -> Path:
+    """Every rank writes its shards into a temporary directory that rank 0 renames once all are done."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_dir = run_dir / CKPT_DIR
+    path, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f".step_{step:08d}.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier(d)
+    model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    if d.main:  # dcp.save returns on every rank once the metadata is written
+        atomic_write(tmp / EXTRAS, lambda t: torch.save(extras, t))
+        if path.exists():  # a damaged checkpoint of the same step, from a run that is being resumed
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(ckpt_dir)
+        _prune(ckpt_dir, keep, path)
+    distributed.barrier(d)
+    return path
+
+
+def is_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint file's whole state; for a sharded checkpoint its extras (the tensors are read by
+    `load_training_state` into the model, which knows how they are to be sharded)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_dir() and not is_sharded(path):
+            raise FileNotFoundError(f"{path / '.metadata'} is missing")
+        return torch.load(path / EXTRAS if path.is_dir() else path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a truncated or foreign file
         raise UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _check_shapes(source: Path, own: dict, saved: dict) -> None:
+    """A checkpoint of another architecture or size as one line naming the first bad key and both shapes."""
+    for key, shape in saved.items():
+        if key not in own:
+            raise UserError(f"checkpoint: {source}: weight '{key}' does not exist in this model; "
+                            "the checkpoint is from another architecture")
+        if tuple(own[key].shape) != tuple(shape):
+            raise UserError(f"checkpoint: {source}: weight '{key}' has shape {tuple(shape)} but the model "
+                            f"expects {tuple(own[key].shape)}")
+    missing = [k for k in own if k not in saved]
+    if missing:
+        raise UserError(f"checkpoint: {source}: weight '{missing[0]}' is missing ({len(missing)} in all); "
+                        "the checkpoint is from another architecture")
+
+
+def _sharded_shapes(path: Path) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k.removeprefix("model."): m.size for k, m in meta.items() if k.startswith("model.")}
+
+
+def load_training_state(d, path: Path, state: dict, model, optimizer) -> None:
+    """Model and optimizer state from a checkpoint of any kind into a model that may be wrapped for
+    any number of processes (DCP reshards a sharded checkpoint to this world size)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if not is_sharded(path) and d.parallel != "fsdp":  # a whole-model file into whole-model replicas
+        load_model_state(model, state["model"], path)
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
+    if is_sharded(path):
+        import torch.distributed.checkpoint as dcp
+
+        _check_shapes(path, model_state, _sharded_shapes(path))
+        loaded = {"model": model_state, "optimizer": optim_state}
+        with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(loaded, checkpoint_id=path)
+        set_state_dict(model, _optimizers(optimizer), model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"])
+    else:  # a one-process file into FSDP: every rank reads it whole and keeps its shards
+        _check_shapes(path, model_state, {k: v.shape for k, v in state["model"].items()})
+        set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=_named_optimizer_state(state["optimizer"]),
+                       options=StateDictOptions(full_state_dict=True))
+
+
+def _named_optimizer_state(saved: dict) -> dict:
+    """optimizer.state_dict() (keyed by parameter index) -> the form keyed by parameter name that
+    torch.distributed.checkpoint.state_dict uses; each group carries its names (optim.param_groups)."""
+    state, groups = {}, []
+    for part in saved.get("chain", [saved]):
+        for group in part["param_groups"]:
+            names = dict(zip(group["params"], group["param_names"], strict=True))
+            state.update({names[i]: s for i, s in part["state"].items() if i in names})
+            groups.append({**group, "params": list(group["param_names"])})
+    return {"state": state, "param_groups": groups}
+
+
+def sharded_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights from a sharded checkpoint, in one process without a process group."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return _load_state_dict_from_keys("model", checkpoint_id=str(path))["model"]
+    except Exception as e:
+        raise UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def checkpoint_model_state(path: Path, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint of either kind (`state`: what load_checkpoint returned)."""
+    if is_sharded(path):
+        return sharded_model_state(path)
+    return (state or load_checkpoint(path))["model"]
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
@@ -75,7 +221,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     starting over (or giving up) silently would lose the run.
     """
     damaged = []
-    for path in sorted((run_dir / CKPT_DIR).glob("step_*.pt"), reverse=True):
+    for path in reversed(checkpoints(run_dir / CKPT_DIR)):
         try:
             found = path, load_checkpoint(path)
         except UserError as e:
@@ -93,23 +239,22 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
 def load_model_state(model: torch.nn.Module, state: dict, source: Path) -> None:
     """load_state_dict, with a mismatch (a checkpoint of another architecture or size) reported as one
     line naming the first bad key and both shapes."""
-    own = model.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            raise UserError(f"checkpoint: {source}: weight '{key}' does not exist in this model; "
-                            "the checkpoint is from another architecture")
-        if own[key].shape != value.shape:
-            raise UserError(f"checkpoint: {source}: weight '{key}' has shape {tuple(value.shape)} but the model "
-                            f"expects {tuple(own[key].shape)}")
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise UserError(f"checkpoint: {source}: weight '{missing[0]}' is missing ({len(missing)} in all); "
-                        "the checkpoint is from another architecture")
+    _check_shapes(source, model.state_dict(), {k: v.shape for k, v in state.items()})
     model.load_state_dict(state)
 
 
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=metadata))
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Whole-model weights (each tied tensor once, see distributed.full_weights) as safetensors."""
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def export_weights(checkpoint: Path, out: Path) -> Path:
+    """Consolidate a checkpoint of either kind (a sharded one written by several processes included)
+    into one safetensors file that `load_weights` / `load_run` read; for `lmforge export`."""
+    model, _, _ = load_run(checkpoint)
+    step = load_checkpoint(checkpoint)["step"]
+    save_weights(distributed.full_weights(distributed.Dist(), model), out, {"step": str(step)})
+    return out
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -131,26 +276,28 @@ def find_resume(resume: str, out_dir: Path, run_dir: Path | None) -> tuple[Path,
     """
     if resume == "auto":
         if run_dir is None:
-            runs = [d for d in out_dir.glob("*") if any((d / CKPT_DIR).glob("step_*.pt"))]
+            runs = [d for d in out_dir.glob("*") if checkpoints(d / CKPT_DIR)]
             if not runs:
                 raise UserError(f"--resume auto: no run with checkpoints under {out_dir}; set --log.run_dir to start one")
-            run_dir = max(runs, key=lambda d: max(p.stat().st_mtime for p in (d / CKPT_DIR).glob("step_*.pt")))
+            run_dir = max(runs, key=lambda d: max(p.stat().st_mtime for p in checkpoints(d / CKPT_DIR)))
         return run_dir, latest_checkpoint(run_dir) if run_dir.is_dir() else None
     p = Path(resume)
-    if p.is_file():
+    if p.is_file() or is_sharded(p):
         return p.parent.parent, (p, load_checkpoint(p))
     if p.is_dir():
         found = latest_checkpoint(p)
         if not found:
             raise UserError(f"--resume {p}: the run has no readable checkpoint in {p / CKPT_DIR}")
         return p, found
-    raise UserError(f"--resume {resume}: no such run directory or checkpoint file; expected auto, a run directory or a .pt file")
+    raise UserError(f"--resume {resume}: no such run directory or checkpoint; expected auto, a run directory, "
+                    "a .pt file or a step_N directory")
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu"):
     """A trained run directory (or one of its checkpoint files) -> (model in eval mode, tokenizer, config).
 
-    Uses the best weights (model.safetensors) of a run directory, or the given checkpoint's weights.
+    Uses the best weights (model.safetensors) of a run directory, or the given checkpoint's weights
+    (a step_N.pt file or a sharded step_N directory).
     """
     from lmforge.config import load_config, read_yaml
     from lmforge.data.tokenizer import load_tokenizer
@@ -158,20 +305,21 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
 
     p = Path(path)
     # a file is run/model.safetensors (or another weights file beside config.yaml) or run/checkpoints/step_N.pt
-    run_dir = (p.parent if (p.parent / "config.yaml").is_file() else p.parent.parent) if p.is_file() else p
+    checkpoint = p.is_file() or is_sharded(p)
+    run_dir = (p.parent if (p.parent / "config.yaml").is_file() else p.parent.parent) if checkpoint else p
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run wrote")
     cfg = load_config(base=read_yaml(run_dir / "config.yaml"))
     model = make_task(cfg).build_model()
     if p.is_file() and p.suffix == ".safetensors":
         load_weights(model, p)
-    elif p.is_file():
-        load_model_state(model, load_checkpoint(p)["model"], p)
+    elif checkpoint:
+        load_model_state(model, checkpoint_model_state(p), p)
     elif (run_dir / WEIGHTS).is_file():
         load_weights(model, run_dir / WEIGHTS)
     else:
         found = latest_checkpoint(run_dir)
         if not found:
             raise UserError(f"checkpoint: {run_dir}: holds no weights yet ({WEIGHTS} or {CKPT_DIR}/step_*.pt)")
-        load_model_state(model, found[1]["model"], found[0])
+        load_model_state(model, checkpoint_model_state(*found), found[0])
     return model.to(device).eval(), load_tokenizer(run_dir), cfg

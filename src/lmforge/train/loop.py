@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -17,9 +18,11 @@ from lmforge.config import Config, save_config
 from lmforge.errors import UserError
 from lmforge.optim import build_optimizer, lr_at, set_lr
 from lmforge.tasks import make_task
-from lmforge.train.checkpoint import WEIGHTS, load_model_state, rng_state, save_checkpoint, save_weights, set_rng_state
+from lmforge.train import distributed
+from lmforge.train.checkpoint import (WEIGHTS, load_training_state, rng_state, save_checkpoint, save_sharded_checkpoint,
+                                      save_weights, set_rng_state)
 from lmforge.train.perf import cpu_has_native_bf16, peak_flops
-from lmforge.train.tracking import Tracker
+from lmforge.train.tracking import NullTracker, Tracker
 
 
 @dataclass
@@ -31,6 +34,7 @@ class RunResult:
     train_seconds: float  # time in training steps this session, without evaluation and checkpoints
     plot: Path | None
     text: str  # what the task printed at the end (samples)
+    is_main: bool = True  # rank 0, or the only process: the one that reports
 
 
 def pick_device(name: str, where: str = "config: train.device") -> torch.device:
@@ -63,17 +67,23 @@ def autocast_for(precision: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), torch.bfloat16
 
 
-def set_compiled(model: torch.nn.Module, on: bool) -> bool:
+def set_compiled(model: torch.nn.Module, on: bool, checkpointed: bool = False) -> bool:
     """Regional compilation: compile the forward of each repeated block (the Transformer layers), which
-    compiles faster than the whole model and leaves tasks free to call any model method. Returns `on`."""
+    compiles faster than the whole model and leaves tasks free to call any model method. With
+    `checkpointed`, each block keeps only its input and recomputes the rest in the backward pass
+    (activation checkpointing). Returns `on`."""
+    from torch.utils.checkpoint import checkpoint
+
     from lmforge.model.layers import Block
 
     for module in model.modules():
         if isinstance(module, Block):
-            if on:
-                module.forward = torch.compile(module.forward)
-            else:
-                vars(module).pop("forward", None)  # back to the class's eager forward
+            vars(module).pop("forward", None)  # back to the class's eager forward
+            forward = torch.compile(module.forward) if on else module.forward
+            if checkpointed:
+                forward = functools.partial(checkpoint, forward, use_reentrant=False)
+            if on or checkpointed:
+                module.forward = forward
     return on
 
 
@@ -85,16 +95,31 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
-    """Train `cfg.task`; `resume` is (checkpoint path, its loaded state) to continue a run exactly."""
+    """Train `cfg.task`; `resume` is (checkpoint path, its loaded state) to continue a run exactly.
+    Under torchrun every process calls this; they train one model together (train/distributed.py)."""
+    d = distributed.setup(cfg.train, pick_device(cfg.train.device))
+    try:
+        return _train(cfg, resume, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -> RunResult:
     tc = cfg.train
-    device = pick_device(tc.device)
+    device = d.device
+    say = print if d.main else lambda *args, **kwargs: None
     autocast, compute_dtype = autocast_for(tc.precision, device)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
 
     task = make_task(cfg)
-    task.setup()  # bad data stops the run here, before anything is written
-    model = task.build_model().to(device)
+    task.shard = (d.rank, d.world)
+    with distributed.main_first(d):  # rank 0 fills the token cache, the others then read it
+        task.setup()  # bad data stops the run here, before anything is written
+    model = task.build_model().to(device)  # the same initial weights on every rank (FSDP shards them as they are)
+    runner = distributed.wrap(d, model, tc, compute_dtype)  # runner(fn, *args) = fn(model, *args)
+    if d.active:
+        torch.manual_seed(tc.seed + d.rank)  # but different dropout
     optimizer = build_optimizer(model, tc)
     batches = task.train_batches(tc.seed)
 
@@ -102,63 +127,75 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     run_dir = new_run_dir(cfg)
     if resume is not None:
         ckpt_path, state = resume
-        load_model_state(model, state["model"], ckpt_path)
-        optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        load_training_state(d, ckpt_path, state, model, optimizer)
+        batches.load_state_dict(state["data"])  # the global position: the same at any world size
+        rng = state["rng"]  # a list (one per rank) from a distributed run
+        set_rng_state(rng[min(d.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
         step, best, bad_evals, tokens_seen = state["step"], state["best"], state["bad_evals"], state["tokens"]
-        print(f"lmforge: resuming {run_dir} from {ckpt_path.name} (step {step})")
+        say(f"lmforge: resuming {run_dir} from {ckpt_path.name} (step {step})")
     elif (run_dir / "checkpoints").is_dir():
         raise UserError(f"log.run_dir: {run_dir} already holds a run; use --resume auto or another directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    task.save_artifacts(run_dir)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        task.save_artifacts(run_dir)
 
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 6 * n_params
     peak = peak_flops(device, compute_dtype)
-    print(f"lmforge: {cfg.task} model with {n_params / 1e6:.2f}M parameters on {device}; run directory {run_dir}")
+    on = f"{d.world} x {device} ({d.parallel})" if d.active else str(device)
+    say(f"lmforge: {cfg.task} model with {n_params / 1e6:.2f}M parameters on {on}; run directory {run_dir}")
 
-    compiled = tc.compile and set_compiled(model, True)
+    compiled = set_compiled(model, tc.compile, tc.activation_checkpointing)
     to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
 
     def train_step(micro_batches) -> tuple[float, float]:
-        # Normalise by the real target tokens of all micro-batches together, so k accumulated
-        # micro-batches give exactly the gradient of one batch k times larger (not a mean of means).
-        n_targets = max(1, sum(task.count(b) for b in micro_batches))  # an all-ignored step adds no gradient
+        # Normalise by the real target tokens of all micro-batches of all ranks together, so k accumulated
+        # micro-batches on n ranks give exactly the gradient of one batch k x n times larger (not a mean
+        # of means). DDP and FSDP average gradients over ranks: dividing by count / world makes that a sum.
+        local = sum(task.count(b) for b in micro_batches)
+        n_targets = max(1, distributed.sum_over_ranks(d, local)[0])  # an all-ignored step adds no gradient
         total = 0.0
-        for b in micro_batches:
-            with autocast():
-                loss_sum = task.loss(model, to_device(b))
-            (loss_sum / n_targets).backward()
+        for i, b in enumerate(micro_batches):
+            with distributed.no_sync(runner, skip=i < len(micro_batches) - 1):  # sync once, on the last
+                with autocast():
+                    loss_sum = runner(task.loss, to_device(b))
+                (loss_sum / (n_targets / d.world)).backward()
             total += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
         set_lr(optimizer, step, tc)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total / n_targets, float(grad_norm)
+        return distributed.sum_over_ranks(d, total)[0] / n_targets, distributed.grad_norm_value(grad_norm)
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "data": batches.state_dict(), "rng": rng_state(), "step": step, "best": best,
-            "bad_evals": bad_evals, "tokens": tokens_seen}, tc.keep_checkpoints)
+        extras = {"data": batches.state_dict(), "rng": rng_state(), "step": step, "best": best,
+                  "bad_evals": bad_evals, "tokens": tokens_seen}
+        if d.active:
+            extras["rng"] = distributed.gather_objects(d, extras["rng"])
+            save_sharded_checkpoint(d, run_dir, step, model, optimizer, extras, tc.keep_checkpoints)
+        else:
+            save_checkpoint(run_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extras},
+                            tc.keep_checkpoints)
 
     def evaluate() -> dict:
+        # Every rank evaluates the whole val set (FSDP needs them all in each forward); rank 0's result counts.
         nonlocal best, bad_evals
-        model.eval()
-        with autocast():
-            metrics = task.evaluate(model, to_device)
-        model.train()
+        runner.eval()
+        with torch.no_grad(), autocast():
+            metrics = distributed.from_main(d, runner(task.evaluate, to_device))
+        runner.train()
         if metrics["loss"] < best:
             best, bad_evals = metrics["loss"], 0
-            save_weights(model, run_dir / WEIGHTS, {"step": str(step), "val_loss": f"{metrics['loss']:.6f}"})
+            weights = distributed.full_weights(d, model)
+            if d.main:
+                save_weights(weights, run_dir / WEIGHTS, {"step": str(step), "val_loss": f"{metrics['loss']:.6f}"})
         else:
             bad_evals += 1
         return metrics
 
-    tracker = Tracker(run_dir, cfg.log, tc.max_steps, step)
-    model.train()
+    tracker = Tracker(run_dir, cfg.log, tc.max_steps, step) if d.main else NullTracker()
+    runner.train()
     last_val: dict = {}
     started = window_start = time.perf_counter()
     window_tokens, stop_reason, paused = 0, "max_steps", 0.0
@@ -172,11 +209,11 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
                 raise
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "continuing in eager mode", stacklevel=1)
-            compiled = set_compiled(model, False)
+            compiled = set_compiled(model, False, tc.activation_checkpointing)
             optimizer.zero_grad(set_to_none=True)
             loss, grad_norm = train_step(micro_batches)
         step += 1
-        n_tokens = sum(b["input"].numel() for b in micro_batches)
+        n_tokens = sum(b["input"].numel() for b in micro_batches) * d.world
         tokens_seen += n_tokens
         window_tokens += n_tokens
         tracker.advance()
@@ -185,11 +222,11 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
             tok_s = window_tokens / max(elapsed, 1e-9)
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s, "tokens": tokens_seen}
             if peak:
-                metrics["mfu"] = flops_per_token * tok_s / peak
+                metrics["mfu"] = flops_per_token * tok_s / (peak * d.world)  # tok_s counts every rank's tokens
             tracker.log(step, "train", metrics)
             window_start, window_tokens = time.perf_counter(), 0
         pause = time.perf_counter()  # evaluation and checkpoints are not counted in throughput
-        out_of_time = tc.max_time and time.perf_counter() - started >= tc.max_time
+        out_of_time = tc.max_time and distributed.any_rank(d, time.perf_counter() - started >= tc.max_time)
         final = step == tc.max_steps or out_of_time
         if (cfg.eval.every and step % cfg.eval.every == 0) or final:
             last_val = evaluate()
@@ -206,6 +243,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
             break
     train_seconds = time.perf_counter() - started - paused
     plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)])
-    print(f"lmforge: stopped at step {step} ({stop_reason}); best val loss {best:.4f}")
-    text = task.finish(model, run_dir)
-    return RunResult(run_dir, step, best, last_val, train_seconds, plot, text)
+    say(f"lmforge: stopped at step {step} ({stop_reason}); best val loss {best:.4f}")
+    with torch.no_grad():
+        text = runner(task.finish, run_dir)
+    return RunResult(run_dir, step, best, last_val, train_seconds, plot, text, d.main)

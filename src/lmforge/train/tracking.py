@@ -60,6 +60,19 @@ class Tracker:
         return plot_curves(self.run_dir, schedule)
 
 
+class NullTracker:
+    """The tracker of ranks other than 0: only rank 0 writes the run directory."""
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def close(self, schedule: list[float] | None = None) -> None:
+        return None
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; a line cut short by a crash mid-write is skipped, not fatal."""
     if not path.is_file():
