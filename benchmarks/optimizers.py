@@ -27,8 +27,8 @@ DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 SWEEPS = {  # optimizer -> (the swept option, its values, fixed options)
     "adamw": ("train.lr", (3e-4, 1e-3, 3e-3), {}),
-    "muon": ("train.muon_lr", (0.01, 0.02, 0.05), {"train.lr": 1e-3}),
-    "sgd": ("train.lr", (0.1, 0.3, 1.0), {"train.momentum": 0.9, "train.nesterov": True}),
+    "muon": ("train.muon_lr", (0.02, 0.05, 0.1), {"train.lr": 1e-3}),
+    "sgd": ("train.lr", (0.03, 0.1, 0.3), {"train.momentum": 0.9, "train.nesterov": True}),
 }
 
 

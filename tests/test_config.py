@@ -158,3 +158,13 @@ def test_pretrain_help_shows_every_field_doc(capsys):
         assert f"--{path}" in squashed
         assert re.sub(r"\s+", "", field.metadata["doc"]) in squashed, path
     assert "{learned,rope}" in squashed and "[default:0.1]" in squashed and "(>0)" in squashed
+
+
+def test_every_recipe_in_configs_loads():
+    """The shipped recipes stay valid as options are added or renamed."""
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        load_config(recipe)
