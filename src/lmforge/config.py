@@ -112,7 +112,7 @@ LOSS_OPTIONS = {
     "hinge_crammer_singer": ("margin",),
     "hinge_weston_watkins": ("margin",),
 }
-TASK_LOSSES = {"clm": ("cross_entropy",)}  # the losses each task can train with
+TASK_LOSSES = {"clm": ("cross_entropy",), "mlm": ("cross_entropy",)}  # the losses each task can train with
 
 
 @dataclass
@@ -129,6 +129,16 @@ class LossConfig:
     alpha: float | None = opt(0.25, "binary_focal: the weight of positives (negatives get 1 - alpha); null = none",
                               check=between(0, 1))
     chunked: bool = opt(True, "cross_entropy on an LM head: fused projection + loss in chunks when the logits are large")
+
+
+@dataclass
+class MLMConfig:
+    mask_prob: float = opt(0.15, "fraction of tokens chosen as masked-LM targets", check=fraction_open())
+    mask_token_prob: float = opt(0.8, "of the chosen tokens, the fraction replaced by [MASK]", check=between(0, 1))
+    random_token_prob: float = opt(0.1, "of the chosen tokens, the fraction replaced by a random token (the rest stay)",
+                                   check=between(0, 1))
+    whole_word: bool = opt(False, "choose whole words: all pieces of a word are masked together")
+    nsp: bool = opt(False, "next-sentence prediction: segment B follows A in half the examples, is random text otherwise")
 
 
 @dataclass
@@ -155,11 +165,13 @@ class Config:
     """Every default together is the embedded default job (`lmforge pretrain` with no options): a small
     GPT on the King James Bible, about 4 minutes of training on a 2-core CPU."""
 
-    task: str = opt("clm", "what to train", choices=("clm",))
+    task: str = opt("clm", "what to train: clm = causal LM (GPT), mlm = masked LM (BERT-style encoder)",
+                    choices=("clm", "mlm"))
     model: ModelConfig = section(ModelConfig, "model")
     data: DataConfig = section(DataConfig, "data")
     train: TrainConfig = section(TrainConfig, "training and optimizer")
     loss: LossConfig = section(LossConfig, "the loss")
+    mlm: MLMConfig = section(MLMConfig, "masked-LM pre-training (task = mlm)")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     log: LogConfig = section(LogConfig, "logging and outputs")
 
@@ -184,6 +196,10 @@ class Config:
                               "shards; use train.parallel = ddp")
         if t.fsdp_cpu_offload and t.parallel != "fsdp":
             raise ConfigError(f"config: train.fsdp_cpu_offload = true needs train.parallel = fsdp (got {t.parallel})")
+        mc = self.mlm
+        if mc.mask_token_prob + mc.random_token_prob > 1:
+            raise ConfigError(f"config: mlm.mask_token_prob + mlm.random_token_prob = "
+                              f"{mc.mask_token_prob + mc.random_token_prob:g} must be <= 1")
         self._validate_loss()
 
     def _validate_loss(self) -> None:
@@ -198,8 +214,8 @@ class Config:
                 takes = ", ".join(f"loss.{k}" for k in LOSS_OPTIONS[lc.name]) or "no options"
                 raise ConfigError(f"config: loss.{f.name} = {getattr(lc, f.name)!r} does not apply to "
                                   f"loss.name = {lc.name} (it takes {takes})")
-        if self.task == "clm" and lc.class_weights is not None:
-            raise ConfigError("config: loss.class_weights: the clm task takes no class weights")
+        if self.task in ("clm", "mlm") and lc.class_weights is not None:
+            raise ConfigError(f"config: loss.class_weights: the {self.task} task takes no class weights")
 
 
 # -- reading and writing ---------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from lmforge.fields import between, ge, gt, opt
 @dataclass
 class ModelConfig:
     """The defaults are the model `lmforge pretrain` trains with no config: a 4-layer, 256-wide GPT
-    with RoPE and RMSNorm (about 4M parameters at a 4096-token vocabulary)."""
+    with RoPE and RMSNorm (about 4M parameters at a 4096-token vocabulary). The same fields describe
+    the encoder the mlm task trains (see the bert-* presets)."""
 
-    preset: str | None = opt(None, "named preset supplying the defaults below (char-tiny, gpt-10m, gpt2-small)")
+    preset: str | None = opt(None, "named preset supplying the defaults below (char-tiny, gpt-10m, gpt2-small, bert-tiny, bert-base)")
     vocab_size: int = opt(0, "vocabulary size; 0 = take it from the tokenizer", check=ge(0))
     max_seq_len: int = opt(128, "context length in tokens", check=gt(0))
     n_layer: int = opt(4, "Transformer blocks", check=gt(0))
@@ -24,6 +25,9 @@ class ModelConfig:
     rope_theta: float = opt(10000.0, "RoPE base", check=gt(0))
     norm: str = opt("rmsnorm", "normalisation", choices=("layernorm", "rmsnorm"))
     norm_eps: float = opt(1e-5, "normalisation epsilon", check=gt(0))
+    norm_position: str = opt("pre", "pre: a norm before each sublayer and one at the end (GPT-2, Llama); post: after each "
+                             "residual add and on the embeddings, none at the end (BERT)", choices=("pre", "post"))
+    type_vocab_size: int = opt(0, "segment embeddings (BERT's sentence A / B); 0 = none", check=ge(0))
     mlp: str = opt("gelu", "MLP activation (gelu_tanh: the tanh approximation GPT-2 uses)", choices=("gelu", "gelu_tanh", "relu", "swiglu"))
     bias: bool = opt(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = opt(True, "share the token embedding with the output projection")
@@ -51,4 +55,11 @@ PRESETS: dict[str, dict] = {
     # GPT-2 small (124M at vocabulary 50257).
     "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=1024, vocab_size=50257, mlp="gelu_tanh",
                        pos="learned", norm="layernorm", bias=True, tie_embeddings=True),
+    # BERT's layout (post-LN, learned positions, segments, exact GELU) at a size that trains on a CPU.
+    "bert-tiny": dict(n_layer=4, n_head=4, d_model=256, max_seq_len=128, pos="learned", norm="layernorm",
+                      norm_eps=1e-12, norm_position="post", mlp="gelu", bias=True, type_vocab_size=2,
+                      depth_scaled_init=False),
+    "bert-base": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=512, pos="learned", norm="layernorm",
+                      norm_eps=1e-12, norm_position="post", mlp="gelu", bias=True, type_vocab_size=2,
+                      depth_scaled_init=False),
 }

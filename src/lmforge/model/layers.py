@@ -91,6 +91,11 @@ class Attention(nn.Module):
         return self.resid_drop(self.proj(y))
 
 
+def activation(name: str):
+    """The elementwise function of an MLP kind (swiglu's gate uses SiLU)."""
+    return {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "swiglu": F.silu}[name]
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -98,8 +103,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.down.residual_out = True
-        self.act = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-                    "relu": F.relu, "swiglu": F.silu}[cfg.mlp]
+        self.act = activation(cfg.mlp)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,15 +117,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """A Transformer block. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). Post-norm (BERT):
+    norm(x + attn(x)), then norm(x + mlp(x))."""
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, causal)
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, cache=None, mask=None):
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, rope, cache, mask))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), rope, cache, mask)
         return x + self.mlp(self.norm2(x))

@@ -1,4 +1,9 @@
-"""Transformer stacks. GPT: the decoder-only causal language model."""
+"""Transformer stacks: one body (embeddings + blocks) shared by GPT, the decoder-only causal language
+model, and MaskedLM, the BERT-style bidirectional encoder with its masked-LM (and next-sentence) heads.
+
+Parameter names are flat (tok_emb, blocks.3.attn.qkv, norm, head, ...) in both, so optimizer groups
+and the Hugging Face key maps in hf.py see one naming scheme.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,14 @@ import torch
 from torch import nn
 
 from lmforge.model.config import ModelConfig
-from lmforge.model.layers import Block, KVCache, make_norm, rope_tables
+from lmforge.model.layers import Block, KVCache, activation, make_norm, rope_tables
 
 
-class GPT(nn.Module):
+class Transformer(nn.Module):
+    """Token (+ position, + segment) embeddings, then n_layer blocks; causal or bidirectional."""
+
+    causal = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
@@ -19,17 +28,16 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.seg_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        post = cfg.norm_position == "post"
+        self.emb_norm = make_norm(cfg) if post else None  # post-norm stacks normalise the embeddings instead
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layer))
-        self.norm = make_norm(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layer))
+        self.norm = None if post else make_norm(cfg)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init)
 
     def _init(self, module: nn.Module) -> None:
         std = self.cfg.init_std
@@ -42,8 +50,13 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def features(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Token ids [B, T] -> final hidden states [B, T, d]. With caches, idx continues the cached prefix."""
+    def features(self, idx: torch.Tensor, caches: list[KVCache] | None = None, segments: torch.Tensor | None = None,
+                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> final hidden states [B, T, d].
+
+        caches: idx continues the cached prefix (decoding). segments: [B, T] segment ids (0 when not
+        given). pad_mask: bool [B, T], True at real tokens; no position attends to padding.
+        """
         B, T = idx.shape
         start = caches[0].length if caches else 0
         if start + T > self.cfg.max_seq_len:
@@ -54,10 +67,33 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        if self.seg_emb is not None:
+            x = x + (self.seg_emb(segments) if segments is not None else self.seg_emb.weight[0])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.drop(x)
+        mask = pad_mask[:, None, None, :] if pad_mask is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, caches[i] if caches else None)
-        return self.norm(x)
+            x = block(x, rope, caches[i] if caches else None, mask)
+        return self.norm(x) if self.norm is not None else x
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention scores and
+        values, 12 * layers * width * context (the PaLM paper's appendix B accounting)."""
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + 12 * self.cfg.n_layer * self.cfg.d_model * self.cfg.max_seq_len
+
+
+class GPT(Transformer):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init)
 
     def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Token ids [B, T] -> logits [B, T, V]."""
@@ -68,11 +104,46 @@ class GPT(nn.Module):
         return [KVCache(batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len, self.cfg.head_dim, p.device, p.dtype)
                 for _ in range(self.cfg.n_layer)]
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention scores and
-        values, 12 * layers * width * context (the PaLM paper's appendix B accounting)."""
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul + 12 * self.cfg.n_layer * self.cfg.d_model * self.cfg.max_seq_len
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: dense -> activation -> norm, then the output projection (tied to the
+    token embedding unless tie_embeddings is off) with a bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.act = activation("gelu" if cfg.mlp == "swiglu" else cfg.mlp)
+        self.norm = make_norm(cfg)
+        self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states the output projection (self.out) turns into logits."""
+        return self.norm(self.act(self.dense(hidden)))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out(self.transform(hidden))
+
+
+class MaskedLM(Transformer):
+    """A bidirectional encoder with the masked-LM head and, with nsp, BERT's pooler (dense + tanh on the
+    first token) and the two-way next-sentence head."""
+
+    causal = False
+
+    def __init__(self, cfg: ModelConfig, nsp: bool = False):
+        super().__init__(cfg)
+        self.mlm_head = MLMHead(cfg)
+        if cfg.tie_embeddings:
+            self.mlm_head.out.weight = self.tok_emb.weight
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if nsp else None
+        self.nsp_head = nn.Linear(cfg.d_model, 2) if nsp else None
+        self.apply(self._init)
+        nn.init.zeros_(self.mlm_head.out.bias)
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> masked-LM logits [B, T, V]."""
+        return self.mlm_head(self.features(idx, segments=segments, pad_mask=pad_mask))

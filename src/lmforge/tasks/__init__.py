@@ -66,6 +66,7 @@ class Task:
 
 def make_task(cfg) -> Task:
     from lmforge.tasks.clm import CausalLM
+    from lmforge.tasks.mlm import MaskedLMTask
 
-    tasks = {"clm": CausalLM}
+    tasks = {"clm": CausalLM, "mlm": MaskedLMTask}
     return tasks[cfg.task](cfg)
