@@ -196,7 +196,10 @@ class Config:
                               "shards; use train.parallel = ddp")
         if t.fsdp_cpu_offload and t.parallel != "fsdp":
             raise ConfigError(f"config: train.fsdp_cpu_offload = true needs train.parallel = fsdp (got {t.parallel})")
-        mc = self.mlm
+        mc, tk = self.mlm, self.data.tokenizer
+        if self.task == "mlm" and not tk.path and tk.kind != "wordpiece" and not {"[MASK]", "<mask>"} & set(tk.special_tokens):
+            raise ConfigError(f"config: task = mlm needs a [MASK] token: set data.tokenizer.kind = wordpiece (which has "
+                              f"[CLS], [SEP] and [MASK]) or add them to data.tokenizer.special_tokens")
         if mc.mask_token_prob + mc.random_token_prob > 1:
             raise ConfigError(f"config: mlm.mask_token_prob + mlm.random_token_prob = "
                               f"{mc.mask_token_prob + mc.random_token_prob:g} must be <= 1")
@@ -246,6 +249,18 @@ def _is_optional(tp) -> bool:
     return (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in typing.get_args(tp)
 
 
+def _cli_list(value: str) -> list:
+    """a,b,c or a YAML list [a, b]; a comma list whose items look like YAML ([CLS],[SEP]) stays a comma list."""
+    if value.startswith("["):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, list):
+            return parsed
+    return [v for v in value.split(",") if v]
+
+
 def _coerce(path: str, tp, value: Any, from_cli: bool):
     """Turn `value` into `tp` or raise a ConfigError naming path, value and the expected type."""
     def bad(expected: str):
@@ -289,7 +304,7 @@ def _coerce(path: str, tp, value: Any, from_cli: bool):
         raise bad("a string")
     if tp is list or typing.get_origin(tp) is list:
         if isinstance(value, str) and from_cli:
-            value = [v for v in value.split(",") if v] if not value.startswith("[") else yaml.safe_load(value)
+            value = _cli_list(value)
         item = (typing.get_args(tp) or (str,))[0]
         if isinstance(value, list):
             return [_coerce(f"{path}[{i}]", item, v, from_cli) for i, v in enumerate(value)]

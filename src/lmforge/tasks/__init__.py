@@ -56,6 +56,10 @@ class Task:
         loss = total / max(n, 1)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
 
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Training FLOPs per input token, for MFU."""
+        return model.flops_per_token()
+
     def save_artifacts(self, run_dir: Path) -> None:
         """Files a run directory needs besides weights and config (a tokenizer, label maps)."""
 

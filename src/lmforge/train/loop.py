@@ -141,7 +141,7 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
         task.save_artifacts(run_dir)
 
     n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 6 * n_params
+    flops_per_token = task.flops_per_token(model)
     peak = peak_flops(device, compute_dtype)
     on = f"{d.world} x {device} ({d.parallel})" if d.active else str(device)
     say(f"lmforge: {cfg.task} model with {n_params / 1e6:.2f}M parameters on {on}; run directory {run_dir}")
@@ -244,6 +244,7 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
     train_seconds = time.perf_counter() - started - paused
     plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)])
     say(f"lmforge: stopped at step {step} ({stop_reason}); best val loss {best:.4f}")
+    runner.eval()
     with torch.no_grad():
         text = runner(task.finish, run_dir)
     return RunResult(run_dir, step, best, last_val, train_seconds, plot, text, d.main)
