@@ -260,3 +260,18 @@ def test_gradients_are_reduced_once_per_accumulated_step(corpus, tmp_path):
             assert len(reductions) == len(set(reductions)) > 0, (accum, reductions)  # each bucket once
     finally:
         dist.destroy_process_group()
+
+
+def test_masked_lm_with_nsp_on_two_ranks_equals_one_process(corpus2, tmp_path):
+    """The mlm task's batches (masking and NSP draws included) and loss split across ranks exactly as
+    the causal LM's do: FSDP on 2 ranks gives the losses of one process with the whole global batch."""
+    mlm = dict(task="mlm", data__tokenizer__special_tokens="[CLS],[SEP],[MASK]", mlm__nsp=True,
+               model__type_vocab_size=2, model__norm_position="post", model__pos="learned")
+    forked(cli(overrides(tmp_path / "two", corpus2, train__batch_size=PER_RANK, train__parallel="fsdp", **mlm)))
+    one = train(tiny_config(tmp_path / "one", corpus2, train__batch_size=2 * PER_RANK, **COMMON,
+                            **{**mlm, "data__tokenizer__special_tokens": ["[CLS]", "[SEP]", "[MASK]"]})).run_dir
+    two = tmp_path / "two" / "run"
+    assert losses(two, "train") == pytest.approx(losses(one, "train"), abs=1e-5)
+    assert [r["acc"] for r in read_metrics(two, "val")] == [r["acc"] for r in read_metrics(one, "val")]
+    final = load_checkpoint(one / "checkpoints" / f"step_{STEPS:08d}.pt")["model"]
+    assert_same_weights(sharded_model_state(step_dir(two, STEPS)), final)

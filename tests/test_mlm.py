@@ -166,7 +166,7 @@ def test_post_norm_block_matches_its_formula():
         torch.testing.assert_close(block.attn(x), block.attn.proj(att.transpose(1, 2).reshape(2, 5, 32)))
 
 
-def test_loss_is_mean_mlm_plus_mean_nsp(tmp_path):
+def test_loss_is_mlm_plus_nsp_weighted_by_the_expected_masked_count(tmp_path):
     corpus = write_corpus(tmp_path, shakespeare_text(40_000))
     cfg = tiny_config(tmp_path, corpus, **{k.replace(".", "__"): v for k, v in MLM_CHAR.items()},
                       mlm__nsp=True, model__type_vocab_size=2, model__max_seq_len=32)
@@ -180,7 +180,10 @@ def test_loss_is_mean_mlm_plus_mean_nsp(tmp_path):
     logits = model.mlm_head(hidden)
     mlm = F.cross_entropy(logits.flatten(0, 1), batch["target"].flatten(), ignore_index=IGNORE_INDEX)
     nsp = F.cross_entropy(model.nsp_head(torch.tanh(model.pooler(hidden[:, 0]))), batch["nsp_label"])
-    torch.testing.assert_close(task.loss(model, batch) / n, mlm + nsp)
+    per_sequence = 0.15 * (32 - 3)  # the expected masked tokens of a sequence: 15% of its text
+    expected = mlm * n + nsp * len(batch["input"]) * per_sequence
+    torch.testing.assert_close(task.loss(model, batch), expected)
+    assert n / len(batch["input"]) == pytest.approx(per_sequence, rel=0.5)
 
 
 def test_tiny_encoder_learns_from_context(tmp_path):

@@ -68,14 +68,18 @@ class MaskedLMTask(Task):
         return masked, batch["target"][chosen], nsp_logits
 
     def loss(self, model, batch) -> torch.Tensor:
-        """The MLM loss summed over masked tokens, plus (with NSP) the batch's mean NSP loss times its
-        masked-token count, so that dividing by the count gives BERT's mean MLM + mean NSP."""
+        """The MLM loss summed over masked tokens, plus (with NSP) the NSP loss summed over sequences
+        times the expected masked tokens per sequence. Divided by the masked count, as the loop does,
+        that is mean MLM + mean NSP (BERT's objective) up to the draw's deviation from the expected
+        count, and, unlike weighting by each micro-batch's own count, it does not depend on how a step
+        is split into micro-batches and ranks."""
         masked, targets, nsp_logits = self._forward(model, batch)
         out = model.mlm_head.out
         loss = linear_cross_entropy(masked, out.weight, targets, out.bias, reduction="sum",
                                     chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss))
         if nsp_logits is not None:
-            loss = loss + F.cross_entropy(nsp_logits.float(), batch["nsp_label"]) * len(targets)
+            per_sequence = self.cfg.mlm.mask_prob * self.train_examples.span
+            loss = loss + F.cross_entropy(nsp_logits.float(), batch["nsp_label"], reduction="sum") * per_sequence
         return loss
 
     @torch.no_grad()
