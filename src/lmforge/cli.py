@@ -110,8 +110,8 @@ def cmd_generate(args) -> int:
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
     if cfg.task != "clm":
-        raise UserError(f"generate: {args.checkpoint} holds a {cfg.task} model; generating text needs a causal "
-                        "language model (task clm)")
+        raise UserError(f"generate: {args.checkpoint} holds a model of task {cfg.task}; generating text needs a "
+                        "causal language model (task clm)")
     for i in range(args.num_samples):
         gen = torch.Generator(device=device).manual_seed(args.seed + i)
         text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

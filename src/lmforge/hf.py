@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -59,7 +59,10 @@ class Arch:
     layout: dict
     activation: tuple[str, str] | None = None  # (config.json key naming the MLP activation, its default)
     mha_only: bool = False  # no grouped-query attention
-    skip: tuple[str, ...] = ()  # key suffixes of tensors that are not weights of their own (buffers, tied copies)
+    skip: tuple[str, ...] = ()  # key suffixes of tensors that are not weights (buffers)
+    # {copy: original}: HF names saved as a second copy of a weight (HF's own tying). Export writes both;
+    # import reads the copy where the original is absent.
+    copies: dict = field(default_factory=dict)
     conv1d: tuple[str, ...] = ()  # key suffixes of GPT-2's Conv1D weights, stored [in, out]
     read_extra: Callable | None = None  # (config.json, weight names, where) -> additions to the config tree
     write_extra: Callable | None = None  # Config -> additions to config.json
@@ -103,7 +106,7 @@ BERT = Arch(
         "mlm_head.dense": "cls.predictions.transform.dense",
         "mlm_head.norm": "cls.predictions.transform.LayerNorm",
         "mlm_head.out.weight": "cls.predictions.decoder.weight",
-        "mlm_head.out.bias": "cls.predictions.bias",  # HF ties decoder.bias to it and saves only this one
+        "mlm_head.out.bias": "cls.predictions.decoder.bias",
         **BERT_POOLER,
         "nsp_head": "cls.seq_relationship",
     },
@@ -124,7 +127,10 @@ BERT = Arch(
     fixed={"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False},
     layout=dict(pos="learned", norm="layernorm", norm_position="post", bias=True),
     activation=("hidden_act", "gelu"), mha_only=True,
-    skip=("embeddings.position_ids", "cls.predictions.decoder.bias"),
+    skip=("embeddings.position_ids",),
+    # transformers 5 saves a tied model's output bias only as cls.predictions.bias, an untied one's as both
+    # (forward uses decoder.bias); transformers 4 uses one tensor under both names
+    copies={"cls.predictions.bias": "cls.predictions.decoder.bias"},
     read_extra=_bert_read, write_extra=_bert_write,
 )
 
@@ -341,7 +347,7 @@ def _read_weights(folder: Path, where: str) -> dict[str, torch.Tensor]:
 
 def _normalise(state: dict[str, torch.Tensor], arch: Arch) -> dict[str, torch.Tensor]:
     """Checkpoint names as the *For* classes write them: gamma/beta renamed, the base-model prefix added
-    where a bare base model saved without it, buffers and tied copies dropped."""
+    where a bare base model saved without it, buffers dropped, a copy kept only where its original is absent."""
     bare = not any(k.startswith(arch.prefix) for k in state)
     out = {}
     for key, tensor in state.items():
@@ -350,6 +356,9 @@ def _normalise(state: dict[str, torch.Tensor], arch: Arch) -> dict[str, torch.Te
                 key = key[: -len(old)] + new
         if not key.endswith(arch.skip):
             out[arch.prefix + key if bare else key] = tensor
+    for copy, original in arch.copies.items():
+        if copy in out:
+            out.setdefault(original, out.pop(copy))
     return out
 
 
@@ -599,11 +608,11 @@ def _export_arch(cfg, fmt: str, run) -> Arch:
     if fmt not in FORMATS:
         raise UserError(f"export: --format {fmt}: expected one of {', '.join(FORMATS)}")
     candidates = [ARCHS[fmt]] if fmt != "auto" else [a for a in ARCHS.values() if a.task == cfg.task]
-    gaps = {a: _gaps(a, cfg) for a in candidates}
-    for arch, missing in gaps.items():
+    gaps = [(a, _gaps(a, cfg)) for a in candidates]
+    for arch, missing in gaps:
         if not missing:
             return arch
-    reasons = "; ".join(f"{a.title} needs {', '.join(g)}" for a, g in gaps.items())
+    reasons = "; ".join(f"{a.title} needs {', '.join(g)}" for a, g in gaps)
     raise UserError(f"export: {run}: the model fits no Hugging Face layout lmforge writes: {reasons}")
 
 
@@ -659,6 +668,7 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
     arch = _export_arch(cfg, fmt, run)
     mapping, _ = _mapping(arch, model)  # tied output weights are left out: from_pretrained ties them again
     tensors = _to_hf({k: p.detach() for k, p in model.named_parameters()}, mapping, arch, cfg.model)
+    tensors.update({copy: tensors[original] for copy, original in arch.copies.items() if original in tensors})
     if arch is BERT and cfg.model.type_vocab_size == 0:
         tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.model.d_model)
     specials = _special_tokens(tok, cfg.task)
