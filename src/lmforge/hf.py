@@ -68,6 +68,16 @@ class Arch:
     write_extra: Callable | None = None  # Config -> additions to config.json
 
 
+# The sizes under the names most HF configs give them (BERT, Llama and Mistral alike; GPT-2 has its own).
+STANDARD_SIZES = {
+    "vocab_size": ("vocab_size", REQUIRED),
+    "max_position_embeddings": ("max_seq_len", REQUIRED),
+    "hidden_size": ("d_model", REQUIRED),
+    "num_hidden_layers": ("n_layer", REQUIRED),
+    "num_attention_heads": ("n_head", REQUIRED),
+    "intermediate_size": ("d_ff", REQUIRED),
+}
+
 # -- BERT -------------------------------------------------------------------------------------------
 
 # BERT's pooler (dense + tanh on [CLS]) on its own: the next-sentence head uses it, and so will the
@@ -111,12 +121,7 @@ BERT = Arch(
         "nsp_head": "cls.seq_relationship",
     },
     config={
-        "vocab_size": ("vocab_size", REQUIRED),
-        "max_position_embeddings": ("max_seq_len", REQUIRED),
-        "hidden_size": ("d_model", REQUIRED),
-        "num_hidden_layers": ("n_layer", REQUIRED),
-        "num_attention_heads": ("n_head", REQUIRED),
-        "intermediate_size": ("d_ff", REQUIRED),
+        **STANDARD_SIZES,
         "type_vocab_size": ("type_vocab_size", 2),
         "layer_norm_eps": ("norm_eps", 1e-12),
         "hidden_dropout_prob": ("dropout", 0.1),  # lmforge has one dropout: the first key present sets it
@@ -218,13 +223,8 @@ LLAMA = Arch(
         "head": "lm_head",
     },
     config={
-        "vocab_size": ("vocab_size", REQUIRED),
-        "max_position_embeddings": ("max_seq_len", REQUIRED),
-        "hidden_size": ("d_model", REQUIRED),
-        "num_hidden_layers": ("n_layer", REQUIRED),
-        "num_attention_heads": ("n_head", REQUIRED),
+        **STANDARD_SIZES,
         "num_key_value_heads": ("n_kv_head", None),  # null: as many as attention heads
-        "intermediate_size": ("d_ff", REQUIRED),
         "rms_norm_eps": ("norm_eps", 1e-6),
         "attention_dropout": ("dropout", 0.0),
         "initializer_range": ("init_std", 0.02),
