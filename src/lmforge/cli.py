@@ -1,4 +1,4 @@
-"""The `lmforge` command: pretrain, tokenizer, generate."""
+"""The `lmforge` command: pretrain, tokenizer, generate, import, export."""
 
 from __future__ import annotations
 
@@ -108,7 +108,10 @@ def cmd_generate(args) -> int:
     from lmforge.train.loop import pick_device
 
     device = pick_device(args.device, "generate: --device")
-    model, tok, _ = load_run(args.checkpoint, device)
+    model, tok, cfg = load_run(args.checkpoint, device)
+    if cfg.task != "clm":
+        raise UserError(f"generate: {args.checkpoint} holds a model of task {cfg.task}; generating text needs a "
+                        "causal language model (task clm)")
     for i in range(args.num_samples):
         gen = torch.Generator(device=device).manual_seed(args.seed + i)
         text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -116,6 +119,29 @@ def cmd_generate(args) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + text)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from lmforge.hf import import_hf
+
+    imported = import_hf(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir}: {imported.summary()}")
+    for note in imported.notes:
+        print(f"note: {note}")
+    print(f"run directory: {args.out}")
+    if imported.config.task == "clm":
+        print(f"generate:      lmforge generate --checkpoint {args.out} --prompt \"...\"")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lmforge.hf import export_hf
+
+    hf_cfg = export_hf(args.run, args.out, args.format)
+    cls = hf_cfg["architectures"][0]
+    print(f"exported {args.run} as {cls} ({hf_cfg['model_type']}) to {args.out}")
+    print(f"load it:  transformers.{cls}.from_pretrained(\"{args.out}\")")
     return 0
 
 
@@ -158,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import", help="convert a Hugging Face model folder (BERT, GPT-2, Llama, Mistral) into a run directory",
+                       description="Convert a Hugging Face model folder (config.json, weights, tokenizer files) into an "
+                       "lmforge run directory. Commands that take --checkpoint also read such a folder directly.",
+                       allow_abbrev=False)
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a folder written by transformers' save_pretrained")
+    p.add_argument("out", metavar="OUT", help="the run directory to write (must not exist, or be empty)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama or BERT layout)",
+                       allow_abbrev=False)
+    p.add_argument("run", metavar="RUN", help="a run directory, one of its checkpoints, or a Hugging Face folder")
+    p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
+    p.add_argument("--format", default="auto", choices=["auto", "gpt2", "llama", "bert"],
+                   help="the Hugging Face layout; auto = bert for mlm, gpt2 or else llama for clm [default: auto]")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -297,13 +297,21 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
     """A trained run directory (or one of its checkpoint files) -> (model in eval mode, tokenizer, config).
 
     Uses the best weights (model.safetensors) of a run directory, or the given checkpoint's weights
-    (a step_N.pt file or a sharded step_N directory).
+    (a step_N.pt file or a sharded step_N directory). A Hugging Face model folder (config.json, no
+    config.yaml) is imported in memory (hf.py), so every command that takes a run takes one too.
     """
     from lmforge.config import load_config, read_yaml
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.tasks import make_task
 
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        from lmforge.hf import load_hf
+
+        imported = load_hf(p)
+        for note in imported.notes:
+            print(f"lmforge: note: {note}", file=sys.stderr)
+        return imported.model.to(device).eval(), imported.tokenizer, imported.config
     # a file is run/model.safetensors (or another weights file beside config.yaml) or run/checkpoints/step_N.pt
     checkpoint = p.is_file() or is_sharded(p)
     run_dir = (p.parent if (p.parent / "config.yaml").is_file() else p.parent.parent) if checkpoint else p
