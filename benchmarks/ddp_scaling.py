@@ -38,7 +38,7 @@ def run(nproc: int, threads: int, steps: int, tmp: Path) -> float:
         {f"{perf._cpu_name()}|threads={threads}|torch={torch.__version__}|{torch.float32}": 1e11}))
     run_dir = tmp / f"run{nproc}x{threads}"
     args = ["pretrain", "--data.path", str(DATA), "--data.tokenizer.kind", "char", "--data.cache_dir", str(tmp / "cache"),
-            "--model.n_layer", "4", "--model.n_head", "4", "--model.d_model", "128", "--model.max_seq_len", "64",
+            "--model.n_layer", "4", "--model.n_head", "4", "--model.d_model", "128", "--model.max_seq_len", "64", "--model.mlp", "gelu",
             "--model.dropout", "0", "--train.batch_size", str(GLOBAL_BATCH // nproc), "--train.max_steps", str(steps),
             "--train.warmup_steps", "1", "--train.checkpoint_every", "0", "--train.device", "cpu",
             "--eval.every", "0", "--eval.batches", "1", "--log.every", "5", "--log.progress", "false",

@@ -35,7 +35,7 @@ SWEEPS = {  # optimizer -> (the swept option, its values, fixed options)
 def run(optimizer: str, key: str, value: float, fixed: dict, steps: int, tmp: str) -> tuple[float, float]:
     lr = fixed.get("train.lr", value)
     over = {
-        "model.preset": "gpt-10m", "model.pos": "rope", "model.norm": "rmsnorm", "model.bias": False,
+        "model.preset": "gpt-10m", "model.pos": "rope", "model.norm": "rmsnorm", "model.bias": False, "model.mlp": "gelu",
         "data.path": str(DATA), "data.tokenizer.kind": "char", "data.cache_dir": f"{tmp}/cache",
         "train.optimizer": optimizer, "train.batch_size": 8, "train.max_steps": steps,
         "train.warmup_steps": max(1, steps // 10), "train.lr": lr, "train.min_lr": lr / 10,

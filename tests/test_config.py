@@ -59,7 +59,7 @@ def test_preset_supplies_defaults_and_explicit_keys_win(tmp_path):
 
 
 def test_derived_model_defaults():
-    assert load_config(overrides={"model.d_model": 96, "model.n_head": 4}).model.d_ff == 384
+    assert load_config(overrides={"model.d_model": 96, "model.n_head": 4, "model.mlp": "gelu"}).model.d_ff == 384
     swiglu = load_config(overrides={"model.d_model": 96, "model.n_head": 4, "model.mlp": "swiglu"}).model
     assert swiglu.d_ff == 256  # 8/3 * 96 = 256, a multiple of 64
     assert swiglu.n_kv_head == 4
@@ -79,7 +79,7 @@ def test_unknown_key_suggests_the_close_match(tmp_path):
     assert "did you mean 'model.n_head'" in error_of(tmp_path, overrides={"model.n_heads": "4"})
     assert "did you mean 'eval.patience'" in error_of(tmp_path, "eval:\n  patiense: 3\n")
     msg = error_of(tmp_path, "zzz: 1\n")
-    assert "unknown key 'zzz'" in msg and "known keys here: data, eval, log, loss, model, task, train" in msg
+    assert "unknown key 'zzz'" in msg and "known keys here: data, eval, log, loss, mlm, model, task, train" in msg
     assert "'lr' is a value, not a section" in error_of(tmp_path, "train:\n  lr: 0.1\n", {"train.lr.x": "1"})
 
 

@@ -241,7 +241,7 @@ EXPORTS = {
     "llama-layout-gqa-untied": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False),
                                 False, "LlamaForCausalLM"),
     "bert-layout": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True, type_vocab_size=2,
-                                norm_eps=1e-12), False, "BertForMaskedLM"),
+                                norm_eps=1e-12, mlp="gelu"), False, "BertForMaskedLM"),
     "bert-layout-no-segments-nsp": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True,
                                                 mlp="relu", tie_embeddings=False), True, "BertForPreTraining"),
 }
@@ -250,7 +250,7 @@ EXPORTS = {
 def make_run(run: Path, tok, task: str, model: dict, nsp: bool = False):
     """A run directory as training writes it (config.yaml, model.safetensors, tokenizer.json), with random weights."""
     cfg = load_config(base={"task": task, "model": {**SMALL, **model, "vocab_size": tok.get_vocab_size()},
-                            "mlm": {"nsp": nsp}})
+                            "mlm": {"nsp": nsp}, "data": {"tokenizer": {"kind": "wordpiece" if task == "mlm" else "bpe"}}})
     torch.manual_seed(0)
     lm = perturb(make_task(cfg).build_model(), 2)
     run.mkdir(parents=True)
@@ -334,7 +334,8 @@ def test_cli_export_of_a_trained_run_and_of_a_sharded_checkpoint(tmp_path, capsy
     import torch.distributed.checkpoint as dcp
 
     (tmp_path / "corpus.txt").write_text(synthetic_text(5000), encoding="utf-8")
-    over = tiny_overrides(tmp_path, tmp_path / "corpus.txt", **{"model.mlp": "swiglu", "model.n_kv_head": 1})
+    # the default model layout (RoPE, RMSNorm, SwiGLU) is Llama's; with grouped-query attention
+    over = tiny_overrides(tmp_path, tmp_path / "corpus.txt", **{"model.n_kv_head": 1})
     assert main(["pretrain", *[a for k, v in over.items() for a in (f"--{k}", str(v))]]) == 0
     run = tmp_path / "run"
     assert main(["export", str(run), str(tmp_path / "hf")]) == 0
@@ -433,14 +434,14 @@ def test_import_mistakes_are_one_line_and_write_nothing(hf_dirs, tmp_path, capsy
 
 # (id, run: (task, model options), export arguments after RUN OUT, what the error line must contain)
 EXPORT_ERRORS = [
-    ("decoder-fits-neither", ("clm", {}), [],
+    ("decoder-fits-neither", ("clm", dict(mlp="gelu")), [],
      ["fits no Hugging Face layout", "GPT-2 needs model.pos = learned (it has rope)",
       "Llama needs model.mlp = swiglu (it has gelu)"]),
     ("gpt2-without-bias", ("clm", dict(pos="learned", norm="layernorm", mlp="gelu_tanh")), ["--format", "gpt2"],
      ["GPT-2 needs model.bias = true (it has false)"]),
-    ("gpt2-with-gqa", ("clm", dict(pos="learned", norm="layernorm", bias=True, n_kv_head=2)), ["--format", "gpt2"],
+    ("gpt2-with-gqa", ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh", n_kv_head=2)), ["--format", "gpt2"],
      ["GPT-2 needs model.n_kv_head = 4 (it has 2)"]),
-    ("bert-pre-norm", ("mlm", dict(pos="learned", norm="layernorm", bias=True)), [],
+    ("bert-pre-norm", ("mlm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu")), [],
      ["BERT needs model.norm_position = post (it has pre)"]),
     ("bert-for-a-decoder", ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu")), ["--format", "bert"],
      ["BERT needs task = mlm (it is clm)"]),

@@ -35,7 +35,7 @@ def preset(name: str, **extra) -> ModelConfig:
 
 
 def test_char_tiny_parameter_count():
-    cfg = preset("char-tiny", vocab_size=65, pos="learned", norm="layernorm", bias=True)  # nanoGPT's layout
+    cfg = preset("char-tiny", vocab_size=65, pos="learned", norm="layernorm", bias=True, mlp="gelu")  # nanoGPT's layout
     model = GPT(cfg)
     # 4 blocks of 198,272 + 65*128 token + 64*128 position embeddings + the final LayerNorm's 256
     assert model.num_params() == 809_856 == expected_params(cfg)

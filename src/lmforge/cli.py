@@ -80,7 +80,9 @@ def cmd_pretrain(args) -> int:
         print(f"plot:          {result.plot}")
     if cfg.log.tensorboard:
         print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
-    print(f"generate:      lmforge generate --checkpoint {result.run_dir} --prompt \"...\"")
+    if cfg.task == "clm":
+        print(f"generate:      lmforge generate --checkpoint {result.run_dir} --prompt \"...\"")
+    print(f"export:        lmforge export {result.run_dir} OUT_DIR   (a Hugging Face folder)")
     return 0
 
 

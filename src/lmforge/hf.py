@@ -86,8 +86,9 @@ BERT_POOLER = {"pooler": "bert.pooler.dense"}
 
 
 def _bert_read(hf: dict, names: set[str], where: str) -> dict:
-    # BertForPreTraining carries the next-sentence head; with it the model is built with mlm.nsp
-    return {"mlm": {"nsp": "cls.seq_relationship.weight" in names}}
+    # BertForPreTraining carries the next-sentence head; with it the model is built with mlm.nsp.
+    # BERT's tokenizer is a WordPiece one with [CLS], [SEP] and [MASK], as the mlm task requires.
+    return {"mlm": {"nsp": "cls.seq_relationship.weight" in names}, "data": {"tokenizer": {"kind": "wordpiece"}}}
 
 
 def _bert_write(cfg) -> dict:

@@ -10,7 +10,8 @@ from lmforge.fields import between, ge, gt, opt
 @dataclass
 class ModelConfig:
     """The defaults are the model `lmforge pretrain` trains with no config: a 4-layer, 256-wide GPT
-    with RoPE and RMSNorm (about 4M parameters at a 4096-token vocabulary). The same fields describe
+    with RoPE, RMSNorm and SwiGLU (about 4M parameters at a 4096-token vocabulary), which is Llama's
+    layout, so it exports to Hugging Face as it is. The same fields describe
     the encoder the mlm task trains (see the bert-* presets)."""
 
     preset: str | None = opt(None, "named preset supplying the defaults below (char-tiny, gpt-10m, gpt2-small, bert-tiny, bert-base)")
@@ -28,7 +29,8 @@ class ModelConfig:
     norm_position: str = opt("pre", "pre: a norm before each sublayer and one at the end (GPT-2, Llama); post: after each "
                              "residual add and on the embeddings, none at the end (BERT)", choices=("pre", "post"))
     type_vocab_size: int = opt(0, "segment embeddings (BERT's sentence A / B); 0 = none", check=ge(0))
-    mlp: str = opt("gelu", "MLP activation (gelu_tanh: the tanh approximation GPT-2 uses)", choices=("gelu", "gelu_tanh", "relu", "swiglu"))
+    mlp: str = opt("swiglu", "MLP activation (gelu_tanh: the tanh approximation GPT-2 uses; swiglu: gated, as Llama)",
+                   choices=("gelu", "gelu_tanh", "relu", "swiglu"))
     bias: bool = opt(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = opt(True, "share the token embedding with the output projection")
     dropout: float = opt(0.0, "dropout on embeddings, attention and residual branches", check=between(0, 0.99))
