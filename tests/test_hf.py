@@ -8,7 +8,9 @@ Every model is tiny, seeded, fp32 and in eval mode; nothing is downloaded (local
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -355,6 +357,12 @@ def test_cli_export_of_a_trained_run_and_of_a_sharded_checkpoint(tmp_path, capsy
     assert main(["export", str(step), str(tmp_path / "hf-sharded"), "--format", "llama"]) == 0
     a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf-sharded" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # weights are as readable as the other files (safetensors on its own creates them 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in (run / "model.safetensors", tmp_path / "hf" / "model.safetensors"):
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask, weights
 
 
 # -- mistakes: one line, nothing written ------------------------------------------------------------

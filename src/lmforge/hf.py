@@ -659,9 +659,7 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
     """A run directory, checkpoint or HF folder (anything load_run reads) -> a Hugging Face folder:
     model.safetensors, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json.
     Returns the config.json written."""
-    from safetensors.torch import save_file
-
-    from lmforge.train.checkpoint import load_run
+    from lmforge.train.checkpoint import load_run, write_safetensors
 
     out = Path(out)
     _check_out(out, "export")
@@ -679,8 +677,8 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
 
     def write(tmp: Path) -> None:
         # clone: safetensors refuses views that share storage (the parts of a fused tensor)
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        write_safetensors({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
+                          {"format": "pt"})
         for name, data in (("config.json", hf_cfg), ("tokenizer_config.json", tok_cfg),
                            ("special_tokens_map.json", specials)):
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -243,9 +243,18 @@ def load_model_state(model: torch.nn.Module, state: dict, source: Path) -> None:
     model.load_state_dict(state)
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """save_file, then the mode any new file gets (0666 less the umask): safetensors creates its files
+    0600, which would make a run or an export unreadable to the other users of a shared folder."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Whole-model weights (each tied tensor once, see distributed.full_weights) as safetensors."""
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: write_safetensors(state, tmp, metadata))
 
 
 def export_weights(checkpoint: Path, out: Path) -> Path:
