@@ -19,8 +19,6 @@ a folder transformers loads.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -549,20 +547,12 @@ def _check_out(out: Path, what: str) -> None:
 
 
 def _write_dir(out: Path, what: str, write: Callable[[Path], None]) -> None:
-    """write(tmp) fills a temporary sibling of `out` that is renamed to `out` once complete, so a
-    failure leaves nothing at `out`."""
+    """write(tmp) fills a temporary folder that becomes `out` once complete: a failure leaves nothing."""
+    from lmforge.data.store import atomic_dir
+
     _check_out(out, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()  # empty, as checked
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_dir(out, write)
 
 
 def import_hf(folder: str | Path, out: str | Path) -> Imported:

@@ -48,17 +48,15 @@ def corpus_digest(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _atomic_dir(final: Path, fill) -> None:
-    """Build a folder under a temporary name and rename it into place, so no reader sees half of it."""
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+def atomic_dir(final: Path, fill) -> None:
+    """fill(tmp) builds a temporary sibling folder that is then renamed to `final` (replacing an empty
+    folder there), so no reader sees half of it and a failure leaves nothing at `final`."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         fill(tmp)
         os.replace(tmp, final)
-    except OSError:
-        if not final.exists():  # a real I/O failure, not another process winning the rename
-            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -88,7 +86,11 @@ def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:
 
     store = cache / f"store-{_digest(corpus_key, tok.to_str(), str(data_cfg.val_fraction), str(STORE_VERSION))}"
     if not (store / "meta.json").is_file():
-        _atomic_dir(store, lambda tmp: _encode(pieces(), tok, tmp, data_cfg.val_fraction, str(path)))
+        try:
+            atomic_dir(store, lambda tmp: _encode(pieces(), tok, tmp, data_cfg.val_fraction, str(path)))
+        except OSError:
+            if not (store / "meta.json").is_file():  # a real I/O failure, not another process winning the rename
+                raise
     meta = json.loads((store / "meta.json").read_text())
     tokens = np.memmap(store / "tokens.bin", dtype=meta["dtype"], mode="r")
     train, val = tokens[:meta["split"]], tokens[meta["split"]:]
