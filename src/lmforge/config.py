@@ -96,7 +96,7 @@ class TrainConfig:
                                          "memory for about a third more compute")
 
 
-LOSS_NAMES = ("cross_entropy", "focal", "bce", "binary_focal", "mse", "mae", "huber", "smooth_l1", "hinge",
+LOSS_NAMES = ("auto", "cross_entropy", "focal", "bce", "binary_focal", "mse", "mae", "huber", "smooth_l1", "hinge",
               "hinge_crammer_singer", "hinge_weston_watkins")
 # Which loss.* options each loss takes (the keyword arguments of its function in losses.py).
 LOSS_OPTIONS = {
@@ -112,12 +112,22 @@ LOSS_OPTIONS = {
     "hinge_crammer_singer": ("margin",),
     "hinge_weston_watkins": ("margin",),
 }
-TASK_LOSSES = {"clm": ("cross_entropy",), "mlm": ("cross_entropy",)}  # the losses each task can train with
+# The losses each task can train with; the first is what loss.name = auto picks.
+TASK_LOSSES = {
+    "clm": ("cross_entropy",),
+    "mlm": ("cross_entropy",),
+    "sft": ("cross_entropy",),
+    "classify": ("cross_entropy", "focal", "hinge_crammer_singer", "hinge_weston_watkins"),
+    "regress": ("mse", "huber", "smooth_l1", "mae"),
+    "multilabel": ("bce", "binary_focal"),
+    "tag": ("cross_entropy", "focal"),
+}
 
 
 @dataclass
 class LossConfig:
-    name: str = opt("cross_entropy", "the loss (docs/losses-and-optimizers.md says which to pick)", choices=LOSS_NAMES)
+    name: str = opt("auto", "the loss; auto = the task's usual one (docs/losses-and-optimizers.md says which to pick)",
+                    choices=LOSS_NAMES)
     label_smoothing: float = opt(0.0, "cross_entropy: mass spread evenly over all classes", check=between(0, 1))
     z_loss: float = opt(0.0, "cross_entropy: weight of the z-loss z * logsumexp(logits)^2 (1e-4 is usual)", check=ge(0))
     softcap: float = opt(0.0, "cross_entropy: cap logits to c * tanh(logits / c); 0 = off (30 is usual)", check=ge(0))
@@ -139,6 +149,74 @@ class MLMConfig:
                                    check=between(0, 1))
     whole_word: bool = opt(False, "choose whole words: all pieces of a word are masked together")
     nsp: bool = opt(False, "next-sentence prediction: segment B follows A in half the examples, is random text otherwise")
+
+
+FINETUNE_TASKS = ("classify", "regress", "multilabel", "tag", "sft")
+LABELLED_FORMATS = ("auto", "csv", "tsv", "jsonl", "sst", "conll")
+
+
+@dataclass
+class FinetuneConfig:
+    init_from: str | None = opt(None, "the pretrained model to start from: a run directory, a checkpoint or a Hugging "
+                                "Face folder (its model section and tokenizer are used)")
+    train: str | None = opt(None, "the labelled training file")
+    dev: str | None = opt(None, "the labelled dev file; none = hold out `dev_fraction` of the training file")
+    dev_fraction: float = opt(0.1, "the share of the training file held out as dev when no dev file is given",
+                              check=fraction_open())
+    format: str = opt("auto", "file format; auto = by extension (.csv, .tsv, .jsonl; .txt: sst for sentence tasks, "
+                      "conll for tag)", choices=LABELLED_FORMATS)
+    header: bool = opt(True, "csv/tsv: the first row names the columns; false = fields are column numbers from 0")
+    text_field: str = opt("text", "the column / JSON field holding the text")
+    pair_field: str | None = opt(None, "the column / JSON field holding the second sentence of a pair")
+    label_field: str = opt("label", "the column / JSON field holding the label")
+    label_separator: str = opt("|", "multilabel in csv/tsv: the separator between the labels in one cell")
+    tag_column: int = opt(-1, "conll: the column holding the tag (the word is column 0; negative counts from the end)")
+    prompt_field: str = opt("prompt", "sft: the JSON field holding the prompt")
+    response_field: str = opt("response", "sft: the JSON field holding the response")
+    labels: list | None = opt(None, "the label set in order; none = the sorted labels of the training file")
+    max_length: int = opt(128, "tokens per example, longer ones are cut (at most the model's context)", check=gt(1))
+    epochs: float = opt(3.0, "passes over the training file (sets train.max_steps); 0 = train for train.max_steps",
+                        check=ge(0))
+    evals_per_epoch: int = opt(1, "dev evaluations per epoch (sets eval.every); 0 = use eval.every", check=ge(0))
+    metric: str = opt("auto", "dev metric for early stopping and the kept best weights: auto = accuracy (classify), "
+                      "pearson (regress), micro_f1 (multilabel), entity_f1 (tag), loss (sft); or any metric the "
+                      "evaluation reports")
+    pooling: str = opt("auto", "sentence representation: auto = pooler if the model has BERT's, else cls for an encoder "
+                       "and last for a decoder", choices=("auto", "pooler", "cls", "mean", "last"))
+    classifier_dropout: float = opt(0.1, "dropout before the task head", check=between(0, 0.99))
+    thresholds: list[float] | None = opt(None, "multilabel: a decision threshold per label (default 0.5 each)")
+    group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")
+
+
+PEFT_METHODS = ("none", "lora", "adapter", "prefix")
+
+
+@dataclass
+class PeftConfig:
+    method: str = opt("none", "parameter-efficient fine-tuning: lora, bottleneck adapters, prefix tuning; none = full",
+                      choices=PEFT_METHODS)
+    lora_rank: int = opt(8, "lora: rank r of the update B @ A", check=gt(0))
+    lora_alpha: float = opt(16.0, "lora: the update is scaled by alpha / r", check=gt(0))
+    lora_dropout: float = opt(0.0, "lora: dropout on the input of the update", check=between(0, 0.99))
+    lora_targets: list = opt(["*.attn.qkv", "*.attn.proj"], "lora: linear layers to adapt, as fnmatch patterns on "
+                             "module names (e.g. *.attn.qkv, *.mlp.up, *.mlp.down)")
+    adapter_size: int = opt(64, "adapter: bottleneck width of the adapters after each attention and MLP", check=gt(0))
+    prefix_length: int = opt(16, "prefix: learned key/value positions per layer", check=gt(0))
+    freeze_embeddings: bool = opt(False, "freeze the token, position and segment embeddings")
+    freeze_layers: int = opt(0, "freeze the bottom k Transformer blocks", check=ge(0))
+
+
+@dataclass
+class RobustConfig:
+    adversarial: str = opt("none", "adversarial training on the embedding output: fgm (one step) or pgd (several)",
+                           choices=("none", "fgm", "pgd"))
+    epsilon: float = opt(1.0, "adversarial: the L2 norm of the perturbation (pgd: the radius of its ball)", check=gt(0))
+    pgd_steps: int = opt(3, "pgd: ascent steps per training step", check=gt(0))
+    pgd_alpha: float = opt(0.3, "pgd: the L2 norm of each ascent step", check=gt(0))
+    augment: list = opt([], "text augmentation of training examples: any of delete, swap, mask")
+    augment_prob: float = opt(0.5, "augmentation: the chance that a training example is augmented", check=between(0, 1))
+    augment_rate: float = opt(0.1, "augmentation: the share of an augmented example's words affected",
+                              check=between(0, 1))
 
 
 @dataclass
@@ -165,13 +243,17 @@ class Config:
     """Every default together is the embedded default job (`lmforge pretrain` with no options): a small
     GPT on the King James Bible, about 4 minutes of training on a 2-core CPU."""
 
-    task: str = opt("clm", "what to train: clm = causal LM (GPT), mlm = masked LM (BERT-style encoder)",
-                    choices=("clm", "mlm"))
+    task: str = opt("clm", "what to train: clm = causal LM (GPT), mlm = masked LM (BERT-style encoder); fine-tuning: "
+                    "classify, regress, multilabel, tag (token classification), sft (prompt/response)",
+                    choices=("clm", "mlm", *FINETUNE_TASKS))
     model: ModelConfig = section(ModelConfig, "model")
     data: DataConfig = section(DataConfig, "data")
     train: TrainConfig = section(TrainConfig, "training and optimizer")
     loss: LossConfig = section(LossConfig, "the loss")
     mlm: MLMConfig = section(MLMConfig, "masked-LM pre-training (task = mlm)")
+    finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning data and head (tasks classify, regress, multilabel, tag, sft)")
+    peft: PeftConfig = section(PeftConfig, "parameter-efficient fine-tuning")
+    robust: RobustConfig = section(RobustConfig, "adversarial training and augmentation (classify, tag)")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     log: LogConfig = section(LogConfig, "logging and outputs")
 
@@ -207,7 +289,9 @@ class Config:
 
     def _validate_loss(self) -> None:
         lc, defaults = self.loss, LossConfig()
-        allowed = TASK_LOSSES.get(self.task)
+        allowed = TASK_LOSSES[self.task]
+        if lc.name == "auto":
+            lc.name = allowed[0]
         if allowed and lc.name not in allowed:
             raise ConfigError(f"config: loss.name = {lc.name}: the {self.task} task trains with {', '.join(allowed)}")
         for f in dataclasses.fields(LossConfig):
@@ -217,7 +301,7 @@ class Config:
                 takes = ", ".join(f"loss.{k}" for k in LOSS_OPTIONS[lc.name]) or "no options"
                 raise ConfigError(f"config: loss.{f.name} = {getattr(lc, f.name)!r} does not apply to "
                                   f"loss.name = {lc.name} (it takes {takes})")
-        if self.task in ("clm", "mlm") and lc.class_weights is not None:
+        if self.task in ("clm", "mlm", "sft") and lc.class_weights is not None:
             raise ConfigError(f"config: loss.class_weights: the {self.task} task takes no class weights")
 
 
