@@ -275,7 +275,7 @@ def test_early_stopping_on_patience(tmp_path, monkeypatch):
     run = tmp_path / "run"
     result = train(tiny_config(tmp_path, corpus, train__max_steps=50, eval__every=1, eval__patience=2))
     assert result.step == 6
-    assert result.best_val_loss == 2.8
+    assert result.best == 2.8
     assert [r["step"] for r in read_metrics(run, "val")] == [1, 2, 3, 4, 5, 6]
     assert [p.name for p in (run / "checkpoints").glob("*.pt")] == [ckpt(run, 6).name]
     with safe_open(run / "model.safetensors", "pt") as f:
@@ -319,7 +319,7 @@ def test_run_directory_and_repeat_from_resolved_config(tmp_path):
     assert saved.model.vocab_size > 0
 
     second = train(load_config(base=read_yaml(run / "config.yaml"), overrides={"log.run_dir": str(tmp_path / "again")}))
-    assert second.best_val_loss == pytest.approx(first.best_val_loss, abs=1e-6)
+    assert second.best == pytest.approx(first.best, abs=1e-6)
     assert read_metrics(tmp_path / "again", "train")[-1]["loss"] == pytest.approx(rows[-1]["loss"], abs=1e-6)
     assert (tmp_path / "again" / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
 

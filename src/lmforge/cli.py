@@ -1,8 +1,9 @@
-"""The `lmforge` command: pretrain, tokenizer, generate, import, export."""
+"""The `lmforge` command: pretrain, finetune, evaluate, predict, tokenizer, generate, import, export."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import sys
 import warnings
@@ -54,35 +55,123 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return {k: v for k, v in vars(args).items() if k in keys}
 
 
-def cmd_pretrain(args) -> int:
-    from lmforge.config import load_config, read_yaml
+# Fine-tuning starts from these instead of pre-training's defaults (a recipe or option overrides them):
+# the usual BERT fine-tuning settings.
+FINETUNE_DEFAULTS = {"train": {"lr": 5e-5, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 0.01, "beta2": 0.999,
+                               "batch_size": 32, "schedule": "linear", "checkpoint_every": 0},
+                     "eval": {"batch_size": 64}, "log": {"every": 20}}
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def cmd_train(args) -> int:
+    """pretrain and finetune: one loop, different defaults."""
+    from lmforge.config import FINETUNE_TASKS, load_config, read_yaml
     from lmforge.train.checkpoint import find_resume
     from lmforge.train.loop import train  # refuses a run directory that already holds a run
 
     overrides = _overrides(args)
+    finetune = args.command == "finetune"
+    base = None
+    if finetune:
+        recipe = read_yaml(args.config) if args.config else {}
+        base = _deep_merge({"task": "classify", **copy.deepcopy(FINETUNE_DEFAULTS)}, recipe)
     # When resuming, this first reading only locates the run: the overrides may complete the saved
     # config (e.g. a longer train.max_steps) and are checked against it below, not against defaults.
-    cfg = load_config(args.config, overrides, validate=not args.resume)
+    task = overrides.get("task", (base or {}).get("task"))
+    if finetune and task not in FINETUNE_TASKS:
+        raise UserError(f"finetune: task = {task} is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)} "
+                        "(pre-training: lmforge pretrain)")
+    cfg = load_config(None if finetune else args.config, overrides, base=base, validate=not args.resume)
     resume = None
     if args.resume:
         run_dir, resume = find_resume(args.resume, Path(cfg.log.out_dir), Path(cfg.log.run_dir) if cfg.log.run_dir else None)
         saved = run_dir / "config.yaml"
-        base = read_yaml(saved) if saved.is_file() and not args.config else None
-        cfg = load_config(args.config, {**overrides, "log.run_dir": str(run_dir)}, base=base)
+        if saved.is_file() and not args.config:
+            base = read_yaml(saved)
+        cfg = load_config(None if finetune or base else args.config, {**overrides, "log.run_dir": str(run_dir)},
+                          base=base)
     result = train(cfg, resume)
     if not result.is_main:  # under torchrun rank 0 reports
         return 0
     if result.text:
         print(result.text)
     print(f"\nrun directory: {result.run_dir}")
-    print(f"weights:       {result.run_dir / 'model.safetensors'} (best val loss {result.best_val_loss:.4f})")
+    print(f"weights:       {result.run_dir / 'model.safetensors'} (best val {result.metric} {result.best:.4f})")
     if result.plot:
         print(f"plot:          {result.plot}")
     if cfg.log.tensorboard:
         print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
-    if cfg.task == "clm":
+    if cfg.task in ("clm", "sft"):
         print(f"generate:      lmforge generate --checkpoint {result.run_dir} --prompt \"...\"")
+    if finetune:
+        print(f"evaluate:      lmforge evaluate --checkpoint {result.run_dir} --data FILE")
+        print(f"predict:       lmforge predict --checkpoint {result.run_dir} --input FILE --output OUT.jsonl")
     print(f"export:        lmforge export {result.run_dir} OUT_DIR   (a Hugging Face folder)")
+    return 0
+
+
+def _finetuned_run(checkpoint: str, device_name: str, command: str):
+    """(model, task ready for inference, config) of a fine-tuned run."""
+    from lmforge.config import FINETUNE_TASKS
+    from lmforge.tasks import make_task
+    from lmforge.train.checkpoint import load_run
+    from lmforge.train.loop import pick_device
+
+    device = pick_device(device_name, f"{command}: --device")
+    model, tok, cfg = load_run(checkpoint, device)
+    if cfg.task not in FINETUNE_TASKS:
+        raise UserError(f"{command}: {checkpoint} holds a {cfg.task} model; {command} takes a fine-tuned run "
+                        f"({', '.join(FINETUNE_TASKS)})")
+    task = make_task(cfg)
+    task.prepare_inference(tok)
+    return model, task, cfg
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from lmforge.data.labelled import read_examples
+
+    model, task, cfg = _finetuned_run(args.checkpoint, args.device, "evaluate")
+    examples = read_examples(args.data, cfg.task, cfg.finetune)
+    if task.labels is not None:  # an unknown label is reported with its line before any work
+        for e in examples:
+            for label in (e.label if isinstance(e.label, list) else [e.label]):
+                task.labels.index(label, e, args.data)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.data).stem}.json"
+    full, text = task.report(model, examples, args.data, out.parent if args.confusion else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"data": str(args.data), **full}, indent=2, default=float) + "\n", encoding="utf-8")
+    print(text)
+    print(f"report: {out}")
+    print("RESULT " + " ".join(f"{k}={full[k]:.4f}" for k in task.result_metrics()))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    from lmforge.data.labelled import read_examples
+
+    model, task, cfg = _finetuned_run(args.checkpoint, args.device, "predict")
+    examples = read_examples(args.input, cfg.task, cfg.finetune, require_labels=False)
+    records = task.predict(model, examples, args.input)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.output in (None, "-"):
+        sys.stdout.write(lines)
+    else:
+        from lmforge.train.checkpoint import atomic_write
+
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+        print(f"{len(records)} predictions written to {out}", file=sys.stderr)
     return 0
 
 
@@ -158,7 +247,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="auto|RUN|CKPT",
                    help="continue a run exactly: auto = the newest good checkpoint of --log.run_dir or of the newest run")
     _config_options(p)
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model (a run or a Hugging Face folder) on labelled data",
+                       description="Fine-tune a pretrained model on labelled data: classify, regress, multilabel, tag "
+                       "(NER) or sft. Starts from fine-tuning defaults (lr 5e-5, linear decay, batch 32, weight decay "
+                       "0.01, 3 epochs); a recipe or the options below override them. Needs --finetune.init_from and "
+                       "--finetune.train.", allow_abbrev=False)
+    p.add_argument("--resume", metavar="auto|RUN|CKPT", help="continue a run exactly (as for pretrain)")
+    _config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a labelled file and print its report",
+                       description="Evaluate a fine-tuned run on a labelled file in the format of its training data. "
+                       "Prints the report; writes it as JSON; the last line is RESULT <metric>=<value> ...",
+                       allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True, help="a fine-tuned run directory (or one of its checkpoints)")
+    p.add_argument("--data", required=True, help="a labelled file, in the same format as the run's training data")
+    p.add_argument("--out", help="where to write the JSON report [default: RUN/eval_<data name>.json]")
+    p.add_argument("--confusion", action="store_true", help="also draw confusion.png beside the report (classify)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label a file with a fine-tuned run: JSONL out",
+                       description="Predict with a fine-tuned run: the input file is in the run's training format "
+                       "(labels optional); each output line is a JSON object with the label and class probabilities, "
+                       "the value, the labels, the tagged words or the generated response.", allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True, help="a fine-tuned run directory (or one of its checkpoints)")
+    p.add_argument("--input", required=True, help="the file to label")
+    p.add_argument("--output", help="the JSONL file to write [default: standard output]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer on a corpus")
     tsub = p.add_subparsers(dest="action", required=True, parser_class=Parser)

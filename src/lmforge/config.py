@@ -8,6 +8,7 @@ validation; that is a hundred lines here and hard to bend a general parser into.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -181,6 +182,8 @@ class FinetuneConfig:
     metric: str = opt("auto", "dev metric for early stopping and the kept best weights: auto = accuracy (classify), "
                       "pearson (regress), micro_f1 (multilabel), entity_f1 (tag), loss (sft); or any metric the "
                       "evaluation reports")
+    body: str = opt("auto", "the pretrained body: auto = as init_from is (encoder for masked-LM / BERT models, decoder "
+                    "for causal LMs)", choices=("auto", "encoder", "decoder"))
     pooling: str = opt("auto", "sentence representation: auto = pooler if the model has BERT's, else cls for an encoder "
                        "and last for a decoder", choices=("auto", "pooler", "cls", "mean", "last"))
     classifier_dropout: float = opt(0.1, "dropout before the task head", check=between(0, 0.99))
@@ -475,7 +478,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     in the file or on the command line win over it. validate=False skips the checks that involve
     more than one field (for a partial config that is completed later, e.g. from a run to resume).
     """
-    tree = dict(base or {})
+    tree = copy.deepcopy(base or {})  # overrides are set into it: the caller's dict stays as it was
     if path is not None:
         tree = read_yaml(path)
     overrides = overrides or {}

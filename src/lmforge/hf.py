@@ -37,7 +37,7 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "ge
 
 # lmforge names of output heads a checkpoint may lack (BertModel, GPT2Model, LlamaModel save none):
 # they keep lmforge's fresh initialisation and the import says so.
-OPTIONAL_HEADS = ("head.", "mlm_head.")
+OPTIONAL_HEADS = ("head.", "mlm_head.", "pooler.", "classifier.")
 
 # Old checkpoints converted from TensorFlow name LayerNorm parameters gamma and beta.
 OLD_SUFFIXES = {".gamma": ".weight", ".beta": ".bias"}
@@ -78,8 +78,8 @@ STANDARD_SIZES = {
 
 # -- BERT -------------------------------------------------------------------------------------------
 
-# BERT's pooler (dense + tanh on [CLS]) on its own: the next-sentence head uses it, and so will the
-# sequence-classification heads.
+# BERT's pooler (dense + tanh on [CLS]) on its own: the next-sentence head and the sequence classifier
+# (pooling = pooler) use it.
 BERT_POOLER = {"pooler": "bert.pooler.dense"}
 
 
@@ -98,7 +98,8 @@ def _bert_write(cfg) -> dict:
 
 BERT = Arch(
     name="bert", title="BERT", task="mlm",
-    classes=("BertForMaskedLM", "BertForPreTraining", "BertModel", "BertForSequenceClassification"),
+    classes=("BertForMaskedLM", "BertForPreTraining", "BertModel", "BertForSequenceClassification",
+             "BertForTokenClassification"),
     model_types=("bert",), prefix="bert.",
     weights={
         "tok_emb": "bert.embeddings.word_embeddings",
@@ -118,6 +119,7 @@ BERT = Arch(
         "mlm_head.out.bias": "cls.predictions.decoder.bias",
         **BERT_POOLER,
         "nsp_head": "cls.seq_relationship",
+        "classifier": "classifier",  # BertForSequenceClassification and BertForTokenClassification
     },
     config={
         **STANDARD_SIZES,
@@ -154,6 +156,7 @@ GPT2 = Arch(
         "blocks.{i}.mlp.down": "transformer.h.{i}.mlp.c_proj",
         "norm": "transformer.ln_f",
         "head": "lm_head",
+        "classifier": "score",  # GPT2ForSequenceClassification
     },
     config={
         "vocab_size": ("vocab_size", REQUIRED),
@@ -220,6 +223,7 @@ LLAMA = Arch(
         "blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
         "norm": "model.norm",
         "head": "lm_head",
+        "classifier": "score",  # LlamaForSequenceClassification
     },
     config={
         **STANDARD_SIZES,
@@ -392,9 +396,11 @@ def _modules(names) -> str:
     return ", ".join(dict.fromkeys(n.removesuffix(".weight").removesuffix(".bias") for n in names))
 
 
-def _load_weights(model: torch.nn.Module, arch: Arch, hf: dict[str, torch.Tensor], kind: str, where: str) -> list[str]:
+def _load_weights(model: torch.nn.Module, arch: Arch, hf: dict[str, torch.Tensor], kind: str,
+                  where: str) -> tuple[list[str], list[str]]:
     """Copy the checkpoint into `model` after checking every tensor against the shapes config.json
-    implies; returns notes on heads left at their fresh init and tensors with no place in lmforge."""
+    implies; returns notes on heads left at their fresh init and tensors with no place in lmforge, and
+    those heads' module names."""
     mapping, tied = _mapping(arch, model)
     expected = _to_hf(dict(model.named_parameters()), mapping, arch, model.cfg)
     fresh, used = [], set(tied)
@@ -420,7 +426,7 @@ def _load_weights(model: torch.nn.Module, arch: Arch, hf: dict[str, torch.Tensor
     unused = [k for k in hf if k not in used]
     if unused:
         notes.append(f"not imported, lmforge's {kind} has no place for them: {_modules(unused)}")
-    return notes
+    return notes, _modules(fresh).split(", ") if fresh else []
 
 
 # -- tokenizers -------------------------------------------------------------------------------------
@@ -506,6 +512,7 @@ class Imported:
     config: object  # lmforge.config.Config
     source: str  # the HF class, e.g. BertForMaskedLM
     notes: list[str]
+    fresh: list[str]  # modules the checkpoint had no weights for (left at their fresh initialisation)
 
     def summary(self) -> str:
         m = self.config.model
@@ -514,8 +521,12 @@ class Imported:
                 f"{m.n_head} heads ({m.n_kv_head} key/value), {n / 1e6:.2f}M parameters")
 
 
-def load_hf(folder: str | Path) -> Imported:
-    """A Hugging Face model folder -> the equivalent lmforge model, its tokenizer and config, in memory."""
+def load_hf(folder: str | Path, build: Callable | None = None) -> Imported:
+    """A Hugging Face model folder -> the equivalent lmforge model, its tokenizer and config, in memory.
+
+    build(config) makes the model to fill instead of the arch's own (a fine-tuning model on the same
+    body): heads it has that the checkpoint lacks, or has at another size (a classifier for other
+    labels), keep their fresh initialisation."""
     from lmforge.config import load_config
     from lmforge.tasks import make_task
 
@@ -535,10 +546,20 @@ def load_hf(folder: str | Path) -> Imported:
         raise UserError(f"{where}: config.json does not describe a model lmforge can build ({e})") from None
     with torch.random.fork_rng(devices=[]):  # the same fresh heads (if any) on every import of a folder
         torch.manual_seed(cfg.train.seed)
-        model = make_task(cfg).build_model()
+        model = build(cfg) if build else make_task(cfg).build_model()
     kind = "mlm model without mlm.nsp" if cfg.task == "mlm" and not cfg.mlm.nsp else f"{cfg.task} model"
-    notes = _load_weights(model, arch, state, kind, where) + notes
-    return Imported(model.eval(), tok, cfg, source, notes)
+    if build:
+        kind = type(model).__name__
+        heads = {k: v.shape for k, v in model.state_dict().items() if k.startswith(OPTIONAL_HEADS)}
+        mapping, _ = _mapping(arch, model)
+        for lm, parts in mapping.items():
+            if lm in heads and any(p in state and state[p].shape != heads[lm] for p in parts):
+                notes.append(f"{_modules(parts)} of the checkpoint has another shape than {lm} "
+                             f"{tuple(heads[lm])} and was left out")
+                for p in parts:
+                    state.pop(p, None)
+    loaded_notes, fresh = _load_weights(model, arch, state, kind, where)
+    return Imported(model.eval(), tok, cfg, source, loaded_notes + notes, fresh)
 
 
 def _check_out(out: Path, what: str) -> None:

@@ -1,4 +1,5 @@
-"""Batches for causal language modelling: random windows for training, fixed windows for evaluation."""
+"""Batches: random windows of a token stream (causal LM), and epochs over labelled examples of varying
+length (fine-tuning) with dynamic padding."""
 
 from __future__ import annotations
 
@@ -67,3 +68,70 @@ def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
         if tail > 0 and i + batch_size >= len(starts):
             target[-1, :seq_len - tail] = IGNORE_INDEX
         yield {"input": w[:, :-1], "target": target}
+
+
+class ExampleBatches:
+    """Endless batches of example indices, epoch after epoch, each epoch a new seeded order.
+
+    With group_by_length, each run of 50 global batches of the shuffled order is sorted by length before
+    it is cut into batches, and the batches are shuffled again: similar lengths share a batch (little
+    padding) while the order stays random. The position is (epoch, batch), so a checkpoint resumes
+    exactly; with `shard` = (rank, world) each rank keeps its slice of every global batch of world x
+    batch_size examples. `make(indices, epoch, batch)` turns indices into a batch of tensors.
+    """
+
+    GROUP = 50  # global batches sorted together
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, make, shard: tuple[int, int] = (0, 1),
+                 group_by_length: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.make, self.group = batch_size, seed, make, group_by_length
+        self.rank, self.world = shard
+        self.epoch, self.index = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        size = self.batch_size * self.world
+        if self.group:
+            chunks = [order[i:i + size * self.GROUP] for i in range(0, len(order), size * self.GROUP)]
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        batches = [b for b in batches if len(b) >= self.world]  # every rank gets at least one example
+        if self.group:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def steps_per_epoch(self) -> int:
+        return len(self._order)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.index >= len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        chosen = self._order[self.index]
+        per_rank = -(-len(chosen) // self.world)
+        mine = chosen[self.rank * per_rank:(self.rank + 1) * per_rank]
+        batch = self.make(mine, self.epoch, self.index)
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._epoch_order(self.epoch)
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
+    """Right-pad lists of ids to the longest one: [B, T] (fill: the padding value, default pad_id)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id if fill is None else fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out

@@ -1,5 +1,6 @@
 """Transformer stacks: one body (embeddings + blocks) shared by GPT, the decoder-only causal language
-model, and MaskedLM, the BERT-style bidirectional encoder with its masked-LM (and next-sentence) heads.
+model, MaskedLM, the BERT-style bidirectional encoder with its masked-LM (and next-sentence) heads, and
+the fine-tuning models: SequenceClassifier (classification, regression, multi-label) and TokenTagger.
 
 Parameter names are flat (tok_emb, blocks.3.attn.qkv, norm, head, ...) in both, so optimizer groups
 and the Hugging Face key maps in hf.py see one naming scheme.
@@ -21,11 +22,13 @@ class Transformer(nn.Module):
 
     causal = True
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, causal: bool | None = None):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (it comes from the tokenizer)")
         self.cfg = cfg
+        if causal is not None:  # a fine-tuning head on a decoder keeps the decoder's causal attention
+            self.causal = causal
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.seg_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
@@ -55,7 +58,8 @@ class Transformer(nn.Module):
         """Token ids [B, T] -> final hidden states [B, T, d].
 
         caches: idx continues the cached prefix (decoding). segments: [B, T] segment ids (0 when not
-        given). pad_mask: bool [B, T], True at real tokens; no position attends to padding.
+        given). pad_mask: bool [B, T], True at real tokens, padding on the right; no position attends to
+        padding.
         """
         B, T = idx.shape
         start = caches[0].length if caches else 0
@@ -72,7 +76,8 @@ class Transformer(nn.Module):
         if self.emb_norm is not None:
             x = self.emb_norm(x)
         x = self.drop(x)
-        mask = pad_mask[:, None, None, :] if pad_mask is not None else None
+        # a causal stack needs no padding mask: padding sits on the right, after every real token
+        mask = pad_mask[:, None, None, :] if pad_mask is not None and not self.causal else None
         for i, block in enumerate(self.blocks):
             x = block(x, rope, caches[i] if caches else None, mask)
         return self.norm(x) if self.norm is not None else x
@@ -147,3 +152,60 @@ class MaskedLM(Transformer):
                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, T] -> masked-LM logits [B, T, V]."""
         return self.mlm_head(self.features(idx, segments=segments, pad_mask=pad_mask))
+
+
+POOLINGS = ("pooler", "cls", "mean", "last")
+
+
+class SequenceClassifier(Transformer):
+    """The body, one vector per sequence (pooling), dropout and a linear head with n_out outputs: class
+    logits, regression values or per-label logits.
+
+    pooling: pooler = BERT's dense + tanh on the first token; cls = the first token; mean = the mean over
+    real tokens; last = the last real token (the only one a causal decoder has seen the whole input at).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_out: int, pooling: str, causal: bool, dropout: float = 0.1):
+        super().__init__(cfg, causal)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling}")
+        self.pooling = pooling
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if pooling == "pooler" else None
+        self.head_drop = nn.Dropout(dropout)
+        # GPT-2's and Llama's sequence-classification `score` layers have no bias; BERT's classifier has one
+        self.classifier = nn.Linear(cfg.d_model, n_out, bias=not causal)
+        self.apply(self._init)
+
+    def pool(self, hidden: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pooling == "pooler":
+            return torch.tanh(self.pooler(hidden[:, 0]))
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if pad_mask is None:
+            return hidden.mean(1) if self.pooling == "mean" else hidden[:, -1]
+        if self.pooling == "mean":
+            weights = pad_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        last = pad_mask.long().sum(1).clamp(min=1) - 1  # padding sits on the right
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> outputs [B, n_out]."""
+        hidden = self.features(idx, segments=segments, pad_mask=pad_mask)
+        return self.classifier(self.head_drop(self.pool(hidden, pad_mask)))
+
+
+class TokenTagger(Transformer):
+    """The body, dropout and a linear layer giving each token's tag logits (NER)."""
+
+    def __init__(self, cfg: ModelConfig, n_tags: int, causal: bool, dropout: float = 0.1):
+        super().__init__(cfg, causal)
+        self.head_drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cfg.d_model, n_tags, bias=not causal)
+        self.apply(self._init)
+
+    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> tag logits [B, T, n_tags]."""
+        return self.classifier(self.head_drop(self.features(idx, segments=segments, pad_mask=pad_mask)))

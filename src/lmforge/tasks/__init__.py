@@ -20,6 +20,7 @@ from lmforge.losses import IGNORE_INDEX
 class Task:
     name = ""
     shard = (0, 1)  # (rank, world size) of this process; the loop sets it before train_batches()
+    report_best = False  # the loop reloads the best weights before finish()
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -28,7 +29,8 @@ class Task:
         """Read and check the data (raising UserError on bad input); fill derived config such as the
         vocabulary size. Runs before anything is written."""
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, pretrained: bool = False) -> nn.Module:
+        """The task's model; pretrained: with the weights the run starts from (fine-tuning), else fresh."""
         raise NotImplementedError
 
     def train_batches(self, seed: int) -> Iterator[dict]:
@@ -42,6 +44,10 @@ class Task:
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The loss summed over the batch's targets."""
         raise NotImplementedError
+
+    def selection(self) -> tuple[str, bool]:
+        """The val metric that picks the best weights and drives early stopping, and whether higher is better."""
+        return "loss", False
 
     def count(self, batch: dict) -> int:
         """How many targets the batch's summed loss covers."""
@@ -69,8 +75,11 @@ class Task:
 
 
 def make_task(cfg) -> Task:
+    from lmforge.tasks.classify import ClassifyTask, MultiLabelTask, RegressTask
     from lmforge.tasks.clm import CausalLM
     from lmforge.tasks.mlm import MaskedLMTask
+    from lmforge.tasks.sft import SFTTask
+    from lmforge.tasks.tag import TagTask
 
-    tasks = {"clm": CausalLM, "mlm": MaskedLMTask}
+    tasks = {t.name: t for t in (CausalLM, MaskedLMTask, ClassifyTask, RegressTask, MultiLabelTask, TagTask, SFTTask)}
     return tasks[cfg.task](cfg)

@@ -29,7 +29,7 @@ class CausalLM(Task):
             raise UserError(f"config: model.vocab_size = {self.cfg.model.vocab_size} is smaller than the "
                             f"tokenizer's vocabulary of {vocab}; set it to 0 to follow the tokenizer")
 
-    def build_model(self) -> GPT:
+    def build_model(self, pretrained: bool = False) -> GPT:
         return GPT(self.cfg.model)
 
     def train_batches(self, seed: int) -> RandomWindows:

@@ -48,7 +48,7 @@ class MaskedLMTask(Task):
         counts[self.masker.special.numpy()[:vocab]] = 0
         self.most_frequent = int(counts.argmax())
 
-    def build_model(self) -> MaskedLM:
+    def build_model(self, pretrained: bool = False) -> MaskedLM:
         return MaskedLM(self.cfg.model, nsp=self.cfg.mlm.nsp)
 
     def train_batches(self, seed: int) -> MLMBatches:

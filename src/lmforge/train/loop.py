@@ -17,10 +17,12 @@ import torch
 from lmforge.config import Config, save_config
 from lmforge.errors import UserError
 from lmforge.optim import build_optimizer, lr_at, set_lr
+from lmforge.peft import parameter_summary
 from lmforge.tasks import make_task
 from lmforge.train import distributed
-from lmforge.train.checkpoint import (WEIGHTS, load_training_state, rng_state, save_checkpoint, save_sharded_checkpoint,
-                                      save_weights, set_rng_state)
+from lmforge.train.adversarial import Adversary
+from lmforge.train.checkpoint import (WEIGHTS, load_training_state, load_weights, rng_state, save_checkpoint,
+                                      save_sharded_checkpoint, save_weights, set_rng_state)
 from lmforge.train.perf import cpu_has_native_bf16, peak_flops
 from lmforge.train.tracking import NullTracker, Tracker
 
@@ -29,7 +31,8 @@ from lmforge.train.tracking import NullTracker, Tracker
 class RunResult:
     run_dir: Path
     step: int
-    best_val_loss: float
+    best: float  # the best value of the selection metric (val loss unless the task picks another)
+    metric: str  # that metric's name
     last_val: dict
     train_seconds: float  # time in training steps this session, without evaluation and checkpoints
     plot: Path | None
@@ -105,7 +108,7 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
 
 
 def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -> RunResult:
-    tc = cfg.train
+    tc = cfg.train  # a fine-tuning task's setup sets max_steps from its epochs, in place
     device = d.device
     say = print if d.main else lambda *args, **kwargs: None
     autocast, compute_dtype = autocast_for(tc.precision, device)
@@ -116,14 +119,22 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
     task.shard = (d.rank, d.world)
     with distributed.main_first(d):  # rank 0 fills the token cache, the others then read it
         task.setup()  # bad data stops the run here, before anything is written
-    model = task.build_model().to(device)  # the same initial weights on every rank (FSDP shards them as they are)
+    # the same initial weights on every rank (FSDP shards them as they are)
+    model = task.build_model(pretrained=resume is None).to(device)
     runner = distributed.wrap(d, model, tc, compute_dtype)  # runner(fn, *args) = fn(model, *args)
     if d.active:
         torch.manual_seed(tc.seed + d.rank)  # but different dropout
     optimizer = build_optimizer(model, tc)
     batches = task.train_batches(tc.seed)
+    adversary = None
+    if cfg.robust.adversarial != "none":
+        if d.active:
+            raise UserError("config: robust.adversarial runs in a single process (its extra forward passes do not "
+                            "fit DDP's and FSDP's gradient synchronisation yet)")
+        adversary = Adversary(model, cfg.robust)
 
-    step, best, bad_evals, tokens_seen = 0, math.inf, 0, 0
+    metric, higher_better = task.selection()
+    step, best, bad_evals, tokens_seen = 0, -math.inf if higher_better else math.inf, 0, 0
     run_dir = new_run_dir(cfg)
     if resume is not None:
         ckpt_path, state = resume
@@ -140,11 +151,10 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
         save_config(cfg, run_dir / "config.yaml")
         task.save_artifacts(run_dir)
 
-    n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = task.flops_per_token(model)
     peak = peak_flops(device, compute_dtype)
     on = f"{d.world} x {device} ({d.parallel})" if d.active else str(device)
-    say(f"lmforge: {cfg.task} model with {n_params / 1e6:.2f}M parameters on {on}; run directory {run_dir}")
+    say(f"lmforge: {cfg.task} model, {parameter_summary(model)}, on {on}; run directory {run_dir}")
 
     compiled = set_compiled(model, tc.compile, tc.activation_checkpointing)
     to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
@@ -158,10 +168,17 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
         total = 0.0
         for i, b in enumerate(micro_batches):
             with distributed.no_sync(runner, skip=i < len(micro_batches) - 1):  # sync once, on the last
-                with autocast():
-                    loss_sum = runner(task.loss, to_device(b))
-                (loss_sum / (n_targets / d.world)).backward()
-            total += loss_sum.item()
+                b = to_device(b)
+
+                def scaled_loss(b=b) -> torch.Tensor:
+                    with autocast():
+                        return runner(task.loss, b) / (n_targets / d.world)
+
+                loss = scaled_loss()
+                loss.backward()
+                if adversary is not None:  # adds the gradient at the perturbed embeddings
+                    adversary.attack(scaled_loss)
+            total += loss.item() * (n_targets / d.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
         set_lr(optimizer, step, tc)
         optimizer.step()
@@ -185,11 +202,12 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
         with torch.no_grad(), autocast():
             metrics = distributed.from_main(d, runner(task.evaluate, to_device))
         runner.train()
-        if metrics["loss"] < best:
-            best, bad_evals = metrics["loss"], 0
+        score = metrics[metric]
+        if score > best if higher_better else score < best:
+            best, bad_evals = score, 0
             weights = distributed.full_weights(d, model)
             if d.main:
-                save_weights(weights, run_dir / WEIGHTS, {"step": str(step), "val_loss": f"{metrics['loss']:.6f}"})
+                save_weights(weights, run_dir / WEIGHTS, {"step": str(step), f"val_{metric}": f"{score:.6f}"})
         else:
             bad_evals += 1
         return metrics
@@ -243,8 +261,12 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
             break
     train_seconds = time.perf_counter() - started - paused
     plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)])
-    say(f"lmforge: stopped at step {step} ({stop_reason}); best val loss {best:.4f}")
+    say(f"lmforge: stopped at step {step} ({stop_reason}); best val {metric} {best:.4f}")
+    if adversary is not None:
+        adversary.remove()
+    if task.report_best and not d.active and (run_dir / WEIGHTS).is_file():
+        load_weights(model, run_dir / WEIGHTS)
     runner.eval()
     with torch.no_grad():
         text = runner(task.finish, run_dir)
-    return RunResult(run_dir, step, best, last_val, train_seconds, plot, text, d.main)
+    return RunResult(run_dir, step, best, metric, last_val, train_seconds, plot, text, d.main)

@@ -1,0 +1,588 @@
+"""Readers for labelled fine-tuning data, the label map, the dev split and sub-word alignment of tags.
+
+Formats (`finetune.format`; auto picks by extension, see `labelled_format`):
+
+- sst: one example per non-empty line, `LABEL<space or tab>text` (SST-2). Prediction inputs
+  (`require_labels=False`) cannot be told apart from labelled lines, so there the whole line is the text.
+- csv / tsv: Python's csv module; tsv is tab-separated with no quoting at all (a `"` is an ordinary
+  character, every line is one row). With `finetune.header` the first row names the columns, otherwise
+  the fields are column numbers from 0 (negative counts from the end).
+- jsonl: one JSON object per line, fields by name.
+- conll: whitespace-separated columns, the word in column 0 and the tag in `finetune.tag_column`, a blank
+  line between sentences, `-DOCSTART-` lines skipped.
+
+Every problem a user can fix is a `UserError` of one line, `PATH:LINE: what is wrong; expected what`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from lmforge.errors import UserError
+
+TASKS = ("classify", "regress", "multilabel", "tag", "sft")
+FORMATS = ("sst", "csv", "tsv", "jsonl", "conll")
+# which formats each task can read
+TASK_FORMATS = {
+    "classify": ("sst", "csv", "tsv", "jsonl"),
+    "regress": ("sst", "csv", "tsv", "jsonl"),
+    "multilabel": ("sst", "csv", "tsv", "jsonl"),
+    "tag": ("conll", "jsonl"),
+    "sft": ("jsonl",),
+}
+FORMAT_SHAPES = {
+    "sst": "one `LABEL text` per line",
+    "csv": "comma-separated rows",
+    "tsv": "tab-separated rows",
+    "jsonl": "one JSON object per line",
+    "conll": "one `word ... tag` line per word and a blank line between sentences",
+}
+SCHEME_PREFIXES = {"BIO": ("B", "I"), "IOBES": ("B", "I", "E", "S")}
+
+
+@dataclass
+class Example:
+    text: str | list[str]    # the sentence; for task "tag" the list of words; for "sft" the prompt
+    pair: str | None = None  # the second sentence of a pair (with finetune.pair_field)
+    label: object = None     # classify: str; regress: float; multilabel: list[str]; tag: list[str]; sft: str;
+    #                          None when the file has no label (prediction inputs)
+    line: int = 0            # 1-based line in the file (a CoNLL sentence: its first line)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# format and lines
+
+
+def labelled_format(path: Path, fmt: str, task: str) -> str:
+    """The format to read `path` with: `fmt` itself, or for auto the one its extension says (.csv, .tsv,
+    .jsonl/.json, .conll; .txt and anything else: conll for task tag, sst otherwise). Raises UserError
+    when the task cannot read that format (sft reads jsonl only; tag reads conll or jsonl)."""
+    if task not in TASK_FORMATS:
+        raise ValueError(f"not a fine-tuning task: {task!r}")
+    if fmt == "auto":
+        suffix = Path(path).suffix.lower()
+        fmt = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".conll": "conll"}.get(
+            suffix, "conll" if task == "tag" else "sst")
+        if task == "sft" and fmt != "jsonl":
+            raise UserError(f"{path}: task sft reads JSONL, one {{\"prompt\": ..., \"response\": ...}} per line; "
+                            "expected a .jsonl file (or finetune.format = jsonl)")
+    if fmt not in FORMATS:
+        raise UserError(f"{path}: finetune.format = {fmt}; expected one of auto, {', '.join(FORMATS)}")
+    if fmt not in TASK_FORMATS[task]:
+        raise UserError(f"{path}: task {task} cannot read the {fmt} format; expected "
+                        f"{' or '.join(TASK_FORMATS[task])} (set finetune.format)")
+    return fmt
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line with its line end); a UTF-8 byte-order mark at the start is dropped."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: bytes are not valid UTF-8 (column {e.start + 1}); "
+                                "expected UTF-8 text") from None
+            if lineno == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            yield lineno, text
+
+
+def _check_file(path: Path, task: str, fmt: str) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: no such file; expected the labelled {task} data ({FORMAT_SHAPES[fmt]})")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file; expected the labelled {task} data ({FORMAT_SHAPES[fmt]})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# labels
+
+
+def _label_what(task: str) -> str:
+    return {"classify": "a label", "regress": "a number", "multilabel": "labels", "tag": "tags",
+            "sft": "a response"}[task]
+
+
+def _parse_label(value, task: str, fc, where: str):
+    """A label as read from a text cell (sst, csv, tsv) or a JSON value (jsonl). `where` = "PATH:LINE"."""
+    if task == "regress":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"{where}: label {value!r} is not a number; expected a number")
+        try:
+            x = float(value)
+        except ValueError:
+            raise UserError(f"{where}: label {value!r} is not a number; expected a number") from None
+        if not math.isfinite(x):
+            raise UserError(f"{where}: label {value!r} is not finite; expected a number")
+        return x
+    if task == "multilabel":
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(fc.label_separator)] if value.strip() else []
+        elif isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            parts = [str(v).strip() for v in value]
+        else:
+            raise UserError(f"{where}: labels {value!r} are {type(value).__name__}; expected a list of strings or "
+                            f"a string with the labels separated by {fc.label_separator!r}")
+        if any(not p for p in parts):
+            raise UserError(f"{where}: an empty label in {value!r}; expected labels separated by "
+                            f"{fc.label_separator!r}")
+        return list(dict.fromkeys(parts))  # a label named twice counts once
+    # classify
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f"{where}: label {value!r} is {type(value).__name__}; expected a string (or an integer)")
+    label = str(value).strip()
+    if not label:
+        raise UserError(f"{where}: empty label; expected a label")
+    return label
+
+
+def _text(value, what: str, where: str) -> str:
+    """A text value; `what` names where it came from ("field 'text'", "column 'text'", "column 0")."""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {what} is {type(value).__name__}; expected a string")
+    if not value.strip():
+        raise UserError(f"{where}: empty text in {what}; expected a non-empty string")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# readers
+
+
+def _read_sst(path: Path, task: str, fc, require_labels: bool) -> Iterator[Example]:
+    if fc.pair_field:
+        raise UserError(f"{path}: finetune.pair_field = {fc.pair_field} but the sst format has one sentence per "
+                        "line; expected a csv, tsv or jsonl file for sentence pairs")
+    for lineno, line in _lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        if not require_labels:
+            yield Example(line, line=lineno)
+            continue
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            raise UserError(f"{path}:{lineno}: no text after the label {parts[0]!r}; "
+                            "expected LABEL<space>text")
+        yield Example(parts[1].strip(), label=_parse_label(parts[0], task, fc, f"{path}:{lineno}"), line=lineno)
+
+
+def _read_table(path: Path, fmt: str, task: str, fc, require_labels: bool) -> Iterator[Example]:
+    current = [0]
+
+    def source() -> Iterator[str]:  # remembers the line number of the last line the csv reader took
+        for n, s in _lines(path):
+            current[0] = n
+            yield s
+
+    if fmt == "tsv":
+        reader = csv.reader(source(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(source())
+    wanted = {"text": fc.text_field, "label": fc.label_field}
+    if fc.pair_field:
+        wanted["pair"] = fc.pair_field
+    columns: dict[str, int | None] = {}
+    width, width_from = None, ""
+
+    def what(role: str) -> str:
+        return f"column '{wanted[role]}'" if fc.header else f"column {columns[role]}"
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        last = 0
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise UserError(f"{path}:{current[0]}: {e}; expected {FORMAT_SHAPES[fmt]}") from None
+            first = last + 1
+            last = current[0]
+            if any(c.strip() for c in row):
+                yield first, row
+            elif len(row) > 1:  # separators only (a blank or all-space line is skipped)
+                raise UserError(f"{path}:{first}: a row with no values; expected {FORMAT_SHAPES[fmt]}")
+
+    it = rows()
+    if fc.header:
+        try:
+            head_line, head = next(it)
+        except StopIteration:
+            raise UserError(f"{path}: no examples; expected a header row and {FORMAT_SHAPES[fmt]}") from None
+        head = [h.strip() for h in head]
+        width, width_from = len(head), "the header"
+        for role, name in wanted.items():
+            if name in head:
+                columns[role] = head.index(name)
+            elif role == "label" and not require_labels:
+                columns[role] = None
+            else:
+                setting = {"text": "text_field", "label": "label_field", "pair": "pair_field"}[role]
+                raise UserError(f"{path}:{head_line}: no column '{name}' (the header has {', '.join(head)}); "
+                                f"expected a column '{name}' or set finetune.{setting}")
+    else:
+        for role, name in wanted.items():
+            try:
+                columns[role] = int(name)
+            except (TypeError, ValueError):
+                setting = {"text": "text_field", "label": "label_field", "pair": "pair_field"}[role]
+                raise UserError(f"{path}: finetune.{setting} = {name!r} is not a column number; expected an "
+                                "integer from 0 because finetune.header is false") from None
+    for lineno, row in it:
+        where = f"{path}:{lineno}"
+        if width is None:
+            width, width_from = len(row), f"line {lineno}"
+            for role, idx in list(columns.items()):
+                if not -width <= idx < width:
+                    if role == "label" and not require_labels:
+                        columns[role] = None
+                        continue
+                    setting = {"text": "text_field", "label": "label_field", "pair": "pair_field"}[role]
+                    raise UserError(f"{where}: no column {idx} for finetune.{setting} (the row has {width} "
+                                    f"columns); expected a column number from 0 to {width - 1}")
+        if len(row) != width:
+            hint = "" if len(row) < width else " (a tab inside the text?)" if fmt == "tsv" else \
+                " (quote a value that holds a comma)"
+            raise UserError(f"{where}: {len(row)} column{'s' if len(row) != 1 else ''}; expected {width} like "
+                            f"{width_from}{hint}")
+        text = _text(row[columns["text"]], what("text"), where)
+        pair = _text(row[columns["pair"]], what("pair"), where) if "pair" in columns else None
+        label = None
+        if columns["label"] is not None:
+            cell = row[columns["label"]]
+            if cell.strip() or task == "multilabel":
+                label = _parse_label(cell, task, fc, where)
+            elif require_labels:
+                raise UserError(f"{where}: empty label in {what('label')}; expected {_label_what(task)}")
+        yield Example(text, pair=pair, label=label, line=lineno)
+
+
+def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Example]:
+    if task == "sft":
+        text_name, label_name = fc.prompt_field, fc.response_field
+    else:
+        text_name, label_name = fc.text_field, fc.label_field
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                            "expected one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: a JSON {type(record).__name__}; expected one JSON object per line")
+
+        def field(name: str, setting: str):
+            if name not in record:
+                raise UserError(f"{where}: no field '{name}' (found: {', '.join(record) or 'none'}); "
+                                f"expected a field '{name}' or set finetune.{setting}")
+            return record[name]
+
+        if task == "tag":
+            words = field(text_name, "text_field")
+            if isinstance(words, str):
+                words = words.split()
+            if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise UserError(f"{where}: field '{text_name}' is not a list of words; expected a list of "
+                                "non-empty strings (or one string of words separated by spaces)")
+            if not words:
+                raise UserError(f"{where}: no words in '{text_name}'; expected at least one word")
+            tags = None
+            if require_labels or label_name in record:
+                tags = field(label_name, "label_field")
+                if isinstance(tags, str):
+                    tags = tags.split()
+                if not isinstance(tags, list) or not all(isinstance(t, str) and t.strip() for t in tags):
+                    raise UserError(f"{where}: field '{label_name}' is not a list of tags; expected a list of "
+                                    "strings, one tag per word")
+                if len(tags) != len(words):
+                    raise UserError(f"{where}: {len(words)} words but {len(tags)} tags; expected one tag per word")
+                tags = [t.strip() for t in tags]
+            yield Example(list(words), label=tags, line=lineno)
+            continue
+
+        text_setting = "prompt_field" if task == "sft" else "text_field"
+        text = _text(field(text_name, text_setting), f"field '{text_name}'", where)
+        pair = (_text(field(fc.pair_field, "pair_field"), f"field '{fc.pair_field}'", where)
+                if fc.pair_field and task != "sft" else None)
+        label = None
+        if require_labels or label_name in record:
+            value = field(label_name, "response_field" if task == "sft" else "label_field")
+            if task == "sft":
+                if not isinstance(value, str):
+                    raise UserError(f"{where}: field '{label_name}' is {type(value).__name__}; expected a string")
+                label = value
+            elif value is None and not require_labels:
+                label = None
+            else:
+                label = _parse_label(value, task, fc, where)
+        yield Example(text, pair=pair, label=label, line=lineno)
+
+
+def _read_conll(path: Path, task: str, fc, require_labels: bool) -> Iterator[Example]:
+    tc = fc.tag_column
+    if tc == 0:
+        raise UserError(f"{path}: finetune.tag_column = 0 is the word column; expected the tag column "
+                        "(-1 = the last)")
+    need = tc + 1 if tc > 0 else 1 - tc  # columns a line needs to have the tag (the word is column 0)
+    labelled: bool | None = None  # decided by the first word line when labels are optional
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+
+    def sentence() -> Example:
+        return Example(list(words), label=list(tags) if labelled else None, line=start)
+
+    for lineno, line in _lines(path):
+        cols = line.split()
+        if not cols:
+            if words:
+                yield sentence()
+                words, tags = [], []
+            continue
+        if cols[0] == "-DOCSTART-":
+            continue
+        if labelled is None:
+            labelled = require_labels or len(cols) > 1
+        if labelled and len(cols) < need:
+            raise UserError(f"{path}:{lineno}: {len(cols)} column{'s' if len(cols) != 1 else ''}, no tag column "
+                            f"{tc}; expected at least {need} whitespace-separated columns, the word first "
+                            "(set finetune.tag_column)")
+        if not words:
+            start = lineno
+        words.append(cols[0])
+        if labelled:
+            tags.append(cols[tc])
+    if words:
+        yield sentence()
+
+
+def read_examples(path: str | Path, task: str, fc, require_labels: bool = True) -> list[Example]:
+    """Every example of a labelled file. `fc` is the FinetuneConfig; `require_labels=False` reads prediction
+    inputs, where the label may be absent (Example.label None). Raises UserError for anything wrong."""
+    path = Path(path)
+    fmt = labelled_format(path, fc.format, task)
+    _check_file(path, task, fmt)
+    if fmt == "sst":
+        found = _read_sst(path, task, fc, require_labels)
+    elif fmt in ("csv", "tsv"):
+        found = _read_table(path, fmt, task, fc, require_labels)
+    elif fmt == "jsonl":
+        found = _read_jsonl(path, task, fc, require_labels)
+    else:
+        found = _read_conll(path, task, fc, require_labels)
+    examples = list(found)
+    if not examples:
+        raise UserError(f"{path}: no examples; expected {FORMAT_SHAPES[fmt]}"
+                        + (" after the header row" if fmt in ("csv", "tsv") and fc.header else ""))
+    return examples
+
+
+def split_dev(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded random split into (train, dev), each in file order; dev holds round(fraction * n) examples,
+    at least one, and train keeps at least one."""
+    n = len(examples)
+    if n < 2:
+        raise UserError(f"only {n} example{'s' if n != 1 else ''} in the training file; expected at least 2 to "
+                        "hold out a dev split (or set finetune.dev)")
+    n_dev = min(n - 1, max(1, round(fraction * n)))
+    dev = set(random.Random(seed).sample(range(n), n_dev))
+    return [e for i, e in enumerate(examples) if i not in dev], [e for i, e in enumerate(examples) if i in dev]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# label map and tagging scheme
+
+
+def _tag_problem(tag: str, scheme: str) -> str | None:
+    if tag == "O":
+        return None
+    prefix, dash, kind = tag.partition("-")
+    if not dash or not kind or prefix not in SCHEME_PREFIXES[scheme]:
+        return (f"tag {tag!r} is not O or PREFIX-TYPE with a prefix in {', '.join(SCHEME_PREFIXES[scheme])}; "
+                f"expected {scheme} tags like B-PER, I-PER, O")
+    return None
+
+
+def tag_scheme(tags: Iterable[str]) -> str:
+    """"IOBES" when any tag starts with S- or E-, else "BIO"; raises UserError naming a tag that is not O or
+    PREFIX-TYPE with a prefix of that scheme."""
+    tags = list(tags)
+    scheme = "IOBES" if any(t.startswith(("S-", "E-")) for t in tags) else "BIO"
+    for t in tags:
+        problem = _tag_problem(t, scheme)
+        if problem:
+            raise UserError(problem)
+    return scheme
+
+
+def _label_list(label, task: str) -> list:
+    return list(label) if task in ("multilabel", "tag") else [label]
+
+
+class LabelMap:
+    """The label set in a fixed order: label <-> index. For task tag also the tagging scheme."""
+
+    def __init__(self, labels: list[str], task: str = "classify", scheme: str | None = None,
+                 source: str = "the training data"):
+        self.labels = list(labels)
+        self.task = task
+        self.scheme = scheme
+        self.source = source  # where the labels came from, for error messages
+        self._index = {label: i for i, label in enumerate(self.labels)}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LabelMap) and (self.labels, self.task, self.scheme) == (
+            other.labels, other.task, other.scheme)
+
+    def __repr__(self) -> str:
+        return f"LabelMap({self.labels!r}, task={self.task!r}, scheme={self.scheme!r})"
+
+    @classmethod
+    def build(cls, examples: list[Example], task: str, given: list | None = None,
+              path: str | Path | None = None) -> LabelMap:
+        """The sorted unique labels of `examples` (tag: the tags, multilabel: all labels), or `given` in its
+        order, in which case an example with a label outside it is an error. `path` names the file in errors."""
+        if task not in ("classify", "multilabel", "tag"):
+            raise ValueError(f"task {task} has no label map")
+        where = str(path) if path is not None else "training data"
+        noun = "tag" if task == "tag" else "label"
+        seen: dict[str, Example] = {}
+        for ex in examples:
+            if ex.label is None:
+                continue
+            for label in _label_list(ex.label, task):
+                seen.setdefault(label, ex)
+        if given is not None:
+            labels = [str(g) for g in given]
+            dupes = sorted({g for g in labels if labels.count(g) > 1})
+            if dupes:
+                raise UserError(f"finetune.labels: {dupes[0]!r} appears more than once; expected each label once")
+            if not labels:
+                raise UserError("finetune.labels is empty; expected the label set (or leave it unset)")
+            source = "finetune.labels"
+            for label, ex in seen.items():
+                if label not in labels:
+                    raise UserError(f"{where}:{ex.line}: unknown {noun} {label!r}; {source} has {', '.join(labels)}")
+        else:
+            labels, source = sorted(seen), "the training data"
+            if not labels:
+                raise UserError(f"{where}: no labels; expected labelled examples")
+            if task == "classify" and len(labels) < 2:
+                raise UserError(f"{where}: every example has the label {labels[0]!r}; expected at least two "
+                                "different labels")
+        scheme = None
+        if task == "tag":
+            scheme = "IOBES" if any(t.startswith(("S-", "E-")) for t in labels) else "BIO"
+            for label in labels:
+                problem = _tag_problem(label, scheme)
+                if problem:
+                    ex = seen.get(label)
+                    raise UserError(f"{where}:{ex.line}: {problem}" if ex else f"finetune.labels: {problem}")
+        return cls(labels, task, scheme, source)
+
+    def index(self, label: str, example: Example | None = None, path: str | Path | None = None) -> int:
+        """The index of one label (or tag); UserError at the example's file:line when it is unknown."""
+        i = self._index.get(label)
+        if i is None:
+            where = f"{path if path is not None else 'data'}:{example.line if example is not None else 0}"
+            noun = "tag" if self.task == "tag" else "label"
+            raise UserError(f"{where}: unknown {noun} {label!r}; {self.source} has {', '.join(self.labels)}")
+        return i
+
+    def encode(self, example: Example, path: str | Path | None = None) -> int | list[int]:
+        """classify: the label's index; multilabel and tag: the list of indices."""
+        if self.task in ("multilabel", "tag"):
+            return [self.index(label, example, path) for label in example.label]
+        return self.index(example.label, example, path)
+
+    def save(self, path: str | Path) -> None:
+        data = {"labels": self.labels, "task": self.task}
+        if self.scheme:
+            data["scheme"] = self.scheme
+        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LabelMap:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file; expected the labels.json written beside the fine-tuned model")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e}); expected {{\"labels\": [...]}}") from None
+        labels = data.get("labels") if isinstance(data, dict) else None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise UserError(f"{path}: no list of strings under 'labels'; expected {{\"labels\": [...]}}")
+        return cls(labels, data.get("task", "classify"), data.get("scheme"), f"{path}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sub-word alignment for token classification
+
+_PLAIN: dict[int, tuple[object, object]] = {}  # id(tokenizer) -> (tokenizer, copy without padding/truncation)
+
+
+def _plain(tok):
+    """The tokenizer itself, or (when it pads or truncates on its own, like many tokenizer.json files from
+    the hub) a cached copy that does neither; the caller's tokenizer is never changed."""
+    if tok.padding is None and tok.truncation is None:
+        return tok
+    hit = _PLAIN.get(id(tok))
+    if hit is None or hit[0] is not tok:
+        from tokenizers import Tokenizer
+        copy = Tokenizer.from_str(tok.to_str())
+        copy.no_padding()
+        copy.no_truncation()
+        hit = _PLAIN[id(tok)] = (tok, copy)
+    return hit[1]
+
+
+def align_words(tok, words: list[str], tags: list[int] | None, max_length: int, cls_id: int | None,
+                sep_id: int | None, ignore_index: int = -100) -> tuple[list[int], list[int], list[int]]:
+    """Token ids for a pre-split sentence, with word-level tags moved onto sub-tokens.
+
+    Returns (ids, targets, word_starts): ids = [CLS] + sub-tokens + [SEP] (each special only when its id is
+    not None), at most `max_length` in all; targets[i] = the word's tag index at the first sub-token of each
+    word, `ignore_index` elsewhere (later sub-tokens, specials, everything when `tags` is None);
+    word_starts[j] = the position of word j's first sub-token, or -1 when truncation cut the word off or
+    the word produced no tokens."""
+    if tags is not None and len(tags) != len(words):
+        raise ValueError(f"{len(words)} words but {len(tags)} tags")
+    n_special = (cls_id is not None) + (sep_id is not None)
+    budget = max_length - n_special
+    if budget < 1:
+        raise ValueError(f"max_length {max_length} leaves no room for tokens beside the special tokens")
+    word_starts = [-1] * len(words)
+    ids: list[int] = [] if cls_id is None else [cls_id]
+    targets: list[int] = [] if cls_id is None else [ignore_index]
+    if words:
+        enc = _plain(tok).encode(words, is_pretokenized=True, add_special_tokens=False)
+        for token_id, w in zip(enc.ids, enc.word_ids):
+            if w is None:
+                continue
+            if len(ids) - (cls_id is not None) >= budget:
+                break
+            if word_starts[w] == -1:
+                word_starts[w] = len(ids)
+                targets.append(ignore_index if tags is None else tags[w])
+            else:
+                targets.append(ignore_index)
+            ids.append(token_id)
+    if sep_id is not None:
+        ids.append(sep_id)
+        targets.append(ignore_index)
+    return ids, targets, word_starts

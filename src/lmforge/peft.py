@@ -1,0 +1,480 @@
+"""Parameter-efficient fine-tuning: LoRA, bottleneck adapters, prefix tuning, and freezing embeddings or
+the bottom layers. Plain functions on any `Transformer` (GPT, MaskedLM, the fine-tuning models).
+
+The work is split in two so that a model rebuilt for inference gets the same structure as the trained
+one without touching requires_grad:
+  inject_peft(model, pc)     adds the method's modules (deterministic init from the torch RNG);
+  set_trainable(model, pc)   freezes what the method and the freezing options say;
+  apply_peft(model, pc)      both.
+
+Names of what is injected (state dicts are saved and loaded by name, so they are fixed):
+  lora     a target Linear `blocks.0.attn.qkv` becomes a LoRALinear that keeps `.weight` and `.bias` (the
+           base keys of a state dict are unchanged) and adds `.lora_A` [r, in] and `.lora_B` [out, r]
+  adapter  `blocks.{i}.attn_adapter.{down,up}.{weight,bias}` and `blocks.{i}.mlp_adapter.{...}`
+  prefix   `blocks.{i}.attn.prefix` [2 (keys, values), n_kv_head, prefix_length, head_dim]
+
+`write_peft_adapter` writes a LoRA model as the Hugging Face `peft` library's adapter folder for the
+model `hf.export_hf` writes; `strip_peft` and `base_state_dict` give the plain base model it maps.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import UserError
+from lmforge.model.layers import Attention
+
+# The task heads a fine-tuning model trains in full beside the peft parameters (apply_peft's default).
+TASK_HEADS = ("classifier", "pooler")
+EMBEDDINGS = ("tok_emb", "pos_emb", "seg_emb", "emb_norm")
+PREFIX_STD = 0.02
+
+
+# -- LoRA (Hu et al. 2021) --------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + b + scale * dropout(x) A^T B^T, with A [r, in] and B [out, r], scale = alpha / r.
+
+    A subclass of nn.Linear, so `weight` and `bias` keep their names and code that looks for Linear
+    layers (init, FLOP counts) still finds it. B starts at zero: the model starts unchanged."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        # the init of the LoRA paper's code and of HF peft: A like nn.Linear's default, B zero
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False  # True while B @ A * scale is folded into weight (forward then adds nothing)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float) -> LoRALinear:
+        """A LoRALinear around `linear`'s own weight and bias Parameters (no copy: a pretrained weight
+        loaded before or after stays the one the layer uses), A and B on its device and dtype."""
+        w = linear.weight
+        # the base weight is built on the meta device only to be replaced: no allocation, no RNG draw
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, rank, alpha, 0.0, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        new.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=w.device, dtype=w.dtype))
+        new.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(new.lora_A, a=math.sqrt(5))
+        new.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if hasattr(linear, "residual_out"):  # Transformer._init's depth-scaled init mark
+            new.residual_out = linear.residual_out
+        new.train(linear.training)
+        return new
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into weight (inference at the base model's cost)."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of weight (equal to the base weight up to float rounding)."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def _matches(name: str, patterns) -> bool:
+    # fnmatch's * needs at least the dot in "*.head": matching ".head" too lets "*." stand for no prefix
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase("." + name, p) for p in patterns)
+
+
+def lora_targets(model: nn.Module, patterns) -> list[str]:
+    """Names of the Linear layers the fnmatch patterns select (other module kinds are skipped)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and _matches(n, patterns)]
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _inject_lora(model: nn.Module, pc) -> None:
+    targets = lora_targets(model, pc.lora_targets)
+    if not targets:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise UserError(f"peft.lora_targets = {list(pc.lora_targets)} match no linear layer of the model "
+                        f"(it has {', '.join(linears[:4])}{', ...' if len(linears) > 4 else ''})")
+    shared = _shared_weights(model)
+    for name in targets:
+        linear = model.get_submodule(name)
+        if isinstance(linear, LoRALinear):  # injected already (inject_peft is idempotent)
+            continue
+        tied = shared[id(linear.weight)]
+        if len(tied) > 1:  # merging would change the embedding too
+            others = [t for t in tied if t != f"{name}.weight"]
+            raise UserError(f"peft.lora_targets: {name} shares its weight with {others[0]} (tie_embeddings); "
+                            f"leave it out of the targets")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                LoRALinear.from_linear(linear, pc.lora_rank, pc.lora_alpha, pc.lora_dropout))
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (an exported or served model then runs at base cost)."""
+    for m in lora_layers(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+# -- bottleneck adapters (Houlsby et al. 2019) ------------------------------------------------------
+
+
+class Adapter(nn.Module):
+    """x + up(gelu(down(x))) on a sublayer's output; `up` starts at zero, so the model starts unchanged."""
+
+    def __init__(self, d_model: int, size: int, std: float, device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Linear(d_model, size, device=device, dtype=dtype)
+        self.up = nn.Linear(size, d_model, device=device, dtype=dtype)
+        self.act = nn.GELU()
+        nn.init.normal_(self.down.weight, std=std)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+    def hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        # a forward hook on block.attn / block.mlp rather than a wrapper module, so that the base names
+        # (blocks.0.attn.qkv, ...) stay as they are; a bound method survives copy.deepcopy and pickling
+        return self(output)
+
+
+ADAPTER_SITES = (("attn", "attn_adapter"), ("mlp", "mlp_adapter"))
+
+
+def _inject_adapters(model: nn.Module, pc) -> None:
+    w = model.tok_emb.weight
+    for block in model.blocks:
+        for site, name in ADAPTER_SITES:
+            if hasattr(block, name):  # injected already
+                continue
+            adapter = Adapter(model.cfg.d_model, pc.adapter_size, model.cfg.init_std, w.device, w.dtype)
+            setattr(block, name, adapter)
+            getattr(block, site).register_forward_hook(adapter.hook)
+
+
+def _remove_adapters(model: nn.Module) -> None:
+    for block in model.blocks:
+        for site, name in ADAPTER_SITES:
+            hooks = getattr(block, site)._forward_hooks
+            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), Adapter)]:
+                del hooks[key]
+            if hasattr(block, name):
+                delattr(block, name)
+
+
+# -- prefix tuning (Li & Liang 2021) ----------------------------------------------------------------
+
+
+def _inject_prefix(model: nn.Module, pc) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention) and m.prefix is None:
+            w = m.qkv.weight
+            # layers.Attention prepends these keys/values after RoPE and after the KV cache
+            m.prefix = nn.Parameter(torch.empty(2, m.n_kv_head, pc.prefix_length, m.head_dim, device=w.device,
+                                                dtype=w.dtype).normal_(std=PREFIX_STD))
+
+
+# -- structure and trainability ---------------------------------------------------------------------
+
+
+def inject_peft(model: nn.Module, pc) -> None:
+    """Add the modules of pc.method (none, lora, adapter, prefix) to `model` in place; requires_grad is
+    left alone. Idempotent, and base parameter names are unchanged, so it may run before or after base
+    weights are loaded, and a saved peft model's state dict loads strictly into a fresh one after it."""
+    if pc.method == "lora":
+        _inject_lora(model, pc)
+    elif pc.method == "adapter":
+        _inject_adapters(model, pc)
+    elif pc.method == "prefix":
+        _inject_prefix(model, pc)
+    elif pc.method != "none":
+        raise UserError(f"peft.method = {pc.method}: expected none, lora, adapter or prefix")
+
+
+def peft_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters inject_peft added (found by module type, not by name pattern)."""
+    names = []
+    for name, m in model.named_modules():
+        pre = f"{name}." if name else ""
+        if isinstance(m, LoRALinear):
+            names += [pre + "lora_A", pre + "lora_B"]
+        elif isinstance(m, Adapter):
+            names += [pre + n for n, _ in m.named_parameters()]
+        elif isinstance(m, Attention) and m.prefix is not None:
+            names.append(pre + "prefix")
+    return names
+
+
+def peft_method(model: nn.Module) -> str:
+    """The method whose modules the model holds: lora, adapter, prefix or none."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            return "lora"
+        if isinstance(m, Adapter):
+            return "adapter"
+        if isinstance(m, Attention) and m.prefix is not None:
+            return "prefix"
+    return "none"
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def set_trainable(model: nn.Module, pc, trainable=TASK_HEADS) -> None:
+    """requires_grad as pc says. With a method: only the peft parameters and the parameters of the
+    modules named in `trainable` (the task head: `classifier` covers classifier.weight and .bias) train.
+    With method none nothing is unfrozen; only the freezing options apply. Then freeze_embeddings freezes
+    the embeddings (an output layer tied to the token embedding with them) and freeze_layers=k freezes
+    blocks 0..k-1, their peft parameters included."""
+    if pc.method != "none":
+        own = set(peft_parameter_names(model))
+        if not own:
+            raise RuntimeError(f"set_trainable: peft.method {pc.method} but the model has no peft parameters; "
+                               "call inject_peft first")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in own or _under(name, trainable))
+    frozen = []
+    if pc.freeze_embeddings:
+        frozen += [n for n in EMBEDDINGS if getattr(model, n, None) is not None]
+    if pc.freeze_layers:
+        if pc.freeze_layers > len(model.blocks):
+            raise UserError(f"peft.freeze_layers = {pc.freeze_layers}: the model has only {len(model.blocks)} blocks")
+        frozen += [f"blocks.{i}" for i in range(pc.freeze_layers)]
+    for name, p in model.named_parameters():
+        if _under(name, frozen):
+            p.requires_grad_(False)
+
+
+def apply_peft(model: nn.Module, pc, trainable=TASK_HEADS) -> None:
+    """inject_peft, then set_trainable: what a task's build_model calls for cfg.peft."""
+    inject_peft(model, pc)
+    set_trainable(model, pc, trainable)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied parameter counts once."""
+    params = list(model.parameters())  # shared parameters once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return (f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
+            f"({100 * trainable / max(total, 1):.1f}%)")
+
+
+# -- saving and loading what was trained ------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters with requires_grad (after apply_peft / set_trainable: the peft parameters and the
+    task head), by their model names; each tied parameter once. LoRA's A and B are the same merged or not."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> Path:
+    """adapter_state_dict as one safetensors file (written to a temporary name, then renamed)."""
+    from lmforge.train.checkpoint import atomic_write, write_safetensors
+
+    path = Path(path)
+    tensors = {k: v.contiguous().cpu().clone() for k, v in adapter_state_dict(model).items()}
+    atomic_write(path, lambda tmp: write_safetensors(tensors, tmp, {"format": "pt", "peft_method": peft_method(model)}))
+    return path
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> None:
+    """Copy a save_adapter file into a model with the same structure (inject_peft first). Every tensor
+    must have a place of the same shape, and every peft parameter of the model must be in the file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # missing, damaged or not safetensors: several exception types
+        raise UserError(f"peft: {path}: cannot be read as an adapter ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    state = model.state_dict()
+    unknown = [k for k in tensors if k not in state]
+    if unknown:
+        raise UserError(f"peft: {path}: tensor {unknown[0]} has no place in the model (an adapter of another peft "
+                        f"method or model: this model's method is {peft_method(model)})")
+    for key in (k for k in state if k in tensors):  # the first mismatch in the model's order
+        if tensors[key].shape != state[key].shape:
+            raise UserError(f"peft: {path}: tensor {key} has shape {tuple(tensors[key].shape)}, the model's "
+                            f"{tuple(state[key].shape)}")
+    missing = [n for n in peft_parameter_names(model) if n not in tensors]
+    if missing:
+        raise UserError(f"peft: {path}: lacks the model's {missing[0]}"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    merged = [m for m in lora_layers(model).values() if m.merged]
+    for m in merged:  # new A and B must not be subtracted from a weight that holds the old ones
+        m.unmerge()
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for key, t in tensors.items():
+            params[key].copy_(t)
+    for m in merged:
+        m.merge()
+
+
+# -- the plain base model, and the Hugging Face peft format -----------------------------------------
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the peft parameters, LoRA unmerged: the plain base model's weights
+    (a task head included), which load strictly into the model built without peft."""
+    own = set(peft_parameter_names(model))
+    state = model.state_dict()
+    for name, m in lora_layers(model).items():
+        if m.merged:
+            state[f"{name}.weight"] = (m.weight - m.delta_weight().to(m.weight.dtype)).detach()
+    return {k: v for k, v in state.items() if k not in own}
+
+
+def strip_peft(model: nn.Module, merge: bool = False, inplace: bool = False) -> nn.Module:
+    """The model without peft modules: each LoRALinear becomes an nn.Linear holding the base weight
+    (with merge=True: the base weight plus the LoRA update, an equivalent plain model), adapters and
+    prefixes are removed. A copy unless inplace. hf.export_hf maps this model."""
+    plain = model if inplace else copy.deepcopy(model)
+    for name, m in lora_layers(plain).items():
+        m.merge() if merge else m.unmerge()
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight, linear.bias = m.weight, m.bias
+        if hasattr(m, "residual_out"):
+            linear.residual_out = m.residual_out
+        linear.train(m.training)
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent) if parent else plain, child, linear)
+    if hasattr(plain, "blocks"):
+        _remove_adapters(plain)
+    for m in plain.modules():
+        if isinstance(m, Attention):
+            m.prefix = None
+    return plain
+
+
+# The classes whose models peft loads as PeftModelForCausalLM (task_type CAUSAL_LM); others get none.
+CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")
+
+
+def write_peft_adapter(model: nn.Module, arch, out_dir: str | Path, base_model_path: str = "",
+                       hf_class: str | None = None, mapping: dict | None = None) -> dict:
+    """Write a LoRA model's update as HF peft writes it (adapter_config.json, adapter_model.safetensors)
+    for the base model `hf.export_hf` writes of strip_peft(model), so that
+    `peft.PeftModel.from_pretrained(<that model>, out_dir)` computes what the lmforge model does.
+
+    arch: an hf.Arch. hf_class: the class the base folder's config.json names (default the arch's first).
+    mapping: hf._mapping(arch, strip_peft(model))[0] when the caller has it. Returns the adapter config.
+
+    A LoRA on a fused lmforge layer (attn.qkv = q, k, v; Llama's mlp.up = gate, up) is written as one
+    LoRA per HF layer with the same A and the rows of B split as the weight's rows are: B A split by rows
+    is each part's update. GPT-2's Conv1D layers take the same A and B with fan_in_fan_out."""
+    from lmforge import hf
+    from lmforge.train.checkpoint import write_safetensors
+
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError("export: the model has no LoRA layers; a Hugging Face peft adapter is written for peft.method lora")
+    if any(isinstance(m, Adapter) or (isinstance(m, Attention) and m.prefix is not None) for m in model.modules()):
+        raise UserError("export: the model has bottleneck adapters or a prefix, which lmforge cannot write as a "
+                        "Hugging Face peft adapter; only LoRA is exported")
+    settings = {(m.rank, m.alpha, getattr(m.lora_dropout, "p", 0.0)) for m in layers.values()}
+    if len(settings) > 1:
+        raise UserError(f"export: the LoRA layers differ in rank, alpha or dropout ({sorted(settings)}); "
+                        "the peft adapter config holds one of each")
+    rank, alpha, dropout = settings.pop()
+    if mapping is None:
+        mapping, _ = hf._mapping(arch, strip_peft(model))
+    tensors, targets, conv = {}, [], []
+    for name, m in layers.items():
+        key = f"{name}.weight"
+        if key not in mapping:
+            raise UserError(f"export: LoRA on {name}, which has no {arch.title} tensor of its own; "
+                            f"leave it out of peft.lora_targets")
+        parts = mapping[key]
+        A, B = m.lora_A.detach(), m.lora_B.detach()
+        sizes = hf._split_sizes(key, len(parts), B.shape[0], model.cfg) if len(parts) > 1 else [B.shape[0]]
+        for part, b in zip(parts, B.split(sizes), strict=True):
+            module = part.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous().cpu().clone()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous().cpu().clone()
+            targets.append(module)
+            conv.append(part.endswith(arch.conv1d))
+    if any(conv) and not all(conv):  # peft's fan_in_fan_out is one setting for every target
+        lin = next(t for t, c in zip(targets, conv) if not c)
+        raise UserError(f"export: LoRA on GPT-2's Conv1D layers and on the Linear {lin} at once cannot be one peft "
+                        f"adapter (fan_in_fan_out differs); leave {lin} out of peft.lora_targets")
+    hf_class = hf_class or arch.classes[0]
+    causal = hf_class.endswith(CAUSAL_LM_CLASSES)
+    library = f"transformers.models.{arch.model_types[0]}.modeling_{arch.model_types[0]}"
+    # the keys HF peft writes (0.21 writes more, all at their defaults; these are the ones older versions know)
+    config = {
+        "alpha_pattern": {},
+        "auto_mapping": None if causal else {"base_model_class": hf_class, "parent_library": library},
+        "base_model_name_or_path": base_model_path or None,
+        "bias": "none",
+        "fan_in_fan_out": all(conv),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": rank,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted(targets),  # full module paths: peft matches a name equal to one
+        "task_type": "CAUSAL_LM" if causal else None,
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, out_dir / "adapter_model.safetensors", {"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return config

@@ -1,0 +1,173 @@
+"""Sentence (and sentence-pair) tasks: classification, regression and multi-label classification. One
+pooled vector per example goes through a linear head; the three differ in the head's size, the loss
+and the metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.data.labelled import Example
+from lmforge.losses import LOSSES, loss_options
+from lmforge.metrics import ClassificationMetrics, MultiLabelMetrics, RegressionMetrics
+from lmforge.model.transformer import SequenceClassifier
+from lmforge.tasks.finetune import Encoded, FinetuneTask
+
+
+class SequenceTask(FinetuneTask):
+    def n_outputs(self) -> int:
+        return len(self.cfg.finetune.labels)
+
+    def head_model(self) -> SequenceClassifier:
+        fc = self.cfg.finetune
+        return SequenceClassifier(self.cfg.model, self.n_outputs(), fc.pooling, fc.body == "decoder",
+                                  fc.classifier_dropout)
+
+    def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
+        """[CLS] a [SEP] (b [SEP]) for an encoder, a (eos b) eos for a decoder, cut longest-first to
+        max_length; segment 1 marks b."""
+        tok = self.tokenizer
+        first = tok.encode_batch([e.text for e in examples], add_special_tokens=False)
+        has_pair = any(e.pair is not None for e in examples)
+        second = tok.encode_batch([e.pair or "" for e in examples], add_special_tokens=False) if has_pair else None
+        if self.encoder:
+            start, mid, end = [self.cls_id] if self.cls_id is not None else [], [self.sep_id], [self.sep_id]
+        else:
+            start, mid, end = [], [self.eos_id], [self.eos_id]
+        mid, end = [i for i in mid if i is not None], [i for i in end if i is not None]
+        rows = []
+        for i, e in enumerate(examples):
+            a = first[i].ids
+            b = second[i].ids if second is not None and e.pair is not None else None
+            budget = self.max_length - len(start) - len(end) - (len(mid) if b is not None else 0)
+            if b is None:
+                a = a[:budget]
+                ids, segments = start + a + end, [0] * (len(start) + len(a) + len(end))
+            else:
+                while len(a) + len(b) > budget:  # longest first
+                    if len(a) >= len(b):
+                        a = a[:-1]
+                    else:
+                        b = b[:-1]
+                head = start + a + mid
+                ids, segments = head + b + end, [0] * len(head) + [1] * (len(b) + len(end))
+            rows.append(Encoded(ids, segments))
+        return rows
+
+    def targets(self, rows, examples) -> dict[str, torch.Tensor]:
+        return {"label": self.label_tensor(examples)}
+
+    def label_tensor(self, examples: list[Example]) -> torch.Tensor:
+        path = self.fc_path("train")
+        if examples[0].label is None:
+            return torch.zeros(len(examples), dtype=torch.long)  # prediction inputs without labels
+        return torch.tensor([self.labels.index(e.label, e, path) for e in examples])
+
+    def outputs(self, model, batch) -> torch.Tensor:
+        return model(batch["input"], segments=batch.get("segments"), pad_mask=batch["pad_mask"]).float()
+
+    def loss(self, model, batch) -> torch.Tensor:
+        fn = LOSSES[self.cfg.loss.name]
+        out = self.outputs(model, batch)
+        return fn(out, batch["label"], reduction="sum", **loss_options(self.cfg.loss, out.device))
+
+    def count(self, batch) -> int:
+        return int(batch["label"].shape[0])
+
+
+class ClassifyTask(SequenceTask):
+    name = "classify"
+    default_metric = "accuracy"
+
+    def metric_names(self):
+        return ["loss", "accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision", "macro_recall"]
+
+    def result_metrics(self):
+        return ("accuracy", "macro_f1")
+
+    def new_metrics(self):
+        return ClassificationMetrics(self.labels.labels)
+
+    def update_metrics(self, metrics, model, batch, rows, examples) -> None:
+        metrics.update(self.outputs(model, batch).argmax(-1).cpu(), batch["label"].cpu())
+
+    def predictions(self, model, batch, rows, examples) -> list[dict]:
+        probs = self.outputs(model, batch).softmax(-1).cpu()
+        names = self.labels.labels
+        return [{"text": e.text, **({"pair": e.pair} if e.pair is not None else {}), "label": names[int(p.argmax())],
+                 "probs": {n: round(float(q), 6) for n, q in zip(names, p)}} for e, p in zip(examples, probs)]
+
+
+class RegressTask(SequenceTask):
+    name = "regress"
+    default_metric = "pearson"
+
+    def n_outputs(self) -> int:
+        return 1
+
+    def _label_map(self, train, dev):
+        return None
+
+    def label_tensor(self, examples):
+        return torch.tensor([float(e.label) if e.label is not None else 0.0 for e in examples])
+
+    def outputs(self, model, batch):
+        return super().outputs(model, batch).squeeze(-1)
+
+    def metric_names(self):
+        return ["loss", "mse", "mae", "rmse", "pearson", "spearman"]
+
+    def result_metrics(self):
+        return ("mse", "pearson", "spearman")
+
+    def new_metrics(self):
+        return RegressionMetrics()
+
+    def update_metrics(self, metrics, model, batch, rows, examples) -> None:
+        metrics.update(self.outputs(model, batch).cpu(), batch["label"].cpu())
+
+    def predictions(self, model, batch, rows, examples) -> list[dict]:
+        values = self.outputs(model, batch).cpu()
+        return [{"text": e.text, **({"pair": e.pair} if e.pair is not None else {}), "value": float(v)}
+                for e, v in zip(examples, values)]
+
+
+class MultiLabelTask(SequenceTask):
+    name = "multilabel"
+    default_metric = "micro_f1"
+
+    def label_tensor(self, examples):
+        out = torch.zeros(len(examples), len(self.labels.labels))
+        path = self.fc_path("train")
+        for i, e in enumerate(examples):
+            for label in e.label or []:
+                out[i, self.labels.index(label, e, path)] = 1.0
+        return out
+
+    def count(self, batch) -> int:
+        return int(batch["label"].numel())  # the loss sums over every (example, label)
+
+    def thresholds(self, device) -> torch.Tensor:
+        t = self.cfg.finetune.thresholds or [0.5] * len(self.labels.labels)
+        return torch.tensor(t, device=device)
+
+    def metric_names(self):
+        return ["loss", "micro_f1", "macro_f1", "micro_precision", "micro_recall", "subset_accuracy"]
+
+    def result_metrics(self):
+        return ("micro_f1", "macro_f1", "subset_accuracy")
+
+    def new_metrics(self):
+        return MultiLabelMetrics(self.labels.labels)
+
+    def update_metrics(self, metrics, model, batch, rows, examples) -> None:
+        probs = self.outputs(model, batch).sigmoid()
+        metrics.update((probs >= self.thresholds(probs.device)).cpu(), batch["label"].bool().cpu())
+
+    def predictions(self, model, batch, rows, examples) -> list[dict]:
+        probs = self.outputs(model, batch).sigmoid()
+        chosen = (probs >= self.thresholds(probs.device)).cpu()
+        names = self.labels.labels
+        return [{"text": e.text, **({"pair": e.pair} if e.pair is not None else {}),
+                 "labels": [n for n, c in zip(names, row) if c],
+                 "probs": {n: round(float(q), 6) for n, q in zip(names, p)}}
+                for e, row, p in zip(examples, chosen, probs.cpu())]

@@ -1,0 +1,305 @@
+"""What every fine-tuning task shares: labelled files in, a pretrained body loaded from a run or a
+Hugging Face folder, epochs of length-grouped, dynamically padded batches, the whole dev set evaluated
+with the task's metrics, and a report (JSON + text) on the best weights.
+
+A subclass says how an example becomes token ids (`encode`), how a batch becomes a summed loss
+(`loss`), how model outputs become metric updates and predictions (`_outputs`, `_predictions`) and which
+model it trains (`head_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.data.batches import ExampleBatches, pad_batch
+from lmforge.data.labelled import Example, LabelMap, read_examples, split_dev, tag_scheme
+from lmforge.data.tokenizer import eos_id
+from lmforge.errors import UserError
+from lmforge.tasks import Task
+
+LABELS_FILE = "labels.json"
+REPORT_FILE = "dev_report.json"
+CLS_NAMES, SEP_NAMES, PAD_NAMES, MASK_NAMES = ("[CLS]", "<s>"), ("[SEP]", "</s>"), ("[PAD]", "<pad>"), ("[MASK]", "<mask>")
+
+
+def _first_id(tok: Tokenizer, names) -> int | None:
+    return next((i for n in names if (i := tok.token_to_id(n)) is not None), None)
+
+
+@dataclasses.dataclass
+class Encoded:
+    ids: list[int]
+    segments: list[int] | None = None
+    target: list[int] | None = None  # per-token targets (tag, sft)
+    word_starts: list[int] | None = None  # tag: each word's first token
+
+
+class FinetuneTask(Task):
+    report_best = True  # the loop reloads the best weights before finish()
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, fc = self.cfg, self.cfg.finetune
+        if not fc.init_from:
+            raise UserError("config: finetune.init_from: expected the pretrained model to start from (a run "
+                            "directory, a checkpoint or a Hugging Face folder)")
+        if not fc.train:
+            raise UserError("config: finetune.train: expected the labelled training file")
+        train = read_examples(fc.train, self.name, fc)
+        if fc.dev:
+            dev = read_examples(fc.dev, self.name, fc)
+        else:
+            train, dev = split_dev(train, fc.dev_fraction, cfg.train.seed)
+        self.labels = self._label_map(train, dev)
+        self.start, tok = self._pretrained()
+        self.use_tokenizer(tok)
+        self.train_examples, self.dev_examples = train, dev
+        self.train_rows = self.encode_all(train, self.fc_path("train"))
+        self.dev_rows = self.encode_all(dev, fc.dev or fc.train)
+        self._schedule(len(train))
+        if fc.metric != "auto" and fc.metric not in self.metric_names():
+            raise UserError(f"config: finetune.metric = {fc.metric!r}: the {self.name} evaluation reports "
+                            f"{', '.join(self.metric_names())}")
+
+    def fc_path(self, split: str) -> str:
+        return getattr(self.cfg.finetune, split) or self.cfg.finetune.train
+
+    def _label_map(self, train: list[Example], dev: list[Example]) -> LabelMap | None:
+        fc = self.cfg.finetune
+        labels = LabelMap.build(train, self.name, fc.labels, path=fc.train)
+        for e in dev:  # an unknown dev label stops the run now, not at the first evaluation
+            for label in (e.label if isinstance(e.label, list) else [e.label]):
+                labels.index(label, e, fc.dev or fc.train)
+        fc.labels = list(labels.labels)  # recorded in config.yaml: the run rebuilds its head from it
+        return labels
+
+    def _schedule(self, n_train: int) -> None:
+        """finetune.epochs -> train.max_steps; finetune.evals_per_epoch -> eval.every."""
+        cfg, fc, tc = self.cfg, self.cfg.finetune, self.cfg.train
+        world = self.shard[1]
+        steps_per_epoch = max(1, math.ceil(n_train / (tc.batch_size * world)) // tc.grad_accum)
+        if fc.epochs:
+            tc.max_steps = max(1, math.ceil(fc.epochs * steps_per_epoch))
+        if fc.evals_per_epoch:
+            cfg.eval.every = max(1, steps_per_epoch // fc.evals_per_epoch)
+        if tc.warmup_steps >= tc.max_steps:
+            raise UserError(f"config: train.warmup_steps = {tc.warmup_steps} must be < train.max_steps = "
+                            f"{tc.max_steps} ({fc.epochs:g} epochs of {steps_per_epoch} steps)")
+
+    def _pretrained(self) -> tuple[torch.nn.Module, Tokenizer]:
+        """The plain task model with the pretrained body's weights (the head fresh), and the tokenizer.
+        Fills cfg.model and finetune.pooling from what was found."""
+        from lmforge.config import load_config, read_yaml
+        from lmforge.train.checkpoint import load_run
+
+        cfg, fc = self.cfg, self.cfg.finetune
+        path = Path(fc.init_from)
+        if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+            from lmforge.hf import load_hf
+
+            imported = load_hf(path, build=self._adopt)
+            for note in imported.notes:
+                print(f"lmforge: note: {note}")
+            model, tok, fresh = imported.model, imported.tokenizer, imported.fresh
+        else:
+            base, tok, base_cfg = load_run(path)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)
+                model = self._adopt(base_cfg)
+            own = model.state_dict()
+            state = {k: v for k, v in base.state_dict().items() if k in own and v.shape == own[k].shape}
+            missing, _ = model.load_state_dict(state, strict=False)
+            fresh = sorted({k.rsplit(".", 1)[0] for k in missing})
+            if fresh:
+                print(f"lmforge: note: not in {path}, so trained from a fresh start: {', '.join(fresh)}")
+        if getattr(model, "pooling", None) == "pooler" and self._pooling_was_auto and "pooler" in fresh:
+            model.pooling, model.pooler, fc.pooling = "cls", None, "cls"  # an encoder without a trained pooler
+        return model.train(), tok
+
+    def _adopt(self, base_cfg) -> torch.nn.Module:
+        """Take the pretrained body's shape (cfg.model) and direction, resolve pooling, build the model."""
+        from lmforge.config import FINETUNE_TASKS
+
+        fc = self.cfg.finetune
+        causal = base_cfg.task in ("clm", "sft") or (base_cfg.task in FINETUNE_TASKS and base_cfg.finetune.body == "decoder")
+        fc.body = "decoder" if causal else "encoder"
+        self.cfg.model = dataclasses.replace(base_cfg.model)
+        self._pooling_was_auto = fc.pooling == "auto"
+        if fc.pooling == "auto":
+            fc.pooling = "last" if causal else "pooler"
+        return self.head_model()
+
+    def use_tokenizer(self, tok: Tokenizer) -> None:
+        """Special ids from the tokenizer; its own truncation and padding settings are turned off (an
+        HF tokenizer.json may carry them), since examples are cut and padded here."""
+        tok.no_truncation()
+        tok.no_padding()
+        self.tokenizer = tok
+        self.cls_id, self.sep_id = _first_id(tok, CLS_NAMES), _first_id(tok, SEP_NAMES)
+        self.eos_id = eos_id(tok)
+        pad = _first_id(tok, PAD_NAMES)
+        self.pad_id = pad if pad is not None else (self.eos_id or 0)
+        mask = _first_id(tok, MASK_NAMES)
+        self.mask_token = tok.id_to_token(mask) if mask is not None else "[UNK]"
+        self.max_length = min(self.cfg.finetune.max_length, self.cfg.model.max_seq_len)
+        self.encoder = self.cfg.finetune.body != "decoder"
+
+    def prepare_inference(self, tok: Tokenizer) -> None:
+        """For a trained run (evaluate, predict): the tokenizer and the label map from its config."""
+        self.use_tokenizer(tok)
+        labels = self.cfg.finetune.labels
+        self.labels = LabelMap(labels, self.name, tag_scheme(labels) if self.name == "tag" else None) if labels else None
+
+    # -- model ---------------------------------------------------------------------------------------
+
+    def head_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def build_model(self, pretrained: bool = False) -> torch.nn.Module:
+        """The task model with its PEFT modules; pretrained: start from init_from's weights (setup loaded
+        them), else fresh weights that a run's saved state will fill."""
+        from lmforge.peft import apply_peft
+
+        model = self.start if pretrained else self.head_model()
+        apply_peft(model, self.cfg.peft)
+        return model
+
+    # -- batches -------------------------------------------------------------------------------------
+
+    def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
+        raise NotImplementedError
+
+    def augmented(self, examples: list[Example], rng: random.Random) -> list[Example]:
+        """Training examples with robust.augment applied (each with probability augment_prob)."""
+        from lmforge.data.augment import augment
+
+        rc, out = self.cfg.robust, []
+        for e in examples:
+            if rng.random() >= rc.augment_prob:
+                out.append(e)
+                continue
+            if isinstance(e.text, list):  # tagged words: tags stay aligned
+                words, tags = augment(e.text, rng, rc.augment, rc.augment_rate, self.mask_token, e.label)
+                out.append(dataclasses.replace(e, text=words, label=tags))
+            else:
+                words, _ = augment(e.text.split(), rng, rc.augment, rc.augment_rate, self.mask_token)
+                out.append(dataclasses.replace(e, text=" ".join(words)))
+        return out
+
+    def collate(self, rows: list[Encoded], examples: list[Example]) -> dict[str, torch.Tensor]:
+        ids = pad_batch([r.ids for r in rows], self.pad_id, fill=-1)
+        batch = {"input": ids.clamp(min=0) + (ids < 0) * self.pad_id, "pad_mask": ids >= 0}
+        if self.cfg.model.type_vocab_size and rows[0].segments is not None:
+            batch["segments"] = pad_batch([r.segments for r in rows], 0)
+        batch.update(self.targets(rows, examples))
+        return batch
+
+    def targets(self, rows: list[Encoded], examples: list[Example]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_batches(self, seed: int) -> ExampleBatches:
+        def make(indices, epoch: int, index: int):
+            examples = [self.train_examples[i] for i in indices]
+            if self.cfg.robust.augment:
+                examples = self.augmented(examples, random.Random(f"{seed}-{epoch}-{index}"))
+                return self.collate(self.encode_all(examples, self.fc_path("train")), examples)
+            return self.collate([self.train_rows[i] for i in indices], examples)
+
+        return ExampleBatches([len(r.ids) for r in self.train_rows], self.cfg.train.batch_size, seed, make, self.shard,
+                              self.cfg.finetune.group_by_length)
+
+    def batches_in_order(self, rows: list[Encoded], examples: list[Example]) -> Iterator[tuple[np.ndarray, dict]]:
+        """(example indices, batch) over all rows, by length (little padding); eval and predict."""
+        order = np.argsort([-len(r.ids) for r in rows], kind="stable")
+        size = self.cfg.eval.batch_size
+        for i in range(0, len(order), size):
+            chosen = order[i:i + size]
+            yield chosen, self.collate([rows[j] for j in chosen], [examples[j] for j in chosen])
+
+    def eval_batches(self):
+        return (batch for _, batch in self.batches_in_order(self.dev_rows, self.dev_examples))
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    def metric_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def selection(self) -> tuple[str, bool]:
+        metric = self.cfg.finetune.metric
+        if metric == "auto":
+            metric = self.default_metric
+        return metric, metric not in ("loss", "mse", "mae", "rmse")
+
+    def new_metrics(self):
+        raise NotImplementedError
+
+    def measure(self, model, device, rows: list[Encoded], examples: list[Example]) -> tuple[dict, object]:
+        """(scalar metrics with the mean loss, the metrics object) over all rows."""
+        metrics, loss_sum, n = self.new_metrics(), 0.0, 0
+        with torch.no_grad():
+            for chosen, batch in self.batches_in_order(rows, examples):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss_sum += float(self.loss(model, batch))
+                n += self.count(batch)
+                self.update_metrics(metrics, model, batch, [rows[j] for j in chosen], [examples[j] for j in chosen])
+        scalars = {k: float(v) for k, v in metrics.result().items() if isinstance(v, (int, float, np.floating))}
+        return {"loss": loss_sum / max(n, 1), **scalars}, metrics
+
+    def evaluate(self, model, to_device) -> dict[str, float]:
+        device = next(model.parameters()).device
+        return self.measure(model, device, self.dev_rows, self.dev_examples)[0]
+
+    def report(self, model, examples: list[Example], path: str, out_dir: Path | None = None) -> tuple[dict, str]:
+        """The full evaluation of `examples` (JSON-ready dict, text to print); with out_dir also the
+        pictures (a confusion matrix)."""
+        device = next(model.parameters()).device
+        rows = self.encode_all(examples, path)
+        scalars, metrics = self.measure(model, device, rows, examples)
+        full = {**metrics.result(), **scalars, "examples": len(examples)}
+        text = full.get("report", "")
+        if out_dir is not None and hasattr(metrics, "confusion_png"):
+            metrics.confusion_png(out_dir / "confusion.png")
+        shown = {k: v for k, v in scalars.items() if k in self.result_metrics()}
+        return full, text + "\n" + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+
+    def result_metrics(self) -> tuple[str, ...]:
+        """The metrics of the `RESULT` line of `lmforge evaluate`."""
+        raise NotImplementedError
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        self.tokenizer.save(str(run_dir / "tokenizer.json"))
+        if self.labels is not None:
+            self.labels.save(run_dir / LABELS_FILE)
+
+    def finish(self, model, run_dir: Path) -> str:
+        full, text = self.report(model, self.dev_examples, self.fc_path("dev"), run_dir)
+        (run_dir / REPORT_FILE).write_text(json.dumps(full, indent=2, default=float) + "\n", encoding="utf-8")
+        return f"dev set ({len(self.dev_examples)} examples), best weights:\n{text}"
+
+    # -- prediction ----------------------------------------------------------------------------------
+
+    def predict(self, model, examples: list[Example], path: str) -> list[dict]:
+        """One JSON-ready record per example, in input order."""
+        device = next(model.parameters()).device
+        rows = self.encode_all(examples, path)
+        out: list[dict | None] = [None] * len(examples)
+        with torch.no_grad():
+            for chosen, batch in self.batches_in_order(rows, examples):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                for j, record in zip(chosen, self.predictions(model, batch, [rows[j] for j in chosen],
+                                                              [examples[j] for j in chosen])):
+                    out[j] = record
+        return out
+
+    def predictions(self, model, batch: dict, rows: list[Encoded], examples: list[Example]) -> list[dict]:
+        raise NotImplementedError
