@@ -15,6 +15,7 @@ import torch
 from conftest import SHARED_DATA, WORDS, read_metrics, synthetic_text
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml, save_config
+from lmforge.data.labelled import read_examples
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.losses import IGNORE_INDEX
 from lmforge.tasks import make_task
@@ -29,7 +30,8 @@ def make_base(run: Path, task: str, **model) -> Path:
     kind = "wordpiece" if task == "mlm" else "bpe"
     specials = [] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"]
     tok = train_tokenizer(synthetic_text(8000).splitlines(), kind, 300, specials)
-    extra = {"pos": "learned", "type_vocab_size": 2, "norm_position": "post", "mlp": "gelu", "bias": True} if task == "mlm" else {}
+    extra = {"pos": "learned", "type_vocab_size": 2, "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
+             "bias": True} if task == "mlm" else {}  # BERT's layout
     cfg = load_config(base={"task": task, "model": {**TINY, **extra, **model, "vocab_size": tok.get_vocab_size()},
                             "data": {"tokenizer": {"kind": kind}}})
     torch.manual_seed(0)
@@ -316,3 +318,91 @@ def test_minilm_learns_sst2_in_a_few_steps(tmp_path, capsys):
                  "--log.progress", "false", "--log.tensorboard", "false"]) == 0
     result = evaluate(capsys, tmp_path / "run", dev)
     assert result["accuracy"] >= 0.7, result  # 15 steps; an untrained head is at chance (0.5)
+
+
+# -- adversarial training -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd"])
+def test_adversary_perturbs_only_the_embedding_output_and_restores_it(tmp_path, encoder, method):
+    from lmforge.config import RobustConfig
+    from lmforge.train.adversarial import Adversary
+
+    train, dev = classify_files(tmp_path)
+    cfg = load_config(base={"task": "classify", "finetune": {"init_from": str(encoder), "train": str(train),
+                                                              "dev": str(dev), "classifier_dropout": 0.0},
+                            "train": {"warmup_steps": 0}})
+    task = make_task(cfg)
+    task.setup()
+    model = task.build_model(pretrained=True)
+    batch = task.collate(task.train_rows[:8], task.train_examples[:8])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []  # what the first block receives: the embedding output (after its norm) in each forward pass
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+
+    adversary = Adversary(model, RobustConfig(adversarial=method, epsilon=0.3, pgd_steps=3, pgd_alpha=0.2))
+    clean = task.loss(model, batch)
+    clean.backward()
+    clean_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():  # (a forward pass with gradients would become the adversary's clean pass)
+        emb = model.tok_emb(batch["input"])
+    deltas = []
+    sub = model.tok_emb.register_forward_hook(lambda m, i, out: deltas.append((out - emb).detach()))
+    adversary.attack(lambda: task.loss(model, batch))
+    sub.remove()
+    hook.remove()
+
+    assert len(seen) == 1 + (1 if method == "fgm" else 3)  # the clean pass, then one per ascent step
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name  # no weight was touched
+    delta = deltas[-1]
+    norms = delta.flatten(1).norm(dim=1)
+    if method == "fgm":
+        torch.testing.assert_close(norms, torch.full_like(norms, 0.3))
+    else:
+        assert bool((norms <= 0.3 + 1e-5).all()) and bool((norms > 0.1).all())
+    assert any(not torch.equal(p.grad, clean_grads[n]) for n, p in model.named_parameters() if n in clean_grads)
+    # once the step is over the embedding output is the clean one again
+    assert adversary.delta is None
+    deltas.clear()
+    check = model.tok_emb.register_forward_hook(lambda m, i, out: deltas.append((out - emb).detach()))
+    with torch.no_grad():
+        task.loss(model, batch)
+    check.remove()
+    assert torch.equal(deltas[0], torch.zeros_like(deltas[0]))
+    adversary.remove()
+
+
+# -- Hugging Face export ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["classify", "tag"])
+def test_finetuned_model_exports_to_transformers_with_equal_outputs(tmp_path, encoder, task):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.hf import export_hf
+
+    if task == "classify":
+        train, dev = classify_files(tmp_path)
+    else:
+        train = write_lines(tmp_path / "train.conll", conll_lines(60, 8))
+        dev = write_lines(tmp_path / "dev.conll", conll_lines(20, 9))
+    pooler = ["--finetune.pooling", "pooler"] if task == "classify" else []  # the base has none: a fresh one
+    run = finetune(tmp_path, encoder, train, dev, task, "--finetune.epochs", "1", *pooler)
+    hf_dir = tmp_path / "hf"
+    hf_cfg = export_hf(run, hf_dir)
+    cls = getattr(transformers, hf_cfg["architectures"][0])
+    assert cls.__name__ == ("BertForSequenceClassification" if task == "classify" else "BertForTokenClassification")
+    theirs = cls.from_pretrained(hf_dir).eval()
+    assert theirs.config.id2label[0] == ("neg" if task == "classify" else "B-LOC")
+    model, tok, cfg = load_run(run)
+    ours_task = make_task(cfg)
+    ours_task.prepare_inference(tok)
+    examples = read_examples(dev, task, cfg.finetune)[:6]
+    rows = ours_task.encode_all(examples, str(dev))
+    batch = ours_task.collate(rows, examples)
+    with torch.no_grad():
+        ours = ours_task.outputs(model, batch)
+        out = theirs(input_ids=batch["input"], attention_mask=batch["pad_mask"].long(),
+                     token_type_ids=batch.get("segments")).logits
+    mask = batch["pad_mask"] if task == "tag" else torch.ones(len(rows), dtype=torch.bool)
+    torch.testing.assert_close(ours[mask], out[mask], atol=1e-4, rtol=0)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -214,7 +212,8 @@ def test_adapters_start_as_identity_train_and_survive_a_copy():
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
     names = set(model.state_dict())
-    assert {"blocks.1.attn_adapter.down.weight", "blocks.1.attn_adapter.up.bias", "blocks.0.mlp_adapter.up.weight"} <= names
+    assert {"blocks.1.attn_adapter.down.weight", "blocks.1.attn_adapter.up.bias",
+            "blocks.0.mlp_adapter.up.weight"} <= names
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(peft_parameter_names(model))
     before = base_params(model)
     losses = train_steps(model, clm_loss, steps=8)
@@ -273,12 +272,16 @@ def test_prefix_with_padding_gives_each_sequence_its_own_outputs(kind):
         assert (both[0, :7] - head[0]).abs().max() < 1e-5
 
 
-def test_causal_padding_mask_keeps_causality_without_a_prefix():
-    model = gpt()
-    x = ids(1, 10)
+def test_causal_attention_given_a_padding_mask_stays_causal():
+    # Transformer.features passes no padding mask to a causal stack (padding is on the right); an
+    # Attention called with one must still not let a position see later ones
+    attn = gpt().blocks[0].attn
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(4))
+    mask = (torch.arange(10)[None] < torch.tensor([10, 6])[:, None])[:, None, None, :]
     with torch.no_grad():
-        full = model.features(x, pad_mask=torch.ones(1, 10, dtype=torch.bool))
-        assert (full - model.features(x)).abs().max() < 1e-5
+        plain, masked = attn(x), attn(x, mask=mask)
+    assert (masked[0] - plain[0]).abs().max() < 1e-5
+    assert (masked[1, :6] - plain[1, :6]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("over", [dict(), dict(pos="learned", n_kv_head=4)])
@@ -314,7 +317,7 @@ def test_frozen_embeddings_and_bottom_layers_get_no_gradient_and_do_not_change()
     lora = bert()
     apply_peft(lora, PeftConfig(method="lora", freeze_layers=1), trainable=())
     assert {n for n, p in lora.named_parameters() if p.requires_grad} == {
-        "blocks.1.attn.qkv.lora_A", "blocks.1.attn.qkv.lora_B", "blocks.1.attn.proj.lora_A", "blocks.1.attn.proj.lora_B"}
+        f"blocks.1.attn.{m}.lora_{ab}" for m in ("qkv", "proj") for ab in "AB"}
     one_line_error(lambda: apply_peft(bert(), PeftConfig(freeze_layers=3)), "peft.freeze_layers = 3", "2 blocks")
 
 
@@ -383,7 +386,8 @@ SMALL = dict(n_layer=2, n_head=4, d_model=32, max_seq_len=32)
 EXPORTS = {
     "bert": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True, type_vocab_size=2,
                          norm_eps=1e-12, mlp="gelu"), hf.BERT, ALL_LINEARS + ["mlm_head.dense"]),
-    "llama-gqa": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False), hf.LLAMA, ALL_LINEARS),
+    "llama-gqa": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False), hf.LLAMA,
+                  ALL_LINEARS),
     "gpt2": ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh"), hf.GPT2, ALL_LINEARS),
 }
 

@@ -602,9 +602,28 @@ def _show(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _body_task(cfg) -> str:
+    """The pre-training task whose layout a model's body has: a fine-tuned model's is its body's."""
+    from lmforge.config import FINETUNE_TASKS
+
+    if cfg.task not in FINETUNE_TASKS:
+        return cfg.task
+    return "clm" if cfg.finetune.body == "decoder" else "mlm"
+
+
+# The HF class of a fine-tuned model by (arch, task); what is absent has no HF class lmforge writes.
+FINETUNED_CLASSES = {
+    ("bert", "classify"): "BertForSequenceClassification", ("bert", "regress"): "BertForSequenceClassification",
+    ("bert", "multilabel"): "BertForSequenceClassification", ("bert", "tag"): "BertForTokenClassification",
+    ("gpt2", "sft"): "GPT2LMHeadModel", ("llama", "sft"): "LlamaForCausalLM",
+}
+PROBLEM_TYPES = {"classify": "single_label_classification", "regress": "regression",
+                 "multilabel": "multi_label_classification"}
+
+
 def _gaps(arch: Arch, cfg) -> list[str]:
     """What keeps this config from the architecture's layout, as 'model.x = needed (it has y)'."""
-    if cfg.task != arch.task:
+    if _body_task(cfg) != arch.task:
         return [f"task = {arch.task} (it is {cfg.task})"]
     m = cfg.model
     needs = {k: (v,) for k, v in arch.layout.items()}
@@ -619,13 +638,37 @@ def _gaps(arch: Arch, cfg) -> list[str]:
 def _export_arch(cfg, fmt: str, run) -> Arch:
     if fmt not in FORMATS:
         raise UserError(f"export: --format {fmt}: expected one of {', '.join(FORMATS)}")
-    candidates = [ARCHS[fmt]] if fmt != "auto" else [a for a in ARCHS.values() if a.task == cfg.task]
+    candidates = [ARCHS[fmt]] if fmt != "auto" else [a for a in ARCHS.values() if a.task == _body_task(cfg)]
     gaps = [(a, _gaps(a, cfg)) for a in candidates]
     for arch, missing in gaps:
         if not missing:
             return arch
     reasons = "; ".join(f"{a.title} needs {', '.join(g)}" for a, g in gaps)
     raise UserError(f"export: {run}: the model fits no Hugging Face layout lmforge writes: {reasons}")
+
+
+def _finetuned_config(arch: Arch, cfg, run) -> dict:
+    """config.json additions of a fine-tuned model: its class, labels and problem type."""
+    from lmforge.config import FINETUNE_TASKS
+
+    if cfg.task not in FINETUNE_TASKS:
+        return {}
+    cls = FINETUNED_CLASSES.get((arch.name, cfg.task))
+    if cls is None:
+        raise UserError(f"export: {run}: a {cfg.task} model on a {arch.title} body has no Hugging Face class "
+                        f"lmforge writes (it writes {', '.join(sorted(set(FINETUNED_CLASSES.values())))})")
+    if cls == "BertForSequenceClassification" and cfg.finetune.pooling != "pooler":
+        raise UserError(f"export: {run}: BertForSequenceClassification pools with BERT's pooler; this model has "
+                        f"finetune.pooling = {cfg.finetune.pooling}, which transformers cannot compute")
+    out = {"architectures": [cls]}
+    if cfg.task in PROBLEM_TYPES or cfg.task == "tag":
+        labels = cfg.finetune.labels or ["value"]
+        out.update(id2label={str(i): name for i, name in enumerate(labels)},
+                   label2id={name: i for i, name in enumerate(labels)})
+        out["classifier_dropout"] = cfg.finetune.classifier_dropout
+    if cfg.task in PROBLEM_TYPES:
+        out["problem_type"] = PROBLEM_TYPES[cfg.task]
+    return out
 
 
 # Hugging Face special-token roles and the tokens that fill them, the first in the vocabulary wins.
@@ -639,7 +682,7 @@ def _special_tokens(tok: Tokenizer, task: str) -> dict[str, str]:
     from lmforge.data.tokenizer import eos_id
 
     roles = {}
-    for role, candidates in (MLM_ROLES if task == "mlm" else CLM_ROLES).items():
+    for role, candidates in (MLM_ROLES if task == "mlm" else CLM_ROLES).items():  # task: the body's
         found = next((t for t in candidates if tok.token_to_id(t) is not None), None)
         if found:
             roles[role] = found
@@ -681,8 +724,8 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
     tensors.update({copy: tensors[original] for copy, original in arch.copies.items() if original in tensors})
     if arch is BERT and cfg.model.type_vocab_size == 0:
         tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.model.d_model)
-    specials = _special_tokens(tok, cfg.task)
-    hf_cfg = _hf_config(arch, cfg, specials, tok)
+    specials = _special_tokens(tok, _body_task(cfg))
+    hf_cfg = {**_hf_config(arch, cfg, specials, tok), **_finetuned_config(arch, cfg, run)}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is: the same ids
                "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False, **specials}
 

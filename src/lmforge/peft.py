@@ -417,7 +417,8 @@ def write_peft_adapter(model: nn.Module, arch, out_dir: str | Path, base_model_p
 
     layers = lora_layers(model)
     if not layers:
-        raise UserError("export: the model has no LoRA layers; a Hugging Face peft adapter is written for peft.method lora")
+        raise UserError("export: the model has no LoRA layers; a Hugging Face peft adapter is written for "
+                        "peft.method lora")
     if any(isinstance(m, Adapter) or (isinstance(m, Attention) and m.prefix is not None) for m in model.modules()):
         raise UserError("export: the model has bottleneck adapters or a prefix, which lmforge cannot write as a "
                         "Hugging Face peft adapter; only LoRA is exported")
