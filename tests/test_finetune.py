@@ -406,3 +406,25 @@ def test_finetuned_model_exports_to_transformers_with_equal_outputs(tmp_path, en
                      token_type_ids=batch.get("segments")).logits
     mask = batch["pad_mask"] if task == "tag" else torch.ones(len(rows), dtype=torch.bool)
     torch.testing.assert_close(ours[mask], out[mask], atol=1e-4, rtol=0)
+
+
+def test_lora_sft_run_exports_a_peft_adapter_that_gives_our_outputs(tmp_path, decoder):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lmforge.hf import ADAPTER_DIR, export_hf
+
+    data = [{"prompt": " ".join(w) + " =>", "response": " " + w[0]} for w in sentences(60, 12)]
+    train = write_lines(tmp_path / "sft.jsonl", [json.dumps(d) for d in data])
+    run = finetune(tmp_path, decoder, train, None, "sft", "--peft.method", "lora", "--peft.lora_targets",
+                   "*.attn.qkv,*.mlp.up,*.mlp.down", "--finetune.epochs", "2")
+    out = tmp_path / "hf"
+    hf_cfg = export_hf(run, out)
+    assert hf_cfg["architectures"] == ["LlamaForCausalLM"]
+    base = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    theirs = peft.PeftModel.from_pretrained(base, out / ADAPTER_DIR).eval()
+    ours, tok, _ = load_run(run)
+    x = torch.tensor([tok.encode(data[0]["prompt"] + data[0]["response"]).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, ours(x), atol=1e-5, rtol=0)
+        with theirs.disable_adapter():  # the adapter is what makes them equal
+            assert (theirs(input_ids=x).logits - ours(x)).abs().max() > 1e-4

@@ -260,6 +260,10 @@ class Config:
     eval: EvalConfig = section(EvalConfig, "evaluation")
     log: LogConfig = section(LogConfig, "logging and outputs")
 
+    def __post_init__(self):
+        if self.loss.name == "auto":
+            self.loss.name = TASK_LOSSES[self.task][0]
+
     def validate(self) -> None:
         """Checks that involve more than one field."""
         m, t = self.model, self.train
@@ -293,8 +297,6 @@ class Config:
     def _validate_loss(self) -> None:
         lc, defaults = self.loss, LossConfig()
         allowed = TASK_LOSSES[self.task]
-        if lc.name == "auto":
-            lc.name = allowed[0]
         if allowed and lc.name not in allowed:
             raise ConfigError(f"config: loss.name = {lc.name}: the {self.task} task trains with {', '.join(allowed)}")
         for f in dataclasses.fields(LossConfig):

@@ -709,16 +709,27 @@ def _hf_config(arch: Arch, cfg, specials: dict[str, str], tok: Tokenizer) -> dic
     return hf
 
 
+ADAPTER_DIR = "adapter"
+
+
 def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
     """A run directory, checkpoint or HF folder (anything load_run reads) -> a Hugging Face folder:
-    model.safetensors, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json.
-    Returns the config.json written."""
+    model.safetensors, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json; a
+    LoRA run's base model there and its adapter in OUT/adapter in the peft library's format
+    (peft.PeftModel.from_pretrained(base, OUT/adapter)). Returns the config.json written."""
     from lmforge.train.checkpoint import load_run, write_safetensors
 
     out = Path(out)
     _check_out(out, "export")
-    model, tok, cfg = load_run(run)
+    from lmforge.peft import peft_method, strip_peft, write_peft_adapter
+
+    trained, tok, cfg = load_run(run)
     arch = _export_arch(cfg, fmt, run)
+    method = peft_method(trained)
+    if method not in ("none", "lora"):
+        raise UserError(f"export: {run}: a model with peft.method = {method} has no Hugging Face layout; only LoRA "
+                        "adapters are written (in the peft library's format)")
+    model = strip_peft(trained)  # the base weights (a LoRA run's adapter is written on its own, below)
     mapping, _ = _mapping(arch, model)  # tied output weights are left out: from_pretrained ties them again
     tensors = _to_hf({k: p.detach() for k, p in model.named_parameters()}, mapping, arch, cfg.model)
     tensors.update({copy: tensors[original] for copy, original in arch.copies.items() if original in tensors})
@@ -737,6 +748,9 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
                            ("special_tokens_map.json", specials)):
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         tok.save(str(tmp / "tokenizer.json"))
+        if method == "lora":  # in a sub-folder: beside config.json, transformers would load it in place of the base
+            write_peft_adapter(trained, arch, tmp / ADAPTER_DIR, base_model_path=str(out.resolve()),
+                               hf_class=hf_cfg["architectures"][0], mapping=mapping)
 
     _write_dir(out, "export", write)
     return hf_cfg
