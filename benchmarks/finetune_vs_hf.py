@@ -102,6 +102,7 @@ def run_hf(model_dir: Path, train_file: Path, dev_file: Path, epochs: int, tmp: 
                               TrainingArguments)
 
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
+    transformers.logging.disable_progress_bar()  # and no "Loading weights" bar
     fc = load_config(base={"task": "classify", "finetune": {"format": "sst"}}).finetune
     train_ex = read_examples(str(train_file), "classify", fc)  # lmforge's own reader: the same sentences
     dev_ex = read_examples(str(dev_file), "classify", fc)
