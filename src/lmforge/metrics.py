@@ -25,28 +25,38 @@ def _array(x, dtype=None) -> np.ndarray:
 
 
 
-class ClassificationMetrics:
-    """Single-label classification over `labels` (pred and gold are indices into it)."""
+class _Collected:
+    """Predictions and gold values gathered batch by batch (predictions, never logits)."""
 
-    def __init__(self, labels: list[str]):
-        self.labels = list(labels)
+    def __init__(self):
         self._pred: list[np.ndarray] = []
         self._gold: list[np.ndarray] = []
         self.n = 0
 
+    def _rows(self, x) -> np.ndarray:
+        return _array(x, np.int64).reshape(-1)
+
     def update(self, pred, gold) -> None:
-        p, g = _array(pred, np.int64).reshape(-1), _array(gold, np.int64).reshape(-1)
+        p, g = self._rows(pred), self._rows(gold)
         if p.shape != g.shape:
-            raise ValueError(f"{p.shape[0]} predictions but {g.shape[0]} gold labels")
+            raise ValueError(f"predictions of shape {p.shape} but gold values of shape {g.shape}")
         self._pred.append(p)
         self._gold.append(g)
         self.n += len(p)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(pred, gold) of everything seen so far."""
-        empty = np.zeros(0, np.int64)
+        empty = self._rows([])
         return (np.concatenate(self._pred) if self._pred else empty,
                 np.concatenate(self._gold) if self._gold else empty)
+
+
+class ClassificationMetrics(_Collected):
+    """Single-label classification over `labels` (pred and gold are indices into it)."""
+
+    def __init__(self, labels: list[str]):
+        super().__init__()
+        self.labels = list(labels)
 
     def result(self) -> dict:
         """accuracy; macro_/micro_/weighted_ precision, recall, f1; report (text); per_class; confusion."""
@@ -98,29 +108,15 @@ class ClassificationMetrics:
         return path
 
 
-class MultiLabelMetrics:
+class MultiLabelMetrics(_Collected):
     """Multi-label classification: pred and gold are [N, L] booleans (label j applies to example i)."""
 
     def __init__(self, labels: list[str]):
+        super().__init__()
         self.labels = list(labels)
-        self._pred: list[np.ndarray] = []
-        self._gold: list[np.ndarray] = []
-        self.n = 0
 
-    def update(self, pred, gold) -> None:
-        p, g = _array(pred).astype(bool), _array(gold).astype(bool)
-        L = len(self.labels)
-        p, g = p.reshape(-1, L), g.reshape(-1, L)
-        if p.shape != g.shape:
-            raise ValueError(f"predictions {p.shape} but gold {g.shape}")
-        self._pred.append(p)
-        self._gold.append(g)
-        self.n += len(p)
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        empty = np.zeros((0, len(self.labels)), bool)
-        return (np.concatenate(self._pred) if self._pred else empty,
-                np.concatenate(self._gold) if self._gold else empty)
+    def _rows(self, x) -> np.ndarray:
+        return _array(x).astype(bool).reshape(-1, len(self.labels))
 
     def result(self) -> dict:
         """micro_/macro_ precision, recall, f1; subset_accuracy (exact match); hamming_loss; report; per_label."""
@@ -145,27 +141,12 @@ class MultiLabelMetrics:
         return out
 
 
-class RegressionMetrics:
+class RegressionMetrics(_Collected):
     """Regression: pred and gold are [N] numbers. pearson and spearman are nan when either side is constant
     (or fewer than two examples were seen), without a warning."""
 
-    def __init__(self):
-        self._pred: list[np.ndarray] = []
-        self._gold: list[np.ndarray] = []
-        self.n = 0
-
-    def update(self, pred, gold) -> None:
-        p, g = _array(pred, np.float64).reshape(-1), _array(gold, np.float64).reshape(-1)
-        if p.shape != g.shape:
-            raise ValueError(f"{p.shape[0]} predictions but {g.shape[0]} gold values")
-        self._pred.append(p)
-        self._gold.append(g)
-        self.n += len(p)
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        empty = np.zeros(0, np.float64)
-        return (np.concatenate(self._pred) if self._pred else empty,
-                np.concatenate(self._gold) if self._gold else empty)
+    def _rows(self, x) -> np.ndarray:
+        return _array(x, np.float64).reshape(-1)
 
     def result(self) -> dict:
         """mse, mae, rmse, pearson, spearman."""

@@ -288,23 +288,21 @@ def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
                                 f"expected a field '{name}' or set finetune.{setting}")
             return record[name]
 
+        def strings(name: str, what: str, expected: str) -> list[str]:
+            value = field(name, "text_field" if name == text_name else "label_field")
+            value = value.split() if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise UserError(f"{where}: field '{name}' is not a list of {what}; expected {expected}")
+            return value
+
         if task == "tag":
-            words = field(text_name, "text_field")
-            if isinstance(words, str):
-                words = words.split()
-            if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
-                raise UserError(f"{where}: field '{text_name}' is not a list of words; expected a list of "
-                                "non-empty strings (or one string of words separated by spaces)")
+            words = strings(text_name, "words", "a list of non-empty strings (or one string of words separated "
+                                                "by spaces)")
             if not words:
                 raise UserError(f"{where}: no words in '{text_name}'; expected at least one word")
             tags = None
             if require_labels or label_name in record:
-                tags = field(label_name, "label_field")
-                if isinstance(tags, str):
-                    tags = tags.split()
-                if not isinstance(tags, list) or not all(isinstance(t, str) and t.strip() for t in tags):
-                    raise UserError(f"{where}: field '{label_name}' is not a list of tags; expected a list of "
-                                    "strings, one tag per word")
+                tags = strings(label_name, "tags", "a list of strings, one tag per word")
                 if len(tags) != len(words):
                     raise UserError(f"{where}: {len(words)} words but {len(tags)} tags; expected one tag per word")
                 tags = [t.strip() for t in tags]
