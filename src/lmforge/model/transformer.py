@@ -85,11 +85,12 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self) -> float:
+    def flops_per_token(self, context: float | None = None) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention scores and
-        values, 12 * layers * width * context (the PaLM paper's appendix B accounting)."""
+        values, 12 * layers * width * context (the PaLM paper's appendix B accounting); context defaults
+        to the model's, fine-tuning passes its examples' mean length."""
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul + 12 * self.cfg.n_layer * self.cfg.d_model * self.cfg.max_seq_len
+        return 6 * matmul + 12 * self.cfg.n_layer * self.cfg.d_model * (context or self.cfg.max_seq_len)
 
 
 class GPT(Transformer):

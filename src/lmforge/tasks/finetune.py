@@ -226,6 +226,9 @@ class FinetuneTask(Task):
             chosen = order[i:i + size]
             yield chosen, self.collate([rows[j] for j in chosen], [examples[j] for j in chosen])
 
+    def flops_per_token(self, model) -> float:
+        return model.flops_per_token(context=float(np.mean([len(r.ids) for r in self.train_rows])))
+
     def eval_batches(self):
         return (batch for _, batch in self.batches_in_order(self.dev_rows, self.dev_examples))
 
