@@ -158,8 +158,8 @@ def test_accumulation_equals_big_batch(tmp_path, monkeypatch):
 
     real_build = CausalLM.build_model
 
-    def recording_build(self):
-        model = real_build(self)
+    def recording_build(self, pretrained=False):
+        model = real_build(self, pretrained)
         models.append(copy.deepcopy(model))
         return model
 
