@@ -213,9 +213,10 @@ class PeftConfig:
 class RobustConfig:
     adversarial: str = opt("none", "adversarial training on the embedding output: fgm (one step) or pgd (several)",
                            choices=("none", "fgm", "pgd"))
-    epsilon: float = opt(1.0, "adversarial: the L2 norm of the perturbation (pgd: the radius of its ball)", check=gt(0))
+    epsilon: float = opt(0.1, "adversarial: the L2 norm of the perturbation of each example's embeddings (pgd: the radius "
+                         "of its ball); 1.0 already stops MiniLM learning SST-2", check=gt(0))
     pgd_steps: int = opt(3, "pgd: ascent steps per training step", check=gt(0))
-    pgd_alpha: float = opt(0.3, "pgd: the L2 norm of each ascent step", check=gt(0))
+    pgd_alpha: float = opt(0.05, "pgd: the L2 norm of each ascent step", check=gt(0))
     augment: list = opt([], "text augmentation of training examples: any of delete, swap, mask")
     augment_prob: float = opt(0.5, "augmentation: the chance that a training example is augmented", check=between(0, 1))
     augment_rate: float = opt(0.1, "augmentation: the share of an augmented example's words affected",
