@@ -133,7 +133,13 @@ class FinetuneTask(Task):
         fc = self.cfg.finetune
         causal = base_cfg.task in ("clm", "sft") or (base_cfg.task in FINETUNE_TASKS and base_cfg.finetune.body == "decoder")
         fc.body = "decoder" if causal else "encoder"
+        # the body's shape is the checkpoint's; a model.dropout given for this run (not the default) wins
+        from lmforge.model.config import ModelConfig
+
+        wanted = self.cfg.model.dropout
         self.cfg.model = dataclasses.replace(base_cfg.model)
+        if wanted != ModelConfig.dropout:
+            self.cfg.model.dropout = wanted
         self._pooling_was_auto = fc.pooling == "auto"
         if fc.pooling == "auto":
             fc.pooling = "last" if causal else "pooler"
