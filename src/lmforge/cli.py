@@ -62,6 +62,14 @@ FINETUNE_DEFAULTS = {"train": {"lr": 5e-5, "min_lr": 0.0, "warmup_steps": 0, "we
                      "eval": {"batch_size": 64}, "log": {"every": 20}}
 
 
+def finetune_base(recipe_path: str | Path | None) -> dict:
+    """What a fine-tuning config is read on top of: FINETUNE_DEFAULTS under the recipe's own keys."""
+    from lmforge.config import read_yaml
+
+    recipe = read_yaml(recipe_path) if recipe_path else {}
+    return _deep_merge({"task": "classify", **copy.deepcopy(FINETUNE_DEFAULTS)}, recipe)
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -79,8 +87,7 @@ def cmd_train(args) -> int:
     finetune = args.command == "finetune"
     base = None
     if finetune:
-        recipe = read_yaml(args.config) if args.config else {}
-        base = _deep_merge({"task": "classify", **copy.deepcopy(FINETUNE_DEFAULTS)}, recipe)
+        base = finetune_base(args.config)
     # When resuming, this first reading only locates the run: the overrides may complete the saved
     # config (e.g. a longer train.max_steps) and are checked against it below, not against defaults.
     task = overrides.get("task", (base or {}).get("task"))
