@@ -36,7 +36,6 @@ Last line: RESULT samples_s_ratio=... acc=... hf_acc=...
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import sys
 import tempfile
@@ -47,7 +46,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from lmforge.cli import FINETUNE_DEFAULTS, _deep_merge  # noqa: E402
+from lmforge.cli import finetune_base  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.data.labelled import read_examples  # noqa: E402
 from lmforge.train.loop import train  # noqa: E402
@@ -76,8 +75,8 @@ def head_lines(src: Path, dst: Path, n: int | None) -> int:
 
 
 def run_lmforge(model_dir: Path, train_file: Path, dev_file: Path, epochs: int, n_train: int, tmp: Path) -> dict:
-    # What `lmforge finetune` starts from (FINETUNE_DEFAULTS), with the shared settings spelled out.
-    base = _deep_merge({"task": "classify", **copy.deepcopy(FINETUNE_DEFAULTS)}, {
+    # What `lmforge finetune` starts from (its defaults), with the shared settings spelled out.
+    base = finetune_base({
         "finetune": {"init_from": str(model_dir), "train": str(train_file), "dev": str(dev_file), "format": "sst",
                      "epochs": epochs, "max_length": MAX_LENGTH,
                      "evals_per_epoch": 0},  # with eval.every 0: one evaluation, after the last step

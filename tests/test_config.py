@@ -173,7 +173,8 @@ def test_every_recipe_in_configs_loads():
     recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert recipes
     for recipe in recipes:
-        if yaml.safe_load(recipe.read_text()).get("task") in FINETUNE_TASKS:
-            load_config(None, base=finetune_base(recipe))
+        mapping = yaml.safe_load(recipe.read_text())
+        if mapping.get("task") in FINETUNE_TASKS:
+            load_config(None, base=finetune_base(mapping))
         else:
             load_config(recipe)

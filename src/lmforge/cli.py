@@ -62,11 +62,8 @@ FINETUNE_DEFAULTS = {"train": {"lr": 5e-5, "min_lr": 0.0, "warmup_steps": 0, "we
                      "eval": {"batch_size": 64}, "log": {"every": 20}}
 
 
-def finetune_base(recipe_path: str | Path | None) -> dict:
-    """What a fine-tuning config is read on top of: FINETUNE_DEFAULTS under the recipe's own keys."""
-    from lmforge.config import read_yaml
-
-    recipe = read_yaml(recipe_path) if recipe_path else {}
+def finetune_base(recipe: dict) -> dict:
+    """A fine-tuning recipe (the YAML's mapping) on top of FINETUNE_DEFAULTS, its own keys winning."""
     return _deep_merge({"task": "classify", **copy.deepcopy(FINETUNE_DEFAULTS)}, recipe)
 
 
@@ -87,7 +84,7 @@ def cmd_train(args) -> int:
     finetune = args.command == "finetune"
     base = None
     if finetune:
-        base = finetune_base(args.config)
+        base = finetune_base(read_yaml(args.config) if args.config else {})
     # When resuming, this first reading only locates the run: the overrides may complete the saved
     # config (e.g. a longer train.max_steps) and are checked against it below, not against defaults.
     task = overrides.get("task", (base or {}).get("task"))
