@@ -24,6 +24,7 @@ from lmforge.data.batches import ExampleBatches, pad_batch
 from lmforge.data.labelled import Example, LabelMap, read_examples, split_dev, tag_scheme
 from lmforge.data.tokenizer import eos_id
 from lmforge.errors import UserError
+from lmforge.model.config import ModelConfig
 from lmforge.tasks import Task
 
 LABELS_FILE = "labels.json"
@@ -134,8 +135,6 @@ class FinetuneTask(Task):
         causal = base_cfg.task in ("clm", "sft") or (base_cfg.task in FINETUNE_TASKS and base_cfg.finetune.body == "decoder")
         fc.body = "decoder" if causal else "encoder"
         # the body's shape is the checkpoint's; a model.dropout given for this run (not the default) wins
-        from lmforge.model.config import ModelConfig
-
         wanted = self.cfg.model.dropout
         self.cfg.model = dataclasses.replace(base_cfg.model)
         if wanted != ModelConfig.dropout:
