@@ -193,6 +193,13 @@ def test_jsonl_reader_with_text_field(tmp_path):
     assert [t for t, _ in pieces] == docs and all(ends for _, ends in pieces)
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello\nworld\n".encode("utf-8"))
+    assert [t for t, _ in read_corpus(tmp_path / "bom.txt", "txt", "text")] == ["hello\nworld\n"]
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"text": "hi"}\n'.encode("utf-8"))  # json.loads refuses a BOM
+    assert [t for t, _ in read_corpus(tmp_path / "bom.jsonl", "jsonl", "text")] == ["hi"]
+
+
 def test_reader_errors_name_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n{"text": 3}\n')

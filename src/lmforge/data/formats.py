@@ -43,20 +43,23 @@ def corpus_files(path: Path, fmt: str) -> list[Path]:
     return files
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line with its line end); a UTF-8 byte-order mark at the start is dropped,
+    bytes that are not UTF-8 are one error naming file, line and column."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield lineno, raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UserError(f"{path}:{lineno}: bytes are not valid UTF-8 (column {e.start + 1}); "
                                 "expected UTF-8 text") from None
+            yield lineno, text[1:] if lineno == 1 and text.startswith("\ufeff") else text
 
 
 def read_txt(path: Path) -> Iterator[tuple[str, bool]]:
     """One document per file, in pieces cut at line ends."""
     buf, size = [], 0
-    for _, line in _decoded_lines(path):
+    for _, line in decoded_lines(path):
         buf.append(line)
         size += len(line)
         if size >= PIECE_CHARS:
@@ -67,7 +70,7 @@ def read_txt(path: Path) -> Iterator[tuple[str, bool]]:
 
 def read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
     """One document per line: the string in `text_field`."""
-    for lineno, line in _decoded_lines(path):
+    for lineno, line in decoded_lines(path):
         if not line.strip():
             continue
         try:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from lmforge.data.formats import decoded_lines
 from lmforge.errors import UserError
 
 TASKS = ("classify", "regress", "multilabel", "tag", "sft")
@@ -78,20 +79,6 @@ def labelled_format(path: Path, fmt: str, task: str) -> str:
         raise UserError(f"{path}: task {task} cannot read the {fmt} format; expected "
                         f"{' or '.join(TASK_FORMATS[task])} (set finetune.format)")
     return fmt
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line with its line end); a UTF-8 byte-order mark at the start is dropped."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: bytes are not valid UTF-8 (column {e.start + 1}); "
-                                "expected UTF-8 text") from None
-            if lineno == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            yield lineno, text
 
 
 def _check_file(path: Path, task: str, fmt: str) -> None:
@@ -160,7 +147,7 @@ def _read_sst(path: Path, task: str, fc, require_labels: bool) -> Iterator[Examp
     if fc.pair_field:
         raise UserError(f"{path}: finetune.pair_field = {fc.pair_field} but the sst format has one sentence per "
                         "line; expected a csv, tsv or jsonl file for sentence pairs")
-    for lineno, line in _lines(path):
+    for lineno, line in decoded_lines(path):
         line = line.strip()
         if not line:
             continue
@@ -178,7 +165,7 @@ def _read_table(path: Path, fmt: str, task: str, fc, require_labels: bool) -> It
     current = [0]
 
     def source() -> Iterator[str]:  # remembers the line number of the last line the csv reader took
-        for n, s in _lines(path):
+        for n, s in decoded_lines(path):
             current[0] = n
             yield s
 
@@ -270,7 +257,7 @@ def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
         text_name, label_name = fc.prompt_field, fc.response_field
     else:
         text_name, label_name = fc.text_field, fc.label_field
-    for lineno, line in _lines(path):
+    for lineno, line in decoded_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -341,7 +328,7 @@ def _read_conll(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
     def sentence() -> Example:
         return Example(list(words), label=list(tags) if labelled else None, line=start)
 
-    for lineno, line in _lines(path):
+    for lineno, line in decoded_lines(path):
         cols = line.split()
         if not cols:
             if words:
