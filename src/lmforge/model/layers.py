@@ -110,6 +110,39 @@ class Attention(nn.Module):
         return k, v, mask
 
 
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention: queries from the decoder, keys and values from the encoder's output
+    (its memory). The keys and values depend only on the source, so `memory_kv` computes them once and
+    every decoding step reuses them: the cross-attention KV cache."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.residual_out = True
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output [B, S, d] -> keys and values [B, n_kv_head, S, head_dim] each."""
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d]; memory_mask: bool [B, S], True at real source tokens."""
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = memory_kv
+        mask = memory_mask[:, None, None, :] if memory_mask is not None else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
+
+
 def activation(name: str):
     """The elementwise function of an MLP kind (swiglu's gate uses SiLU)."""
     return {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "swiglu": F.silu}[name]
@@ -137,19 +170,27 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """A Transformer block. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). Post-norm (BERT):
-    norm(x + attn(x)), then norm(x + mlp(x))."""
+    norm(x + attn(x)), then norm(x + mlp(x)). A decoder block of an encoder-decoder (cross=True) has a
+    cross-attention sublayer between the two, normed the same way."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False):
         super().__init__()
         self.post_norm = cfg.norm_position == "post"
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, causal)
+        self.norm_cross = make_norm(cfg) if cross else None
+        self.cross = CrossAttention(cfg) if cross else None
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, cache=None, mask=None):
+    def forward(self, x, rope=None, cache=None, mask=None, memory=None):
+        """memory: (keys and values from CrossAttention.memory_kv, source mask or None), cross blocks only."""
         if self.post_norm:
             x = self.norm1(x + self.attn(x, rope, cache, mask))
+            if self.cross is not None:
+                x = self.norm_cross(x + self.cross(x, *memory))
             return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), rope, cache, mask)
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), *memory)
         return x + self.mlp(self.norm2(x))

@@ -22,7 +22,7 @@ class Transformer(nn.Module):
 
     causal = True
 
-    def __init__(self, cfg: ModelConfig, causal: bool | None = None):
+    def __init__(self, cfg: ModelConfig, causal: bool | None = None, cross: bool = False):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (it comes from the tokenizer)")
@@ -35,7 +35,8 @@ class Transformer(nn.Module):
         post = cfg.norm_position == "post"
         self.emb_norm = make_norm(cfg) if post else None  # post-norm stacks normalise the embeddings instead
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layer))
+        # cross: each block also attends to an encoder's output (the decoder of an encoder-decoder)
+        self.blocks = nn.ModuleList(Block(cfg, self.causal, cross) for _ in range(cfg.n_layer))
         self.norm = None if post else make_norm(cfg)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -54,12 +55,13 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def features(self, idx: torch.Tensor, caches: list[KVCache] | None = None, segments: torch.Tensor | None = None,
-                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 pad_mask: torch.Tensor | None = None, memory: tuple[list, torch.Tensor | None] | None = None
+                 ) -> torch.Tensor:
         """Token ids [B, T] -> final hidden states [B, T, d].
 
         caches: idx continues the cached prefix (decoding). segments: [B, T] segment ids (0 when not
         given). pad_mask: bool [B, T], True at real tokens, padding on the right; no position attends to
-        padding.
+        padding. memory (cross blocks): each block's encoder keys and values and the source's pad mask.
         """
         B, T = idx.shape
         start = caches[0].length if caches else 0
@@ -79,7 +81,7 @@ class Transformer(nn.Module):
         # a causal stack needs no padding mask: padding sits on the right, after every real token
         mask = pad_mask[:, None, None, :] if pad_mask is not None and not self.causal else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, caches[i] if caches else None, mask)
+            x = block(x, rope, caches[i] if caches else None, mask, (memory[0][i], memory[1]) if memory else None)
         return self.norm(x) if self.norm is not None else x
 
     def num_params(self) -> int:
