@@ -212,8 +212,10 @@ def test_sft_masks_the_prompt_and_learns_the_response(tmp_path, decoder, capsys)
 def test_resumed_finetune_equals_uninterrupted(tmp_path, encoder):
     train, dev = classify_files(tmp_path)
     common = ("--finetune.epochs", "2", "--train.checkpoint_every", "5", "--robust.augment", "delete,swap",
-              "--model.dropout", "0.1")
+              "--finetune.dropout", "0.1")
     whole = finetune(tmp_path, encoder, train, dev, "classify", *common, run="whole")
+    saved = read_yaml(whole / "config.yaml")
+    assert saved["model"]["dropout"] == 0.1  # finetune.dropout over the base's 0.0: resume must replay its masks
     part = finetune(tmp_path, encoder, train, dev, "classify", *common, "--train.max_time", "1e-9", run="part")
     assert len(read_metrics(part, "train")) < len(read_metrics(whole, "train"))
     assert main(["finetune", "--resume", str(part), "--train.max_time", "0", "--log.progress", "false"]) == 0

@@ -186,6 +186,8 @@ class FinetuneConfig:
                     "for causal LMs)", choices=("auto", "encoder", "decoder"))
     pooling: str = opt("auto", "sentence representation: auto = pooler if the model has BERT's, else cls for an encoder "
                        "and last for a decoder", choices=("auto", "pooler", "cls", "mean", "last"))
+    dropout: float | None = opt(None, "dropout inside the pretrained body for this run; none = the checkpoint's "
+                                "model.dropout", check=between(0, 0.99))
     classifier_dropout: float = opt(0.1, "dropout before the task head", check=between(0, 0.99))
     thresholds: list[float] | None = opt(None, "multilabel: a decision threshold per label (default 0.5 each)")
     group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")

@@ -24,7 +24,6 @@ from lmforge.data.batches import ExampleBatches, pad_batch
 from lmforge.data.labelled import Example, LabelMap, read_examples, split_dev, tag_scheme
 from lmforge.data.tokenizer import eos_id
 from lmforge.errors import UserError
-from lmforge.model.config import ModelConfig
 from lmforge.tasks import Task
 
 LABELS_FILE = "labels.json"
@@ -134,11 +133,10 @@ class FinetuneTask(Task):
         fc = self.cfg.finetune
         causal = base_cfg.task in ("clm", "sft") or (base_cfg.task in FINETUNE_TASKS and base_cfg.finetune.body == "decoder")
         fc.body = "decoder" if causal else "encoder"
-        # the body's shape is the checkpoint's; a model.dropout given for this run (not the default) wins
-        wanted = self.cfg.model.dropout
+        # the body's shape is the checkpoint's; only its dropout may differ for this run
         self.cfg.model = dataclasses.replace(base_cfg.model)
-        if wanted != ModelConfig.dropout:
-            self.cfg.model.dropout = wanted
+        if fc.dropout is not None:
+            self.cfg.model.dropout = fc.dropout
         self._pooling_was_auto = fc.pooling == "auto"
         if fc.pooling == "auto":
             fc.pooling = "last" if causal else "pooler"
