@@ -296,6 +296,8 @@ def test_bad_inputs_are_one_line_and_write_no_run(tmp_path, encoder, decoder, ca
     one_line_error(capsys, base + ["--finetune.init_from", str(encoder), "--finetune.train", str(train),
                                    "--finetune.metric", "bleu"], "finetune.metric", "accuracy")
     one_line_error(capsys, base + ["--task", "mlm"], "not a fine-tuning task")
+    one_line_error(capsys, base + ["--finetune.init_from", str(encoder), "--finetune.train", str(train),
+                                   "--model.dropout", "0.2"], "finetune: model.dropout", "finetune.dropout")
     assert not (tmp_path / "bad").exists()
     one_line_error(capsys, ["evaluate", "--checkpoint", str(decoder), "--data", str(dev)], "fine-tuned run")
 

@@ -85,6 +85,10 @@ def cmd_train(args) -> int:
     base = None
     if finetune:
         base = finetune_base(read_yaml(args.config) if args.config else {})
+        given = sorted({*(f"model.{k}" for k in base.get("model") or {}), *(k for k in overrides if k.startswith("model."))})
+        if given and not args.resume:
+            raise UserError(f"finetune: {given[0]}: the model's shape is the pretrained one's (finetune.init_from); "
+                            "expected no model section (the body's dropout: finetune.dropout)")
     # When resuming, this first reading only locates the run: the overrides may complete the saved
     # config (e.g. a longer train.max_steps) and are checked against it below, not against defaults.
     task = overrides.get("task", (base or {}).get("task"))
