@@ -64,9 +64,7 @@ class EncoderDecoder(nn.Module):
         return [(k[index], v[index]) for k, v in kvs], None if mask is None else mask[index]
 
     def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
-        p = self.head.weight
-        return [KVCache(batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len, self.cfg.head_dim, p.device, p.dtype)
-                for _ in self.decoder.blocks]
+        return self.decoder.new_caches(batch, max_len)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

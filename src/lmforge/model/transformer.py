@@ -87,6 +87,12 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        """One empty self-attention KV cache per block, for decoding up to max_len positions."""
+        p = self.tok_emb.weight
+        return [KVCache(batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len, self.cfg.head_dim, p.device, p.dtype)
+                for _ in self.blocks]
+
     def flops_per_token(self, context: float | None = None) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention scores and
         values, 12 * layers * width * context (the PaLM paper's appendix B accounting); context defaults
@@ -107,10 +113,6 @@ class GPT(Transformer):
         """Token ids [B, T] -> logits [B, T, V]."""
         return self.head(self.features(idx, caches))
 
-    def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
-        p = self.tok_emb.weight
-        return [KVCache(batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len, self.cfg.head_dim, p.device, p.dtype)
-                for _ in range(self.cfg.n_layer)]
 
 
 class MLMHead(nn.Module):
