@@ -38,7 +38,11 @@ def _lines(path: Path, what: str) -> list[str]:
 def _empty_side(source: str, target: str) -> str | None:
     if not source and not target:
         return "an empty line pair"
-    return "an empty source sentence" if not source else "an empty target sentence" if not target else None
+    if not source:
+        return "an empty source sentence"
+    if not target:
+        return "an empty target sentence"
+    return None
 
 
 def read_parallel(source: str | Path, target: str | Path | None = None) -> list[Pair]:
