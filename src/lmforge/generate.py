@@ -1,11 +1,15 @@
-"""Text generation: greedy and sampled decoding (temperature, top-k, top-p) with a KV cache."""
+"""Text generation: greedy and sampled decoding (temperature, top-k, top-p) with a KV cache; greedy and beam
+search decoding for encoder-decoder models, and `translate` on text."""
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.data.tokenizer import eos_id
+from lmforge.data.tokenizer import eos_id, seq2seq_special_ids
 from lmforge.errors import UserError
 
 
@@ -109,3 +113,158 @@ def generate_text(model, tok: Tokenizer, prompt: str | list[int], max_new_tokens
     for s in stop or []:
         text = text.split(s)[0]
     return text
+
+
+# -- encoder-decoder decoding: greedy, beam search, translate --------------------------------------
+# max_lengths count the new tokens of a row, end token included. The decoder is fed the start token and
+# all but the last new token, so a row needs at most max_seq_len positions: limits are clamped to that.
+
+
+def _limits(model, max_lengths: torch.Tensor) -> list[int]:
+    # at least one step, so that every row ends with a hypothesis (possibly only the end token)
+    return max_lengths.clamp(1, model.cfg.max_seq_len).tolist()
+
+
+@torch.no_grad()
+def greedy_decode(model, source: torch.Tensor, source_mask: torch.Tensor | None, bos: int, eos: int,
+                  max_lengths: torch.Tensor, use_cache: bool = True) -> list[list[int]]:
+    """The most likely next token at every step, for an EncoderDecoder. source [B, S], source_mask [B, S]
+    (True at real tokens) or None, max_lengths [B]. Returns each row's new ids, without bos and eos.
+    Without the cache every step re-feeds the whole prefix (a reference for the cached path)."""
+    limits = _limits(model, max_lengths)
+    B, steps = len(limits), max(limits)
+    memory = model.encode(source, source_mask)
+    caches = model.new_caches(B, steps) if use_cache else None
+    seq = source.new_full((B, 1), bos)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for _ in range(steps):
+        nxt = model.decode(seq[:, -1:] if use_cache else seq, memory, caches)[:, -1].argmax(dim=-1)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue  # finished rows still run along in the batch; their tokens are ignored
+            if t == eos:
+                done[i] = True
+            else:
+                out[i].append(t)
+                done[i] = len(out[i]) >= limits[i]
+        if all(done):
+            break
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return out
+
+
+@torch.no_grad()
+def beam_search(model, source: torch.Tensor, source_mask: torch.Tensor | None, bos: int, eos: int,
+                max_lengths: torch.Tensor, beam_size: int = 5, length_penalty: float = 1.0,
+                use_cache: bool = True) -> list[list[int]]:
+    """Beam search over B sources at once (B * beam_size decoder rows), as fairseq does it.
+
+    Live hypotheses are ranked by their summed log-probability; a hypothesis that ends (eos) or reaches
+    its row's max length is scored sum / length ** length_penalty (length: new tokens, eos included).
+    A source is done once it has beam_size ended hypotheses or reaches its max length; done sources
+    leave the batch. Returns the best-scoring hypothesis of each source, without bos and eos."""
+    if beam_size < 1:
+        raise UserError(f"beam_search: beam_size = {beam_size}: expected 1 or more")
+    limits = _limits(model, max_lengths)
+    B, K, steps = len(limits), beam_size, max(limits)
+    dev = source.device
+    base = model.encode(source, source_mask)  # once; live rows select from it
+    live = torch.arange(B, device=dev)  # the sources still searching, as indices into the batch
+    memory = model.select(base, live.repeat_interleave(K))
+    caches = model.new_caches(B * K, steps) if use_cache else None
+    tokens = source.new_full((B * K, 1), bos)  # every live hypothesis, bos first, row = source * K + beam
+    # only the first beam is live at the start: the others are -inf, so the K copies of bos give no duplicates
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    for step in range(steps):
+        n, length = len(live), step + 1
+        logits = model.decode(tokens[:, -1:] if use_cache else tokens, memory, caches)[:, -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        V = logp.shape[-1]
+        cand = (scores[:, :, None] + logp.view(n, K, V)).view(n, K * V)
+        # 2K candidates: at most K of them end (one eos per beam), so K that go on always remain
+        top, flat = cand.topk(2 * K, dim=-1)
+        parent, tok = flat // V, flat % V
+        ended = tok == eos
+        # the K best candidates that do not end go on, in score order (the ended ones sort last)
+        order = torch.arange(2 * K, device=dev) + ended.long() * 2 * K
+        keep_rank = order.topk(K, dim=-1, largest=False).indices
+        scores = top.gather(1, keep_rank)
+        parent, tok_next = parent.gather(1, keep_rank), tok.gather(1, keep_rank)
+        rows = (torch.arange(n, device=dev)[:, None] * K + parent).flatten()  # the row each new beam extends
+        prev, tokens = tokens, torch.cat([tokens[rows], tok_next.flatten()[:, None]], dim=1)
+
+        done = []
+        ended_l, top_l, flat_l, scores_l = ended.tolist(), top.tolist(), flat.tolist(), scores.tolist()
+        for j, src in enumerate(live.tolist()):
+            fin = finished[src]
+            # only ends among the K best count (fairseq): a lower-ranked end is not one the beam would
+            # take, and with beam_size 1 this makes beam search exactly greedy decoding
+            for r in range(K):
+                if ended_l[j][r] and len(fin) < K:
+                    fin.append((top_l[j][r] / length ** length_penalty, prev[j * K + flat_l[j][r] // V, 1:].tolist()))
+            out_of_room = length >= limits[src]
+            if out_of_room:  # the live beams end here, scored the same way
+                fin.extend((scores_l[j][b] / length ** length_penalty, tokens[j * K + b, 1:].tolist())
+                           for b in range(K))
+            done.append(out_of_room or len(fin) >= K)
+        if all(done):
+            break
+        if any(done):  # drop finished sources: their rows leave the tokens, scores, caches and memory
+            stay = torch.tensor([not d for d in done], device=dev)
+            live, scores = live[stay], scores[stay]
+            stay_rows = stay.repeat_interleave(K)
+            tokens, rows = tokens[stay_rows], rows[stay_rows]
+            memory = model.select(base, live.repeat_interleave(K))  # only when the live set changes
+        if use_cache:
+            for c in caches:
+                c.reorder(rows)  # one gather per step: beam reordering and dropped sources together
+    return [max(fin, key=lambda f: f[0])[1] for fin in finished]
+
+
+def translate(model, tokenizer: Tokenizer, texts: list[str], beam_size: int = 5, length_penalty: float = 1.0,
+              max_length_ratio: float = 1.5, batch_size: int = 64, use_cache: bool = True,
+              source_tokenizer: Tokenizer | None = None) -> list[str]:
+    """Translate each text with an EncoderDecoder: greedy when beam_size is 1, else beam search. Sources
+    are sorted by length into batches so that little padding is computed; outputs keep the input order.
+    A text with no tokens (an empty line) gives "" without running the model. source_tokenizer: the
+    source side's own tokenizer (separate vocabularies); by default `tokenizer` encodes the source too."""
+    pad, bos, eos = seq2seq_special_ids(tokenizer)
+    limit = model.cfg.max_seq_len
+    sources: dict[int, list[int]] = {}
+    too_long = []
+    for i, text in enumerate(texts):
+        ids = (source_tokenizer or tokenizer).encode(text, add_special_tokens=False).ids
+        if len(ids) > limit - 1:
+            too_long.append(i + 1)
+        if ids:
+            sources[i] = ids[:limit - 1] + [eos]  # the source ends with </s>, as in training
+    if too_long:
+        warnings.warn(f"translate: {len(too_long)} input line(s) (first: line {too_long[0]}) have more than the model's "
+                      f"{limit - 1} source tokens; only their beginning is translated", stacklevel=2)
+    # longest first: the slowest batch runs first, and lengths in a batch are close
+    order = sorted(sources, key=lambda i: -len(sources[i]))
+    outputs = [""] * len(texts)
+    device = next(model.parameters()).device
+    decode = greedy_decode if beam_size == 1 else beam_search
+    extra = {} if beam_size == 1 else dict(beam_size=beam_size, length_penalty=length_penalty)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                batch = [sources[i] for i in order[start:start + batch_size]]
+                lengths = torch.tensor([len(s) for s in batch], device=device)
+                source = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long, device=device)
+                for row, s in enumerate(batch):
+                    source[row, :len(s)] = torch.tensor(s)
+                mask = torch.arange(source.shape[1], device=device)[None] < lengths[:, None]
+                max_new = [min(math.ceil(max_length_ratio * len(s)) + 10, limit - 1) for s in batch]
+                hyps = decode(model, source, mask, bos, eos, torch.tensor(max_new), use_cache=use_cache, **extra)
+                for i, ids in zip(order[start:start + batch_size], hyps):
+                    outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return outputs

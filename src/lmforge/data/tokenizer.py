@@ -13,6 +13,23 @@ from lmforge.errors import UserError
 
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>")
+# Encoder-decoder models: padding, unknown, the decoder's start token and end of sentence, then (span
+# corruption only) T5's sentinels, one per corrupted span of an example.
+SEQ2SEQ_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def sentinel(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def seq2seq_special_ids(tok: Tokenizer) -> tuple[int, int, int]:
+    """(pad, start, end) ids of an encoder-decoder tokenizer, or a one-line UserError."""
+    ids = [tok.token_to_id(t) for t in SEQ2SEQ_SPECIALS[:1] + SEQ2SEQ_SPECIALS[2:]]
+    for name, i in zip(("<pad>", "<s>", "</s>"), ids):
+        if i is None:
+            raise UserError(f"tokenizer: no {name} token; expected an encoder-decoder tokenizer (one that a seq2seq "
+                            "or span run trained)")
+    return ids[0], ids[1], ids[2]
 
 
 def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, special_tokens: list[str],

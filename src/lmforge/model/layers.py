@@ -52,6 +52,12 @@ class KVCache:
         self.length += t
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows at `index` (may repeat rows): beam search follows each surviving hypothesis
+        back to the row it extends and drops finished sentences. The cached length is unchanged."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads through F.scaled_dot_product_attention."""
