@@ -79,7 +79,7 @@ def test_unknown_key_suggests_the_close_match(tmp_path):
     assert "did you mean 'model.n_head'" in error_of(tmp_path, overrides={"model.n_heads": "4"})
     assert "did you mean 'eval.patience'" in error_of(tmp_path, "eval:\n  patiense: 3\n")
     msg = error_of(tmp_path, "zzz: 1\n")
-    assert "unknown key 'zzz'" in msg and "known keys here: data, eval, finetune, log, loss, mlm, model, peft, robust, task, train" in msg
+    assert "unknown key 'zzz'" in msg and "known keys here: data, eval, finetune, log, loss, mlm, model, peft, robust, seq2seq, span, task, train" in msg
     assert "'lr' is a value, not a section" in error_of(tmp_path, "train:\n  lr: 0.1\n", {"train.lr.x": "1"})
 
 

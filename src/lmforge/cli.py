@@ -1,4 +1,5 @@
-"""The `lmforge` command: pretrain, finetune, evaluate, predict, tokenizer, generate, import, export."""
+"""The `lmforge` command: pretrain (train), finetune, evaluate, predict, translate, tokenizer, generate, import,
+export."""
 
 from __future__ import annotations
 
@@ -117,10 +118,13 @@ def cmd_train(args) -> int:
         print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
     if cfg.task in ("clm", "sft"):
         print(f"generate:      lmforge generate --checkpoint {result.run_dir} --prompt \"...\"")
+    if cfg.task == "seq2seq":
+        print(f"translate:     lmforge translate --checkpoint {result.run_dir} < INPUT > OUTPUT")
     if finetune:
         print(f"evaluate:      lmforge evaluate --checkpoint {result.run_dir} --data FILE")
         print(f"predict:       lmforge predict --checkpoint {result.run_dir} --input FILE --output OUT.jsonl")
-    print(f"export:        lmforge export {result.run_dir} OUT_DIR   (a Hugging Face folder)")
+    if cfg.task not in ("seq2seq", "span"):
+        print(f"export:        lmforge export {result.run_dir} OUT_DIR   (a Hugging Face folder)")
     return 0
 
 
@@ -180,6 +184,60 @@ def cmd_predict(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
         print(f"{len(records)} predictions written to {out}", file=sys.stderr)
+    return 0
+
+
+def _input_lines(path: str | None) -> list[str]:
+    """The lines of a UTF-8 file, or of standard input when path is None or '-'."""
+    from lmforge.data.formats import decoded_lines
+
+    if path not in (None, "-"):
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such file; expected text, one sentence per line")
+        return [line.rstrip("\r\n") for _, line in decoded_lines(Path(path))]
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"<stdin>:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); expected UTF-8 text") from None
+    return text.splitlines()
+
+
+def cmd_translate(args) -> int:
+    from lmforge.generate import translate
+    from lmforge.metrics import translation_scores
+    from lmforge.tasks.seq2seq import source_tokenizer
+    from lmforge.train.checkpoint import load_run
+    from lmforge.train.loop import pick_device
+
+    device = pick_device(args.device, "translate: --device")
+    model, tok, cfg = load_run(args.checkpoint, device)
+    if cfg.task != "seq2seq":
+        hint = " (a span run is pre-trained only: train translation from it with seq2seq.init_from)" if cfg.task == "span" else ""
+        raise UserError(f"translate: {args.checkpoint} holds a {cfg.task} model; expected a seq2seq run{hint}")
+    sc = cfg.seq2seq
+    sources = _input_lines(args.input)
+    references = _input_lines(args.reference) if args.reference else None
+    if references is not None and len(references) != len(sources):
+        raise UserError(f"translate: --reference {args.reference} has {len(references)} lines and the input "
+                        f"{len(sources)}; expected one reference per input line")
+    beam = args.beam or sc.beam_size
+    hypotheses = translate(model, tok, sources, beam_size=beam,
+                           length_penalty=sc.length_penalty if args.length_penalty is None else args.length_penalty,
+                           max_length_ratio=args.max_length_ratio or sc.max_length_ratio, batch_size=args.batch_size,
+                           use_cache=not args.no_cache, source_tokenizer=source_tokenizer(Path(args.checkpoint)))
+    text = "".join(h + "\n" for h in hypotheses)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        from lmforge.train.checkpoint import atomic_write
+
+        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    if references is not None:
+        scores, signatures = translation_scores(hypotheses, references, args.tokenize or sc.bleu_tokenize)
+        print(f"BLEU {scores['bleu']:.2f} ({signatures['bleu']})\nchrF {scores['chrf']:.2f} ({signatures['chrf']})\n"
+              f"RESULT bleu={scores['bleu']:.2f} chrf={scores['chrf']:.2f} beam={beam}", file=sys.stderr)
     return 0
 
 
@@ -249,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluated and sampled model.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("pretrain", help="pre-train a model from raw text (default: a small GPT on the King James Bible)",
+    p = sub.add_parser("pretrain", aliases=["train"], help="pre-train a model from raw text (default: a small GPT on the "
+                       "King James Bible); train any task from a recipe (e.g. translation: task seq2seq)",
                        description="Pre-train a model. With no options: a small GPT on the embedded King James Bible "
-                       "in about 4 minutes on a laptop CPU.", allow_abbrev=False)
+                       "in about 4 minutes on a laptop CPU. `lmforge train` is the same command, for tasks that are "
+                       "not pre-training (seq2seq).", allow_abbrev=False)
     p.add_argument("--resume", metavar="auto|RUN|CKPT",
                    help="continue a run exactly: auto = the newest good checkpoint of --log.run_dir or of the newest run")
     _config_options(p)
@@ -286,6 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="the JSONL file to write [default: standard output]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("translate", help="translate text, one sentence per line, with a seq2seq run",
+                       description="Translate with a seq2seq run: lines in (a file or standard input), detokenised "
+                       "translations out, one per line, in the same order. With --reference, BLEU and chrF (sacrebleu, "
+                       "signatures printed) go to standard error.", allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True, help="a seq2seq run directory (or one of its checkpoints)")
+    p.add_argument("--input", help="the file to translate [default: standard input]")
+    p.add_argument("--output", help="where to write the translations [default: standard output]")
+    p.add_argument("--beam", type=int, help="beam width; 1 = greedy [default: the run's seq2seq.beam_size]")
+    p.add_argument("--length-penalty", type=float, help="rank beams by log-probability / length^this [default: the run's]")
+    p.add_argument("--max-length-ratio", type=float, help="at most this times the source's tokens, plus 10 [default: the run's]")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences decoded together [default: 64]")
+    p.add_argument("--reference", help="reference translations, one per input line: print BLEU and chrF")
+    p.add_argument("--tokenize", choices=["13a", "intl", "zh", "char", "none"],
+                   help="sacrebleu's BLEU tokenisation [default: the run's seq2seq.bleu_tokenize]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
+    p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer on a corpus")
     tsub = p.add_subparsers(dest="action", required=True, parser_class=Parser)

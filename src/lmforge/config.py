@@ -122,6 +122,8 @@ TASK_LOSSES = {
     "regress": ("mse", "huber", "smooth_l1", "mae"),
     "multilabel": ("bce", "binary_focal"),
     "tag": ("cross_entropy", "focal"),
+    "seq2seq": ("cross_entropy",),
+    "span": ("cross_entropy",),
 }
 
 
@@ -193,6 +195,43 @@ class FinetuneConfig:
     group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")
 
 
+BLEU_TOKENIZERS = ("13a", "intl", "zh", "char", "none")
+
+
+@dataclass
+class Seq2SeqConfig:
+    train: str | None = opt(None, "training pairs: a TSV of source<TAB>target lines, or the source side of two line-aligned files")
+    train_target: str | None = opt(None, "the target side of line-aligned training files; none = `train` is a TSV")
+    dev: str | None = opt(None, "dev pairs, as `train` (loss, BLEU and chrF at each evaluation)")
+    dev_target: str | None = opt(None, "the target side of line-aligned dev files; none = `dev` is a TSV")
+    init_from: str | None = opt(None, "a span-corruption or translation run to start from (its tokenizer and model shape "
+                                "are used)")
+    decoder_layers: int = opt(0, "decoder blocks; 0 = model.n_layer (the encoder's)", check=ge(0))
+    source_vocab_size: int = opt(0, "0 = one joint BPE for both sides (one shared embedding); N = a source BPE of its "
+                                 "own of N tokens (source_tokenizer.json, a separate encoder embedding)", check=ge(0))
+    max_length: int = opt(128, "tokens per side (at most model.max_seq_len): longer training pairs are dropped, longer dev sources cut", check=gt(1))
+    max_ratio: float = opt(3.0, "drop training pairs whose longer side has more than this times the tokens of the "
+                           "shorter; 0 = keep all", check=ge(0))
+    max_tokens: int = opt(4096, "tokens per batch (sentences x the longest side in it), batches of similar lengths; "
+                          "0 = train.batch_size sentences", check=ge(0))
+    beam_size: int = opt(5, "beam width of the final evaluation and of `lmforge translate`; 1 = greedy", check=gt(0))
+    length_penalty: float = opt(1.0, "beam hypotheses are ranked by log-probability / length^this (0 = raw "
+                                "log-probability, favouring short output)", check=ge(0))
+    max_length_ratio: float = opt(1.5, "a translation has at most this times the source's tokens, plus 10", check=gt(0))
+    eval_bleu: bool = opt(True, "translate the dev set (greedy) at each evaluation and keep the weights with the best BLEU")
+    bleu_tokenize: str = opt("13a", "sacrebleu's tokenisation for BLEU: 13a (its default), intl, zh (Chinese), char, none",
+                             choices=BLEU_TOKENIZERS)
+    average_last: int = opt(1, "at the end, average the weights of the last k checkpoints and keep the average if it "
+                            "scores better on dev; 1 = off (needs train.keep_checkpoints >= k)", check=gt(0))
+    samples: int = opt(5, "sample translations printed beside their references at the end", check=ge(0))
+
+
+@dataclass
+class SpanConfig:
+    noise_density: float = opt(0.15, "the share of each example's tokens that are corrupted", check=fraction_open())
+    mean_span_length: float = opt(3.0, "the mean length of a corrupted span, in tokens", check=ge(1))
+
+
 PEFT_METHODS = ("none", "lora", "adapter", "prefix")
 
 
@@ -250,14 +289,17 @@ class Config:
     GPT on the King James Bible, about 4 minutes of training on a 2-core CPU."""
 
     task: str = opt("clm", "what to train: clm = causal LM (GPT), mlm = masked LM (BERT-style encoder); fine-tuning: "
-                    "classify, regress, multilabel, tag (token classification), sft (prompt/response)",
-                    choices=("clm", "mlm", *FINETUNE_TASKS))
+                    "classify, regress, multilabel, tag (token classification), sft (prompt/response); "
+                    "seq2seq = an encoder-decoder on parallel text (translation), span = T5 span-corruption "
+                    "pre-training of an encoder-decoder", choices=("clm", "mlm", *FINETUNE_TASKS, "seq2seq", "span"))
     model: ModelConfig = section(ModelConfig, "model")
     data: DataConfig = section(DataConfig, "data")
     train: TrainConfig = section(TrainConfig, "training and optimizer")
     loss: LossConfig = section(LossConfig, "the loss")
     mlm: MLMConfig = section(MLMConfig, "masked-LM pre-training (task = mlm)")
     finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning data and head (tasks classify, regress, multilabel, tag, sft)")
+    seq2seq: Seq2SeqConfig = section(Seq2SeqConfig, "encoder-decoder training and decoding (tasks seq2seq and span)")
+    span: SpanConfig = section(SpanConfig, "span-corruption pre-training (task = span)")
     peft: PeftConfig = section(PeftConfig, "parameter-efficient fine-tuning")
     robust: RobustConfig = section(RobustConfig, "adversarial training and augmentation (classify, tag)")
     eval: EvalConfig = section(EvalConfig, "evaluation")
@@ -295,6 +337,10 @@ class Config:
         if mc.mask_token_prob + mc.random_token_prob > 1:
             raise ConfigError(f"config: mlm.mask_token_prob + mlm.random_token_prob = "
                               f"{mc.mask_token_prob + mc.random_token_prob:g} must be <= 1")
+        sc = self.seq2seq
+        if self.task in ("seq2seq", "span") and sc.average_last > t.keep_checkpoints:
+            raise ConfigError(f"config: seq2seq.average_last = {sc.average_last} needs train.keep_checkpoints >= "
+                              f"{sc.average_last} (got {t.keep_checkpoints})")
         self._validate_loss()
 
     def _validate_loss(self) -> None:

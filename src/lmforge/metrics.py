@@ -1,4 +1,4 @@
-"""Streaming evaluation metrics for fine-tuning tasks.
+"""Streaming evaluation metrics for fine-tuning tasks, and BLEU/chrF for translation.
 
 Each metric object is updated batch by batch with predictions (class indices, booleans, numbers or tag
 strings, never logits) and the gold values, keeps them, and computes its numbers at `result()` with
@@ -219,3 +219,15 @@ class EntityMetrics:
                                "f1": float(v["f1-score"]), "support": int(v["support"])}
                            for k, v in table.items() if not k.endswith(" avg")}
         return out
+
+
+def translation_scores(hypotheses: list[str], references: list[str], tokenize: str = "13a") -> tuple[dict, dict]:
+    """Corpus BLEU (with sacrebleu's `tokenize`) and chrF of detokenised output against one reference
+    each -> ({"bleu", "chrf", "bp"}, {"bleu": signature, "chrf": signature}); the signatures say how the
+    scores were computed, so they can be compared with published ones."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu, chrf = BLEU(tokenize=tokenize), CHRF()
+    b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])
+    return ({"bleu": b.score, "chrf": c.score, "bp": b.bp},
+            {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())})

@@ -78,14 +78,20 @@ class ExampleBatches:
     padding) while the order stays random. The position is (epoch, batch), so a checkpoint resumes
     exactly; with `shard` = (rank, world) each rank keeps its slice of every global batch of world x
     batch_size examples. `make(indices, epoch, batch)` turns indices into a batch of tensors.
+
+    With max_tokens (translation), batches hold a number of tokens instead of examples: the epoch's
+    examples are sorted by length (length buckets) and cut into batches of at most max_tokens x world
+    padded tokens (examples x the longest), which are then shuffled: short sentences come in large
+    batches, long ones in small, and no batch wastes much on padding.
     """
 
     GROUP = 50  # global batches sorted together
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, make, shard: tuple[int, int] = (0, 1),
-                 group_by_length: bool = True):
+                 group_by_length: bool = True, max_tokens: int = 0):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.make, self.group = batch_size, seed, make, group_by_length
+        self.max_tokens = max_tokens
         self.rank, self.world = shard
         self.epoch, self.index = 0, 0
         self._order = self._epoch_order(0)
@@ -94,6 +100,10 @@ class ExampleBatches:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
         size = self.batch_size * self.world
+        if self.max_tokens:
+            order = order[np.argsort(self.lengths[order], kind="stable")]
+            batches = [b for b in self._by_tokens(order) if len(b) >= self.world]
+            return [batches[i] for i in rng.permutation(len(batches))]
         if self.group:
             chunks = [order[i:i + size * self.GROUP] for i in range(0, len(order), size * self.GROUP)]
             order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
@@ -101,6 +111,17 @@ class ExampleBatches:
         batches = [b for b in batches if len(b) >= self.world]  # every rank gets at least one example
         if self.group:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def _by_tokens(self, order: np.ndarray) -> list[np.ndarray]:
+        budget = self.max_tokens * self.world
+        batches, start, longest = [], 0, 0
+        for i, length in enumerate(self.lengths[order]):
+            if i > start and max(longest, length) * (i - start + 1) > budget:
+                batches.append(order[start:i])
+                start, longest = i, 0
+            longest = max(longest, length)
+        batches.append(order[start:])
         return batches
 
     def steps_per_epoch(self) -> int:

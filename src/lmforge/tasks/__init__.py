@@ -78,8 +78,11 @@ def make_task(cfg) -> Task:
     from lmforge.tasks.classify import ClassifyTask, MultiLabelTask, RegressTask
     from lmforge.tasks.clm import CausalLM
     from lmforge.tasks.mlm import MaskedLMTask
+    from lmforge.tasks.seq2seq import Seq2SeqTask
+    from lmforge.tasks.span import SpanCorruption
     from lmforge.tasks.sft import SFTTask
     from lmforge.tasks.tag import TagTask
 
-    tasks = {t.name: t for t in (CausalLM, MaskedLMTask, ClassifyTask, RegressTask, MultiLabelTask, TagTask, SFTTask)}
+    tasks = {t.name: t for t in (CausalLM, MaskedLMTask, ClassifyTask, RegressTask, MultiLabelTask, TagTask, SFTTask,
+                                  Seq2SeqTask, SpanCorruption)}
     return tasks[cfg.task](cfg)
