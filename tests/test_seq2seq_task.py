@@ -131,6 +131,9 @@ def test_translation_run_learns_a_toy_language_pair_end_to_end(tmp_path, capsys)
     assert "hypothesis:" in out and "checkpoint averaging: 3 checkpoints" in out
     scores = json.loads((run / "dev_scores.json").read_text())
     assert scores["bleu"] > 60, scores  # an untrained model scores about 0
+    png = (run / "curves.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width / height > 3.5  # three panels (loss, lr, val bleu), not two
     hyps = (run / "dev.translations.txt").read_text(encoding="utf-8").splitlines()
     assert len(hyps) == 60
     # `translate` reads standard input or a file and gives what the run's own evaluation gave

@@ -90,15 +90,18 @@ class Seq2SeqTask(Task):
         self.dev = read_parallel(sc.dev, sc.dev_target)
         self.init = None
         tc = self.cfg.data.tokenizer
-        if sc.init_from or tc.path:
+        run_dir = Path(self.cfg.log.run_dir) if self.cfg.log.run_dir else None
+        # a run continued in its own directory (--resume) keeps the tokenizer it was trained with
+        given = str(run_dir) if run_dir and (run_dir / "tokenizer.json").is_file() else tc.path
+        if sc.init_from or given:
             if sc.init_from:
                 self.init, self.tok = load_init(self.cfg, sc.init_from)
             else:
-                self.tok = load_tokenizer(tc.path)
-            self.src_tok = source_tokenizer(sc.init_from or tc.path)
+                self.tok = load_tokenizer(given)
+            self.src_tok = source_tokenizer(sc.init_from or given)
             if (self.src_tok is not None) != bool(sc.source_vocab_size):
                 raise UserError(f"config: seq2seq.source_vocab_size = {sc.source_vocab_size} but "
-                                f"{sc.init_from or tc.path} has {'a' if self.src_tok is not None else 'no'} {SOURCE_TOKENIZER}")
+                                f"{sc.init_from or given} has {'a' if self.src_tok is not None else 'no'} {SOURCE_TOKENIZER}")
         elif sc.source_vocab_size:  # a BPE per side
             self.src_tok = train_tokenizer([p.source for p in train], tc.kind, sc.source_vocab_size, SEQ2SEQ_SPECIALS,
                                            tc.lowercase)
@@ -107,8 +110,10 @@ class Seq2SeqTask(Task):
             texts = [p.source for p in train] + [p.target for p in train]
             self.tok, self.src_tok = train_tokenizer(texts, tc.kind, tc.vocab_size, SEQ2SEQ_SPECIALS, tc.lowercase), None
         self.pad, self.bos, self.eos = seq2seq_special_ids(self.tok)
-        if self.src_tok is not None:  # both list the specials first, so their ids agree
-            assert seq2seq_special_ids(self.src_tok) == (self.pad, self.bos, self.eos)
+        if self.src_tok is not None:
+            if seq2seq_special_ids(self.src_tok) != (self.pad, self.bos, self.eos):  # one padding and end id per batch
+                raise UserError(f"tokenizer: the source tokenizer's <pad> <s> </s> ids differ from the target's; "
+                                "expected the same ids on both sides")
             sc.source_vocab_size = max(sc.source_vocab_size, self.src_tok.get_vocab_size())
         vocab = self.tok.get_vocab_size()
         if self.cfg.model.vocab_size < vocab:

@@ -260,7 +260,7 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
         if final:
             break
     train_seconds = time.perf_counter() - started - paused
-    plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)])
+    plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)], metric=metric)
     say(f"lmforge: stopped at step {step} ({stop_reason}); best val {metric} {best:.4f}")
     if adversary is not None:
         adversary.remove()

@@ -51,13 +51,14 @@ class Tracker:
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
 
-    def close(self, schedule: list[float] | None = None) -> Path | None:
-        """Finish; `schedule` is the planned learning rate of every step, drawn under the logged one."""
+    def close(self, schedule: list[float] | None = None, metric: str = "loss") -> Path | None:
+        """Finish; `schedule` is the planned learning rate of every step, drawn under the logged one;
+        `metric` (other than loss): the val metric the run selects by, drawn in a third panel."""
         self.bar.close()
         self.file.close()
         if self.tb:
             self.tb.close()
-        return plot_curves(self.run_dir, schedule)
+        return plot_curves(self.run_dir, schedule, metric)
 
 
 class NullTracker:
@@ -69,7 +70,7 @@ class NullTracker:
     def advance(self, steps: int = 1) -> None:
         pass
 
-    def close(self, schedule: list[float] | None = None) -> None:
+    def close(self, schedule: list[float] | None = None, metric: str = "loss") -> None:
         return None
 
 
@@ -88,7 +89,7 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def plot_curves(run_dir: Path, schedule: list[float] | None = None) -> Path | None:
+def plot_curves(run_dir: Path, schedule: list[float] | None = None, metric: str = "loss") -> Path | None:
     rows = read_metrics(run_dir / METRICS)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
@@ -99,7 +100,13 @@ def plot_curves(run_dir: Path, schedule: list[float] | None = None) -> Path | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    scored = [r for r in val if metric in r] if metric != "loss" else []
+    fig, axes = plt.subplots(1, 3 if scored else 2, figsize=(16 if scored else 11, 4))
+    ax_loss, ax_lr = axes[0], axes[1]
+    if scored:
+        axes[2].plot([r["step"] for r in scored], [r[metric] for r in scored], "o-", color="tab:purple", lw=1.5)
+        axes[2].set(xlabel="step", ylabel=metric, title=f"val {metric}")
+        axes[2].grid(alpha=0.3)
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
     if val:
         ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val", lw=1.5)
