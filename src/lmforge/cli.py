@@ -138,8 +138,9 @@ def _finetuned_run(checkpoint: str, device_name: str, command: str):
     device = pick_device(device_name, f"{command}: --device")
     model, tok, cfg = load_run(checkpoint, device)
     if cfg.task not in FINETUNE_TASKS:
+        hint = "; for a translation run: lmforge translate --input SOURCES --reference TARGETS" if cfg.task == "seq2seq" else ""
         raise UserError(f"{command}: {checkpoint} holds a {cfg.task} model; {command} takes a fine-tuned run "
-                        f"({', '.join(FINETUNE_TASKS)})")
+                        f"({', '.join(FINETUNE_TASKS)}){hint}")
     task = make_task(cfg)
     task.prepare_inference(tok)
     return model, task, cfg
