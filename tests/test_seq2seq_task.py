@@ -243,3 +243,10 @@ def test_separate_vocabularies_give_the_encoder_its_own_embedding(tmp_path, caps
     assert main(["translate", "--checkpoint", str(run), "--input", str(src), "--output", str(out)]) == 0
     lines = out.read_text(encoding="utf-8").split("\n")
     assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+
+
+def test_averaging_more_checkpoints_than_are_kept_is_refused():
+    from lmforge.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="seq2seq.average_last = 5 needs train.keep_checkpoints >= 5 \\(got 2\\)"):
+        load_config(None, {"task": "seq2seq", "seq2seq.average_last": "5", "train.keep_checkpoints": "2"})
