@@ -205,9 +205,12 @@ class Seq2SeqTask(Task):
             lines.append(self._keep_average(model, run_dir))
         hypotheses = self.translate(model, sc.beam_size)
         scores, signatures = self.scores(hypotheses)
-        (run_dir / "dev.translations.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-        (run_dir / "dev_scores.json").write_text(json.dumps({**scores, "beam_size": sc.beam_size, "signatures": signatures},
-                                                            indent=2) + "\n")
+        from lmforge.train.checkpoint import atomic_write
+
+        text = "".join(h + "\n" for h in hypotheses)
+        atomic_write(run_dir / "dev.translations.txt", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        report = json.dumps({**scores, "beam_size": sc.beam_size, "signatures": signatures}, indent=2) + "\n"
+        atomic_write(run_dir / "dev_scores.json", lambda tmp: tmp.write_text(report))
         for i in np.linspace(0, len(self.dev) - 1, min(sc.samples, len(self.dev))).round().astype(int):
             lines += [f"--- dev line {self.dev[i].line} ---", f"source:     {self.dev[i].source}",
                       f"reference:  {self.dev[i].target}", f"hypothesis: {hypotheses[i]}"]
