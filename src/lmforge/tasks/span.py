@@ -34,6 +34,11 @@ def _split(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
     return np.diff(np.concatenate([[0], cuts, [total]]))
 
 
+def _whole_windows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model.max_seq_len-token windows behind a causal-LM batch (input plus its last target)."""
+    return torch.cat([batch["input"], batch["target"][:, -1:]], dim=1)
+
+
 def corrupt(tokens: np.ndarray, noise_density: float, mean_span_length: float, sentinels: list[int], eos: int,
             rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """One window -> (encoder input, decoder target): kept runs and corrupted spans alternate, starting
@@ -89,7 +94,7 @@ class SpanCorruption(Task):
         ec = self.cfg.eval
         for i, b in enumerate(eval_windows(self.data.val, self.cfg.model.max_seq_len - 1, ec.batch_size, ec.batches)):
             # the same corruption of the same windows at every evaluation, so val losses compare
-            yield self._examples(torch.cat([b["input"], b["target"][:, -1:]], dim=1), np.random.default_rng([0, i]))
+            yield self._examples(_whole_windows(b), np.random.default_rng([0, i]))
 
     def loss(self, model, batch) -> torch.Tensor:
         return seq2seq_loss(model, batch, self.cfg.loss, self.cfg.loss.chunked)
@@ -116,7 +121,7 @@ class SpanBatches:
         b = next(self.windows)
         rng = np.random.default_rng([self.seed, self.windows.rank, self.index])
         self.index += 1
-        return self.make(torch.cat([b["input"], b["target"][:, -1:]], dim=1), rng)
+        return self.make(_whole_windows(b), rng)
 
     def state_dict(self) -> dict:
         return {"windows": self.windows.state_dict(), "index": self.index}
