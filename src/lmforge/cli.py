@@ -1,5 +1,5 @@
 """The `lmforge` command: pretrain (train), finetune, evaluate, predict, translate, tokenizer, generate, import,
-export."""
+export, serve, report, runs."""
 
 from __future__ import annotations
 
@@ -303,6 +303,30 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from lmforge.serve import Limits, serve
+
+    serve(args.run, args.host, args.port, args.device, batching=not args.no_batching, log_requests=args.log_requests,
+          limits=Limits(max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
+                        max_body_bytes=args.max_body_bytes, max_batch=args.max_batch))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lmforge.report import write_report
+
+    out = write_report(Path(args.run), Path(args.out) if args.out else None)
+    print(f"report: {out}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from lmforge.report import format_runs, list_runs
+
+    print(format_runs(list_runs(Path(args.dir))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lmforge", description="Train Transformer language models: from raw text to a trained, "
                     "evaluated and sampled model.", allow_abbrev=False)
@@ -408,6 +432,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "gpt2", "llama", "bert"],
                    help="the Hugging Face layout; auto = bert for mlm, gpt2 or else llama for clm [default: auto]")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="answer HTTP requests with a trained run (FastAPI; OpenAPI schema at /docs)",
+                       description="Serve a run or a Hugging Face folder over HTTP. The endpoint follows the model's "
+                       "task: POST /v1/generate (clm, sft; stream: true for server-sent events), /v1/classify "
+                       "(classify, regress, multilabel), /v1/tag (tag), /v1/translate (seq2seq); always GET /health "
+                       "and /metadata, and the OpenAPI schema at /openapi.json. Requests that arrive while the model "
+                       "is busy are answered together in one forward pass. Ctrl-C or SIGTERM finishes the requests "
+                       "in flight, then stops.", allow_abbrev=False)
+    p.add_argument("run", metavar="RUN_OR_HF_DIR", help="a run directory, one of its checkpoints, or a Hugging Face folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1, this machine only]")
+    p.add_argument("--port", type=int, default=8000, help="TCP port [default: 8000]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-input-tokens", type=int, help="refuse an input longer than this many tokens "
+                   "[default: the model's context]")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="refuse a generation request asking for more "
+                   "[default: 256]")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="refuse a larger request body [default: 1 MiB]")
+    p.add_argument("--max-batch", type=int, default=64, help="refuse a request with more inputs [default: 64]")
+    p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
+    p.add_argument("--log-requests", action="store_true", help="print one access-log line per request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="write one self-contained HTML page about a run",
+                       description="Write RUN/report.html (or --out): the config, loss / learning-rate / throughput "
+                       "curves, the evaluation tables, the confusion matrix or sample translations. The page has no "
+                       "outside links: mail it or open it offline.", allow_abbrev=False)
+    p.add_argument("run", metavar="RUN", help="a run directory")
+    p.add_argument("--out", help="the HTML file to write [default: RUN/report.html]")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("runs", help="list the runs under a folder with their main metric, best first",
+                       description="List every run directory under DIR (searched recursively) with its task, main "
+                       "metric (dev accuracy / F1 / BLEU, or validation loss), steps and date, best first within "
+                       "each task.", allow_abbrev=False)
+    p.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="where the runs are [default: runs]")
+    p.set_defaults(func=cmd_runs)
     return parser
 
 

@@ -75,22 +75,41 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     return torch.stack(out, dim=1) if out else prompt.new_zeros(B, 0)
 
 
-def generate_text(model, tok: Tokenizer, prompt: str | list[int], max_new_tokens: int = 200,
-                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
-                  stop_at_eos: bool = True, generator: torch.Generator | None = None, use_cache: bool = True) -> str:
-    """Generate a continuation of one prompt and return it as text, cut before the first stop string.
-    End-of-text tokens inside the output show as line breaks when generation runs past them."""
+def prompt_ids(tok: Tokenizer, prompt: str | list[int]) -> list[int]:
+    """A prompt's token ids; an empty prompt starts from the end-of-text token (the start of a document)."""
     ids = tok.encode(prompt, add_special_tokens=False).ids if isinstance(prompt, str) else list(prompt)
     if not ids:
         eos = eos_id(tok)
         if eos is None:
             raise UserError("generate: the prompt is empty and the tokenizer has no end-of-text token to start from")
         ids = [eos]
+    return ids
+
+
+def generate_text(model, tok: Tokenizer, prompt: str | list[int], max_new_tokens: int = 200,
+                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
+                  stop_at_eos: bool = True, generator: torch.Generator | None = None, use_cache: bool = True,
+                  on_text=None) -> str:
+    """Generate a continuation of one prompt and return it as text, cut before the first stop string.
+    End-of-text tokens inside the output show as line breaks when generation runs past them.
+    on_text(text so far) is called after each new token (streaming)."""
+    stream = (lambda texts: on_text(texts[0])) if on_text is not None else None
+    return generate_texts(model, tok, [prompt_ids(tok, prompt)], max_new_tokens, temperature, top_k, top_p, stop,
+                          stop_at_eos, generator, use_cache, stream)[0]
+
+
+def generate_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int = 200,
+                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
+                   stop_at_eos: bool = True, generator: torch.Generator | None = None, use_cache: bool = True,
+                   on_text=None) -> list[str]:
+    """generate_text for several prompts of the same token length at once (one forward pass a step; the
+    server batches concurrent requests this way). on_text(texts so far) is called after each step and may
+    return True to stop."""
     device = next(model.parameters()).device
     eos = eos_id(tok)
-    new: list[int] = []
+    new: list[list[int]] = [[] for _ in prompts]
 
-    def text_of(tokens: list[int]) -> str:
+    def decoded(tokens: list[int]) -> str:
         pieces, cur = [], []
         for t in tokens + [None]:
             if t is None or t == eos:
@@ -100,19 +119,25 @@ def generate_text(model, tok: Tokenizer, prompt: str | list[int], max_new_tokens
                 cur.append(t)
         return "\n".join(pieces)
 
-    def hit_stop(nxt: torch.Tensor) -> bool:
-        new.append(int(nxt[0]))
-        return bool(stop) and any(s in text_of(new) for s in stop)
+    def finished(tokens: list[int]) -> str:
+        if stop_at_eos and eos in tokens:
+            tokens = tokens[:tokens.index(eos)]
+        text = decoded(tokens)
+        for s in stop or []:
+            text = text.split(s)[0]
+        return text
 
-    generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, top_p,
+    def step(nxt: torch.Tensor) -> bool:
+        for row, t in zip(new, nxt.tolist()):
+            row.append(t)
+        if on_text is not None and on_text([finished(row) for row in new]):
+            return True  # the caller gave up (a streaming client went away)
+        return bool(stop) and all(any(s in decoded(row) for s in stop) for row in new)
+
+    generate(model, torch.tensor(prompts, device=device), max_new_tokens, temperature, top_k, top_p,
              stop_ids={eos} if stop_at_eos and eos is not None else None, use_cache=use_cache,
-             generator=generator, on_token=hit_stop)
-    if stop_at_eos and eos in new:
-        new = new[:new.index(eos)]
-    text = text_of(new)
-    for s in stop or []:
-        text = text.split(s)[0]
-    return text
+             generator=generator, on_token=step)
+    return [finished(row) for row in new]
 
 
 # -- encoder-decoder decoding: greedy, beam search, translate --------------------------------------

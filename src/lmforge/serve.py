@@ -1,0 +1,531 @@
+"""`lmforge serve`: a trained run answers HTTP requests (FastAPI on uvicorn).
+
+The endpoint follows the run's task: /v1/generate (clm, sft), /v1/classify (classify, regress, multilabel),
+/v1/tag (tag), /v1/translate (seq2seq); /health and /metadata always. Answers are computed by the same
+code as the CLI (`task.predict`, `translate`, `generate_text`), so they equal `lmforge predict`,
+`lmforge translate` and `lmforge generate` for the same input.
+
+Batching: one worker thread owns the model. Requests are queued; whenever the worker is free it takes
+the oldest request together with every queued request that can share its forward pass (same endpoint and
+decoding settings), up to --max-batch inputs. Nothing waits for a batch to fill: an idle server answers
+at once, a busy one answers many requests per forward pass.
+
+Every client mistake is a 4xx JSON body {"error": "FIELD: what is wrong; expected what", "field": FIELD}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import threading
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from lmforge import __version__
+from lmforge.errors import UserError
+
+ENDPOINTS = {"clm": "generate", "sft": "generate", "classify": "classify", "regress": "classify",
+             "multilabel": "classify", "tag": "tag", "seq2seq": "translate"}
+
+
+@dataclass
+class Limits:
+    max_input_tokens: int | None = None  # None: the model's context
+    max_new_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    max_batch: int = 64
+
+
+class RequestError(Exception):
+    """A client mistake: answered with `status` and one line naming the field."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.status, self.field = status, field
+
+
+def error_response(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
+
+
+# -- request bodies: strict types (a number is not a text), unknown fields refused -----------------------
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPair(Body):
+    text: str
+    pair: str
+
+
+class ClassifyRequest(Body):
+    inputs: Union[str, list[Union[str, TextPair]]] = Field(
+        description="a text, or a list of texts (objects {text, pair} for a sentence-pair model)")
+
+
+class TagRequest(Body):
+    inputs: Union[str, list[Union[str, list[str]]]] = Field(
+        description="a sentence (split on white space), or a list of sentences or of word lists")
+
+
+class TranslateRequest(Body):
+    inputs: Union[str, list[str]] = Field(description="a sentence or a list of sentences")
+    beam: int | None = Field(None, ge=1, le=32, description="beam width; 1 = greedy [default: the run's]")
+    length_penalty: float | None = Field(None, ge=0, le=5, description="rank beams by log p / length^this")
+
+
+class GenerateRequest(Body):
+    prompt: str = Field(description="text to continue; empty = the start of a document")
+    max_new_tokens: int = Field(64, ge=1, description="at most this many new tokens")
+    temperature: float = Field(0.8, ge=0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens; 0 = all")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
+    stop: list[str] | None = Field(None, description="stop before any of these strings")
+    seed: int = Field(0, description="sampling seed (as lmforge generate --seed)")
+    stream: bool = Field(False, description="send the text as server-sent events while it is generated")
+
+
+# -- the model -----------------------------------------------------------------------------------------
+
+class Engine:
+    """A loaded run and the functions that answer a batch of inputs (called on the worker thread only)."""
+
+    def __init__(self, run: str, device_name: str, limits: Limits):
+        from lmforge.tasks import make_task
+        from lmforge.train.checkpoint import load_run
+        from lmforge.train.loop import pick_device
+
+        self.device = pick_device(device_name, "serve: --device")
+        self.model, self.tok, self.cfg = load_run(run, self.device)
+        self.run, self.limits = str(run), limits
+        self.endpoint = ENDPOINTS.get(self.cfg.task)
+        if self.endpoint is None:
+            raise UserError(f"serve: {run} holds a {self.cfg.task} model, which answers no requests; expected a run "
+                            f"of task {', '.join(ENDPOINTS)} (fine-tune it first: lmforge finetune)")
+        self.task = None
+        if self.cfg.task not in ("clm", "seq2seq"):
+            self.task = make_task(self.cfg)
+            self.task.prepare_inference(self.tok)
+        self.source_tok = self.tok
+        if self.cfg.task == "seq2seq":
+            from lmforge.tasks.seq2seq import source_tokenizer
+
+            self.source_tok = source_tokenizer(Path(run)) or self.tok
+        context = self.cfg.model.max_seq_len
+        self.max_input_tokens = min(limits.max_input_tokens or context, context - (self.endpoint == "generate"))
+
+    def metadata(self) -> dict:
+        m = self.cfg.model
+        labels = self.task.labels.labels if self.task is not None and self.task.labels is not None else None
+        return {"run": self.run, "task": self.cfg.task, "endpoint": f"/v1/{self.endpoint}", "labels": labels,
+                "model": {"parameters": self.model.num_params(), "layers": m.n_layer, "width": m.d_model,
+                          "heads": m.n_head, "context": m.max_seq_len, "vocab_size": self.tok.get_vocab_size()},
+                "limits": {**asdict(self.limits), "max_input_tokens": self.max_input_tokens},
+                "device": str(self.device), "lmforge": __version__}
+
+    def check_length(self, text: str, where: str, tok=None) -> list[int]:
+        ids = (tok or self.tok).encode(text, add_special_tokens=False).ids
+        if len(ids) > self.max_input_tokens:
+            raise RequestError(422, where, f"{len(ids)} tokens; expected at most {self.max_input_tokens} "
+                                           "(the server's --max-input-tokens or the model's context)")
+        return ids
+
+    def predict(self, examples: list) -> list[dict]:
+        return self.task.predict(self.model, examples, "request")
+
+    def translate(self, texts: list[str], beam: int, length_penalty: float) -> list[dict]:
+        from lmforge.generate import translate
+
+        sc = self.cfg.seq2seq
+        out = translate(self.model, self.tok, texts, beam_size=beam, length_penalty=length_penalty,
+                        max_length_ratio=sc.max_length_ratio, source_tokenizer=self.source_tok)
+        return [{"source": s, "translation": t} for s, t in zip(texts, out)]
+
+    def generate(self, prompts: list[list[int]], req: GenerateRequest, on_text=None) -> list[str]:
+        from lmforge.generate import generate_texts
+
+        generator = torch.Generator(device=self.device).manual_seed(req.seed) if req.temperature > 0 else None
+        return generate_texts(self.model, self.tok, prompts, req.max_new_tokens, req.temperature, req.top_k,
+                              req.top_p, stop=req.stop, generator=generator, on_text=on_text)
+
+
+# -- batching ------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    key: object                   # jobs with equal keys may share a forward pass
+    items: list                   # the request's inputs
+    run: Callable[[list], list]   # inputs -> one answer per input (on the worker thread)
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    def __init__(self, batching: bool, max_items: int):
+        self.batching, self.max_items = batching, max_items
+        self.jobs: deque[Job] = deque()
+        self.wake = asyncio.Event()
+        self.closing = False
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-model")
+        self.stats = {"requests": 0, "forward_batches": 0, "largest_batch": 0}
+
+    async def submit(self, key, items: list, run: Callable[[list], list]) -> list:
+        job = Job(key, items, run, asyncio.get_running_loop().create_future())
+        self.jobs.append(job)
+        self.stats["requests"] += 1
+        self.wake.set()
+        return await job.future
+
+    def _take(self) -> list[Job]:
+        """The oldest waiting job and, with batching, every later one that can join it."""
+        first = self.jobs.popleft()
+        batch, n, rest = [first], len(first.items), deque()
+        while self.batching and self.jobs:
+            job = self.jobs.popleft()
+            if job.key == first.key and n + len(job.items) <= self.max_items:
+                batch.append(job)
+                n += len(job.items)
+            else:
+                rest.append(job)
+        self.jobs = rest + self.jobs
+        return [j for j in batch if not j.future.done()]  # a client that went away is not computed for
+
+    async def work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.jobs or not self.closing:
+            if not self.jobs:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            batch = self._take()
+            if not batch:
+                continue
+            items = [x for job in batch for x in job.items]
+            self.stats["forward_batches"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+            try:
+                answers = await loop.run_in_executor(self.pool, batch[0].run, items)
+            except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the server goes on
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            start = 0
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_result(answers[start:start + len(job.items)])
+                start += len(job.items)
+
+    def close(self) -> None:
+        self.closing = True
+        self.wake.set()
+
+
+# -- the app -------------------------------------------------------------------------------------------
+
+def _as_list(inputs) -> list:
+    items = inputs if isinstance(inputs, list) else [inputs]
+    return items
+
+
+def _checked_count(items: list, limits: Limits) -> None:
+    if not items:
+        raise RequestError(422, "inputs", "an empty list; expected at least one input")
+    if len(items) > limits.max_batch:
+        raise RequestError(413, "inputs", f"{len(items)} inputs; expected at most {limits.max_batch} a request "
+                                          "(the server's --max-batch)")
+
+
+def _field(loc) -> str:
+    """pydantic's location ('body', 'inputs', 'list[str]', 3) as inputs[3]; the branch names of a union
+    (a type's name in the location) are not fields."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" not in part and part not in ("str", "TextPair"):
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body over the limit is refused from its Content-Length, or (chunked) as it arrives."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            response = error_response(413, "body", f"{length.decode(errors='replace')} bytes; expected at most "
+                                                   f"{self.limit} (the server's --max-body-bytes)")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge()  # FastAPI turns it into an HTTPException, answered as 413 below
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def create_app(engine: Engine, batching: bool = True) -> FastAPI:
+    limits = engine.limits
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.batcher = Batcher(batching, limits.max_batch)
+        worker = asyncio.create_task(app.state.batcher.work())
+        yield
+        app.state.batcher.close()  # requests still queued are answered first
+        await worker
+        app.state.batcher.pool.shutdown()
+
+    app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan,
+                  description=f"{engine.cfg.task} model from {engine.run}: POST /v1/{engine.endpoint}")
+
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        return error_response(e.status, e.field, str(e).split(": ", 1)[1])
+
+    @app.exception_handler(UserError)
+    async def user_error(request, e: UserError):
+        return error_response(422, "body", str(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        if isinstance(e.__cause__, BodyTooLarge):
+            return error_response(413, "body", f"expected at most {limits.max_body_bytes} bytes "
+                                               "(the server's --max-body-bytes)")
+        if e.status_code == 404:
+            return error_response(404, "path", f"{request.url.path} is not served here; this {engine.cfg.task} "
+                                               f"model answers POST /v1/{engine.endpoint} (see /docs)")
+        if e.status_code == 405:
+            return error_response(405, "method", f"{request.method} {request.url.path}: not allowed; see /docs")
+        return error_response(e.status_code, "body", str(e.detail))
+
+    request_model = {"/v1/classify": ClassifyRequest, "/v1/tag": TagRequest, "/v1/translate": TranslateRequest,
+                     "/v1/generate": GenerateRequest}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0]
+        if first["type"] == "json_invalid":
+            return error_response(400, "body", f"malformed JSON ({first.get('ctx', {}).get('error', 'cannot parse')} "
+                                               f"at character {first['loc'][-1]}); expected a JSON object")
+        if first["type"] == "missing" and tuple(first["loc"]) == ("body",):
+            return error_response(422, "body", "missing; expected a JSON object (Content-Type: application/json)")
+        if first["type"] == "model_attributes_type":
+            return error_response(422, "body", "expected a JSON object")
+        # a union reports one error per branch: the deepest one names the field best
+        error = max(errors, key=lambda x: len(x["loc"]))
+        where = _field(error["loc"])
+        if error["type"] == "extra_forbidden":
+            return error_response(422, where, "unknown field; see /docs for the request's fields")
+        message = error["msg"][0].lower() + error["msg"][1:]
+        top = where.split("[")[0].split(".")[0]
+        described = request_model.get(request.url.path)
+        info = described.model_fields.get(top) if described else None
+        if info is not None and info.description and len(errors) > 1:
+            message += f"; {top}: expected {info.description}"
+        return error_response(422, where, message)
+
+    @app.exception_handler(Exception)
+    async def internal(request, e: Exception):
+        print("lmforge: internal error:\n" + "".join(traceback.format_exception(e)), file=sys.stderr)
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}", "field": None}, status_code=500)
+
+    @app.get("/health", summary="liveness: 200 while the server answers")
+    async def health():
+        return {"status": "ok", "task": engine.cfg.task}
+
+    @app.get("/metadata", summary="the model, its task and labels, the limits and batching counters")
+    async def metadata(request: Request):
+        batcher = request.app.state.batcher
+        return {**engine.metadata(), "batching": batcher.batching, "stats": dict(batcher.stats)}
+
+    def batcher_of(request: Request) -> Batcher:
+        return request.app.state.batcher
+
+    if engine.endpoint == "classify":
+        pair_model = engine.cfg.finetune.pair_field is not None
+
+        @app.post("/v1/classify", summary="label texts (classify), score them (regress) or tag them with labels "
+                  "(multilabel); the records of lmforge predict")
+        async def classify(req: ClassifyRequest, request: Request):
+            from lmforge.data.labelled import Example
+
+            items = _as_list(req.inputs)
+            _checked_count(items, limits)
+            examples = []
+            for i, item in enumerate(items):
+                where = f"inputs[{i}]" if isinstance(req.inputs, list) else "inputs"
+                if pair_model != isinstance(item, TextPair):
+                    raise RequestError(422, where, "expected an object {\"text\": ..., \"pair\": ...} for this "
+                                       "sentence-pair model" if pair_model else "expected a text (this model "
+                                       "takes single sentences)")
+                text, pair = (item.text, item.pair) if pair_model else (item, None)
+                engine.check_length(text + (" " + pair if pair else ""), where)
+                examples.append(Example(text, pair, None, i + 1))
+            return {"results": await batcher_of(request).submit("classify", examples, engine.predict)}
+
+    if engine.endpoint == "tag":
+        @app.post("/v1/tag", summary="tag each word (NER); the records of lmforge predict")
+        async def tag(req: TagRequest, request: Request):
+            from lmforge.data.labelled import Example
+
+            items = _as_list(req.inputs)
+            _checked_count(items, limits)
+            examples = []
+            for i, item in enumerate(items):
+                where = f"inputs[{i}]" if isinstance(req.inputs, list) else "inputs"
+                words = item.split() if isinstance(item, str) else item
+                if not words or any(not w or w != w.strip() or " " in w for w in words):
+                    raise RequestError(422, where, "expected a non-empty sentence, or a list of words without "
+                                                   "spaces")
+                engine.check_length(" ".join(words), where)
+                examples.append(Example(words, None, None, i + 1))
+            return {"results": await batcher_of(request).submit("tag", examples, engine.predict)}
+
+    if engine.endpoint == "translate":
+        @app.post("/v1/translate", summary="translate sentences; the output of lmforge translate")
+        async def translate(req: TranslateRequest, request: Request):
+            items = _as_list(req.inputs)
+            _checked_count(items, limits)
+            for i, text in enumerate(items):
+                engine.check_length(text, f"inputs[{i}]" if isinstance(req.inputs, list) else "inputs",
+                                    engine.source_tok)
+            sc = engine.cfg.seq2seq
+            beam = req.beam or sc.beam_size
+            penalty = sc.length_penalty if req.length_penalty is None else req.length_penalty
+            answers = await batcher_of(request).submit(("translate", beam, penalty), items,
+                                                       lambda texts: engine.translate(texts, beam, penalty))
+            return {"results": answers}
+
+    if engine.endpoint == "generate":
+        @app.post("/v1/generate", summary="continue a prompt (the output of lmforge generate); stream: true "
+                  "sends server-sent events: data: {\"text\": new text} ..., then data: {\"done\": true, \"text\": "
+                  "the whole text}")
+        async def generate(req: GenerateRequest, request: Request):
+            from lmforge.generate import prompt_ids
+
+            if req.max_new_tokens > limits.max_new_tokens:
+                raise RequestError(422, "max_new_tokens", f"{req.max_new_tokens}; expected at most "
+                                                          f"{limits.max_new_tokens} (the server's --max-new-tokens)")
+            if req.prompt:
+                ids = engine.check_length(req.prompt, "prompt")
+            else:
+                try:
+                    ids = prompt_ids(engine.tok, "")
+                except UserError as e:
+                    raise RequestError(422, "prompt", str(e).split(": ", 1)[1]) from None
+            batcher = batcher_of(request)
+            if req.stream:
+                return StreamingResponse(_events(batcher, engine, ids, req), media_type="text/event-stream")
+            # greedy requests with prompts of one length and the same settings share forward passes; a
+            # sampled one runs alone so that its seed gives what lmforge generate --seed gives
+            key = ("generate", len(ids), req.max_new_tokens, req.top_k, req.top_p, tuple(req.stop or ())) \
+                if req.temperature == 0 else object()
+            text = (await batcher.submit(key, [ids], lambda prompts: engine.generate(prompts, req)))[0]
+            return {"prompt": req.prompt, "text": text}
+
+    return app
+
+
+async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: GenerateRequest):
+    """Server-sent events of one generation: each new piece of text as it is made, then the whole text."""
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
+    # text that a stop string may still cut, or a character still incomplete, is held back
+    hold = max((len(s) for s in req.stop or ()), default=1) - 1
+
+    def on_text(texts: list[str]) -> bool:
+        loop.call_soon_threadsafe(updates.put_nowait, ("text", texts[0]))
+        return gone.is_set()
+
+    async def produce():
+        try:
+            final = await batcher.submit(object(), [ids], lambda prompts: engine.generate(prompts, req, on_text))
+            updates.put_nowait(("done", final[0]))
+        except Exception as e:  # noqa: BLE001 - reported in the stream: the status line is already sent
+            updates.put_nowait(("error", f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)))
+
+    producer = asyncio.create_task(produce())
+    sent = ""
+    try:
+        while True:
+            kind, text = await updates.get()
+            if kind == "error":
+                yield f"data: {json.dumps({'error': text})}\n\n"
+                return
+            if kind == "done":
+                rest = text[len(sent):] if text.startswith(sent) else ""
+                if rest:
+                    yield f"data: {json.dumps({'text': rest}, ensure_ascii=False)}\n\n"
+                yield f"data: {json.dumps({'done': True, 'text': text}, ensure_ascii=False)}\n\n"
+                return
+            safe = text[:len(text) - hold] if hold else text
+            safe = safe.rstrip("\ufffd")
+            if safe.startswith(sent) and len(safe) > len(sent):
+                yield f"data: {json.dumps({'text': safe[len(sent):]}, ensure_ascii=False)}\n\n"
+                sent = safe
+    finally:
+        gone.set()  # a client that disconnected stops the generation at its next token
+        await producer
+
+
+def _check_port(host: str, port: int) -> None:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"serve: cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") \
+            from None
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True,
+          log_requests: bool = False, limits: Limits | None = None) -> None:
+    import uvicorn
+
+    limits = limits or Limits()
+    for name, value in asdict(limits).items():
+        if value is not None and value < 1:
+            raise UserError(f"serve: --{name.replace('_', '-')} = {value}: expected a positive number")
+    _check_port(host, port)
+    engine = Engine(run, device, limits)
+    app = create_app(engine, batching)
+    url = f"http://{host}:{port}"
+    print(f"serving {run} ({engine.cfg.task}, {engine.model.num_params() / 1e6:.2f}M parameters) at {url}\n"
+          f"  POST {url}/v1/{engine.endpoint}   GET {url}/health  {url}/metadata   schema: {url}/docs\n"
+          f"  batching {'on' if batching else 'off'}; Ctrl-C stops after the requests in flight", flush=True)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
+                                  timeout_graceful_shutdown=30)).run()
