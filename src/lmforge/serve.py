@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 import threading
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Union
@@ -91,7 +92,8 @@ class TranslateRequest(Body):
 
 class GenerateRequest(Body):
     prompt: str = Field(description="text to continue; empty = the start of a document")
-    max_new_tokens: int = Field(64, ge=1, description="at most this many new tokens")
+    max_new_tokens: int | None = Field(None, ge=1, description="at most this many new tokens [default: the "
+                                       "server's --max-new-tokens]")
     temperature: float = Field(0.8, ge=0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens; 0 = all")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
@@ -436,6 +438,8 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
         async def generate(req: GenerateRequest, request: Request):
             from lmforge.generate import prompt_ids
 
+            if req.max_new_tokens is None:
+                req.max_new_tokens = limits.max_new_tokens
             if req.max_new_tokens > limits.max_new_tokens:
                 raise RequestError(422, "max_new_tokens", f"{req.max_new_tokens}; expected at most "
                                                           f"{limits.max_new_tokens} (the server's --max-new-tokens)")
@@ -512,6 +516,27 @@ def _check_port(host: str, port: int) -> None:
             from None
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, so that the exit status says
+            # "killed"; a server stopped on purpose that answered every request in flight exits 0 instead.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Server
+
+
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True,
           log_requests: bool = False, limits: Limits | None = None) -> None:
     import uvicorn
@@ -527,5 +552,6 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "au
     print(f"serving {run} ({engine.cfg.task}, {engine.model.num_params() / 1e6:.2f}M parameters) at {url}\n"
           f"  POST {url}/v1/{engine.endpoint}   GET {url}/health  {url}/metadata   schema: {url}/docs\n"
           f"  batching {'on' if batching else 'off'}; Ctrl-C stops after the requests in flight", flush=True)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
-                                  timeout_graceful_shutdown=30)).run()
+    _server_class()(uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
+                                   timeout_graceful_shutdown=30)).run()
+    print("lmforge: server stopped", flush=True)
