@@ -48,6 +48,28 @@ def greedy_oracle(model, prompt, n):
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
+def test_left_padded_rows_decode_as_if_alone(kind):
+    """Prompts of different lengths decoded together (left-padded, the server's batching) give each row
+    the logits and the greedy tokens it gets alone, with and without the cache."""
+    model = make_model(kind)
+    torch.manual_seed(2)
+    prompts = [torch.randint(VOCAB, (n,)).tolist() for n in (9, 3, 6)]
+    width = max(map(len, prompts))
+    pads = torch.tensor([width - len(p) for p in prompts])
+    batch = torch.tensor([[7] * (width - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        logits = model(batch, left_pad=pads)
+    for row, p in enumerate(prompts):
+        with torch.no_grad():
+            alone = model(torch.tensor([p]))
+        torch.testing.assert_close(logits[row, -len(p):], alone[0], atol=1e-5, rtol=1e-5)
+    for use_cache in (True, False):
+        together = generate(model, batch, 12, temperature=0.0, left_pad=pads, use_cache=use_cache)
+        for row, p in enumerate(prompts):
+            assert together[row].tolist() == greedy_oracle(model, torch.tensor([p]), 12)[0].tolist()
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
 def test_cached_logits_equal_full_forward(kind):
     model = make_model(kind)
     torch.manual_seed(1)

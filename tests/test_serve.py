@@ -180,12 +180,14 @@ def test_generate_answers_what_generate_answers_and_streams(tmp_path, capsys):
     assert main(["pretrain", *[f"--{k}={v}" for k, v in over.items()]]) == 0
     run = tmp_path / "run"
 
-    def cli(*options: str) -> str:
+    def cli(*options: str, prompt: str = "The king") -> str:
         capsys.readouterr()
-        assert main(["generate", "--checkpoint", str(run), "--device", "cpu", "--prompt", "The king", *options]) == 0
-        return capsys.readouterr().out.removesuffix("\n").removeprefix("The king")
+        assert main(["generate", "--checkpoint", str(run), "--device", "cpu", "--prompt", prompt, *options]) == 0
+        return capsys.readouterr().out.removesuffix("\n").removeprefix(prompt)
 
-    greedy = cli("--max-new-tokens", "30", "--temperature", "0")
+    prompts = ["The king", "Sweet", "What is this good night, my lord"]
+    greedy_of = {p: cli("--max-new-tokens", "30", "--temperature", "0", prompt=p) for p in prompts}
+    greedy = greedy_of["The king"]
     sampled = cli("--max-new-tokens", "30", "--seed", "7")
     stopped = cli("--max-new-tokens", "30", "--temperature", "0", "--stop", greedy[8:10])
     with server(run, "--max-new-tokens", "40") as (client, _):
@@ -193,10 +195,14 @@ def test_generate_answers_what_generate_answers_and_streams(tmp_path, capsys):
         assert ask(temperature=0).json() == {"prompt": "The king", "text": greedy}
         assert ask(seed=7).json()["text"] == sampled
         assert ask(temperature=0, stop=[greedy[8:10]]).json()["text"] == stopped
-        # concurrent greedy requests share forward passes and still answer alone
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            texts = list(pool.map(lambda _: ask(temperature=0).json()["text"], range(8)))
-        assert texts == [greedy] * 8
+        # concurrent greedy requests share forward passes (prompts of different lengths left-padded) and
+        # still answer what each gets alone
+        ask_greedy = lambda i: client.post("/v1/generate", json={  # noqa: E731
+            "prompt": prompts[i % 3], "max_new_tokens": 30, "temperature": 0}).json()["text"]
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            texts = list(pool.map(ask_greedy, range(24)))
+        assert texts == [greedy_of[prompts[i % 3]] for i in range(24)]
+        assert client.get("/metadata").json()["stats"]["largest_batch"] > 1
         with client.stream("POST", "/v1/generate", json={"prompt": "The king", "max_new_tokens": 30, "seed": 7,
                                                          "stream": True}) as response:
             assert response.headers["content-type"].startswith("text/event-stream")

@@ -306,7 +306,8 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from lmforge.serve import Limits, serve
 
-    serve(args.run, args.host, args.port, args.device, batching=not args.no_batching, log_requests=args.log_requests,
+    serve(args.run, args.host, args.port, args.device, args.threads, batching=not args.no_batching,
+          log_requests=args.log_requests,
           limits=Limits(max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
                         max_body_bytes=args.max_body_bytes, max_batch=args.max_batch))
     return 0
@@ -444,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1, this machine only]")
     p.add_argument("--port", type=int, default=8000, help="TCP port [default: 8000]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="the model's CPU threads [default: all cores but one, which is "
+                   "left to the HTTP loop]")
     p.add_argument("--max-input-tokens", type=int, help="refuse an input longer than this many tokens "
                    "[default: the model's context]")
     p.add_argument("--max-new-tokens", type=int, default=256, help="refuse a generation request asking for more "

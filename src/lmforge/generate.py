@@ -34,8 +34,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, stop_ids: set[int] | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, on_token=None) -> torch.Tensor:
+             generator: torch.Generator | None = None, on_token=None, left_pad: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """Continue `prompt` [B, T] by up to `max_new_tokens`; returns only the new tokens [B, <=max_new_tokens].
+    left_pad [B]: prompts of different lengths, left-padded to T (see Transformer.features).
 
     A row stops after it emits a token from `stop_ids` (later positions of that row repeat it);
     generation ends when every row has stopped. `on_token(tokens [B])` is called after each step
@@ -56,7 +58,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     seq, out = prompt, []
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     stops = torch.tensor(sorted(stop_ids), device=prompt.device) if stop_ids else None
-    logits = model(prompt, caches)[:, -1]
+    padded = {} if left_pad is None else {"left_pad": left_pad}
+    logits = model(prompt, caches, **padded)[:, -1]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if out:
@@ -67,10 +70,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
         if bool(done.all()) or (on_token is not None and on_token(nxt)) or len(out) == max_new_tokens:
             break
         if use_cache:
-            logits = model(nxt[:, None], caches)[:, -1]
+            logits = model(nxt[:, None], caches, **padded)[:, -1]
         else:
             seq = torch.cat([seq, nxt[:, None]], dim=1)
-            logits = model(seq)[:, -1]
+            logits = model(seq, **padded)[:, -1]
     model.train(was_training)
     return torch.stack(out, dim=1) if out else prompt.new_zeros(B, 0)
 
@@ -102,11 +105,15 @@ def generate_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_toke
                    temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
                    stop_at_eos: bool = True, generator: torch.Generator | None = None, use_cache: bool = True,
                    on_text=None) -> list[str]:
-    """generate_text for several prompts of the same token length at once (one forward pass a step; the
+    """generate_text for several prompts at once, left-padded to the longest (one forward pass a step; the
     server batches concurrent requests this way). on_text(texts so far) is called after each step and may
     return True to stop."""
     device = next(model.parameters()).device
     eos = eos_id(tok)
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    batch = torch.tensor([[p[0]] * n + p for p, n in zip(prompts, pads)], device=device)
+    left_pad = torch.tensor(pads, device=device) if any(pads) else None
     new: list[list[int]] = [[] for _ in prompts]
 
     def decoded(tokens: list[int]) -> str:
@@ -134,9 +141,9 @@ def generate_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_toke
             return True  # the caller gave up (a streaming client went away)
         return bool(stop) and all(any(s in decoded(row) for s in stop) for row in new)
 
-    generate(model, torch.tensor(prompts, device=device), max_new_tokens, temperature, top_k, top_p,
+    generate(model, batch, max_new_tokens, temperature, top_k, top_p,
              stop_ids={eos} if stop_at_eos and eos is not None else None, use_cache=use_cache,
-             generator=generator, on_token=step)
+             generator=generator, on_token=step, left_pad=left_pad)
     return [finished(row) for row in new]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -453,10 +454,11 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             batcher = batcher_of(request)
             if req.stream:
                 return StreamingResponse(_events(batcher, engine, ids, req), media_type="text/event-stream")
-            # greedy requests with prompts of one length and the same settings share forward passes; a
-            # sampled one runs alone so that its seed gives what lmforge generate --seed gives
-            key = ("generate", len(ids), req.max_new_tokens, req.top_k, req.top_p, tuple(req.stop or ())) \
-                if req.temperature == 0 else object()
+            # greedy requests with the same settings share forward passes (prompts left-padded to the longest,
+            # which must leave each its room for new tokens); a sampled one runs alone, so that its seed gives
+            # what lmforge generate --seed gives
+            fits = len(ids) + req.max_new_tokens <= engine.cfg.model.max_seq_len
+            key = ("generate", req.max_new_tokens, tuple(req.stop or ())) if req.temperature == 0 and fits else object()
             text = (await batcher.submit(key, [ids], lambda prompts: engine.generate(prompts, req)))[0]
             return {"prompt": req.prompt, "text": text}
 
@@ -537,21 +539,27 @@ def _server_class():
     return Server
 
 
-def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True,
-          log_requests: bool = False, limits: Limits | None = None) -> None:
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", threads: int | None = None,
+          batching: bool = True, log_requests: bool = False, limits: Limits | None = None) -> None:
     import uvicorn
 
     limits = limits or Limits()
     for name, value in asdict(limits).items():
         if value is not None and value < 1:
             raise UserError(f"serve: --{name.replace('_', '-')} = {value}: expected a positive number")
+    if threads is not None and threads < 1:
+        raise UserError(f"serve: --threads = {threads}: expected a positive number")
     _check_port(host, port)
+    # the HTTP loop needs a core of its own: intra-op threads that wait on each other are slowed down badly
+    # by any neighbour (on 2 cores, 2 model threads beside the loop were ~10x slower for small batches)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
     engine = Engine(run, device, limits)
     app = create_app(engine, batching)
     url = f"http://{host}:{port}"
     print(f"serving {run} ({engine.cfg.task}, {engine.model.num_params() / 1e6:.2f}M parameters) at {url}\n"
           f"  POST {url}/v1/{engine.endpoint}   GET {url}/health  {url}/metadata   schema: {url}/docs\n"
-          f"  batching {'on' if batching else 'off'}; Ctrl-C stops after the requests in flight", flush=True)
+          f"  batching {'on' if batching else 'off'}, {torch.get_num_threads()} model thread(s); Ctrl-C stops after "
+          "the requests in flight", flush=True)
     _server_class()(uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
                                    timeout_graceful_shutdown=30)).run()
     print("lmforge: server stopped", flush=True)

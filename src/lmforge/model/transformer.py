@@ -55,24 +55,30 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def features(self, idx: torch.Tensor, caches: list[KVCache] | None = None, segments: torch.Tensor | None = None,
-                 pad_mask: torch.Tensor | None = None, memory: tuple[list, torch.Tensor | None] | None = None
-                 ) -> torch.Tensor:
+                 pad_mask: torch.Tensor | None = None, memory: tuple[list, torch.Tensor | None] | None = None,
+                 left_pad: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, T] -> final hidden states [B, T, d].
 
         caches: idx continues the cached prefix (decoding). segments: [B, T] segment ids (0 when not
         given). pad_mask: bool [B, T], True at real tokens, padding on the right; no position attends to
         padding. memory (cross blocks): each block's encoder keys and values and the source's pad mask.
+        left_pad: [B] padding tokens at the start of each row (a causal stack decoding prompts of different
+        lengths together): positions count from each row's first real token, and no query attends to them.
         """
         B, T = idx.shape
         start = caches[0].length if caches else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
         x = self.tok_emb(idx)
+        steps = torch.arange(start, start + T, device=idx.device)
+        pos = steps if left_pad is None else (steps - left_pad[:, None]).clamp(min=0)  # [T] or [B, T]
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(pos)
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+            if left_pad is not None:  # per-row tables [B, 1, T, D] for [B, H, T, D] queries and keys
+                rope = (rope[0][:, None], rope[1][:, None])
         if self.seg_emb is not None:
             x = x + (self.seg_emb(segments) if segments is not None else self.seg_emb.weight[0])
         if self.emb_norm is not None:
@@ -80,6 +86,10 @@ class Transformer(nn.Module):
         x = self.drop(x)
         # a causal stack needs no padding mask: padding sits on the right, after every real token
         mask = pad_mask[:, None, None, :] if pad_mask is not None and not self.causal else None
+        if left_pad is not None:
+            keys = torch.arange(start + T, device=idx.device)
+            # a padding query sees itself only (a row of no keys would make NaNs that reach later layers)
+            mask = ((keys >= left_pad[:, None])[:, None, :] | (keys == steps[:, None]))[:, None]  # [B, 1, T, S]
         for i, block in enumerate(self.blocks):
             x = block(x, rope, caches[i] if caches else None, mask, (memory[0][i], memory[1]) if memory else None)
         return self.norm(x) if self.norm is not None else x
@@ -109,9 +119,10 @@ class GPT(Transformer):
             self.head.weight = self.tok_emb.weight
         self.apply(self._init)
 
-    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Token ids [B, T] -> logits [B, T, V]."""
-        return self.head(self.features(idx, caches))
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None,
+                left_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> logits [B, T, V]; left_pad: see features."""
+        return self.head(self.features(idx, caches, left_pad=left_pad))
 
 
 
