@@ -9,7 +9,7 @@ UV := $(VENV)/bin/uv
 TORCH_PIN ?= torch==2.13.0
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean browser
 
 install: $(VENV)/.installed
 
@@ -23,12 +23,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: install
 	$(VENV)/bin/lmforge pretrain
 
-test: install
+test: install browser
 	$(PY) -m pytest -q tests
+
+# The report test opens the HTML page in headless Chromium (Debian's package). Installed when missing and
+# this user may (root with apt-get, as on CI); elsewhere that test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	  echo "chromium not installed: the headless-browser report test will be skipped"; }
 
 bench: install
 	$(PY) benchmarks/shakespeare_char.py
 	$(PY) benchmarks/pretrain_throughput.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .cache
