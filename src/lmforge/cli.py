@@ -48,6 +48,17 @@ def _config_options(p: argparse.ArgumentParser) -> None:
         group.add_argument(option, metavar=metavar, help=text, default=argparse.SUPPRESS)
 
 
+def _checkpoint(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN",
+                   help=f"{what}: a run directory, one of its checkpoints, or a Hugging Face folder (lmforge runs "
+                   "lists the runs)")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N [default: auto = cuda "
+                   "when there is one]")
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     """The config options given on the command line, as {dotted key: raw string}."""
     from lmforge.config import leaves
@@ -215,7 +226,8 @@ def cmd_translate(args) -> int:
     device = pick_device(args.device, "translate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
     if cfg.task != "seq2seq":
-        hint = " (a span run is pre-trained only: train translation from it with seq2seq.init_from)" if cfg.task == "span" else ""
+        hint = (" (a span run is pre-trained only: train translation from it with seq2seq.init_from)" if cfg.task == "span"
+                else " (for a clm run: lmforge generate)" if cfg.task == "clm" else "")
         raise UserError(f"translate: {args.checkpoint} holds a {cfg.task} model; expected a seq2seq run{hint}")
     sc = cfg.seq2seq
     sources = _input_lines(args.input)
@@ -268,8 +280,9 @@ def cmd_generate(args) -> int:
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
     if cfg.task != "clm":
+        other = "lmforge translate" if cfg.task == "seq2seq" else "lmforge predict" if cfg.task != "mlm" else ""
         raise UserError(f"generate: {args.checkpoint} holds a model of task {cfg.task}; generating text needs a "
-                        "causal language model (task clm)")
+                        f"causal language model (task clm){f'; for this run use {other}' if other else ''}")
     for i in range(args.num_samples):
         gen = torch.Generator(device=device).manual_seed(args.seed + i)
         text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -328,10 +341,23 @@ def cmd_runs(args) -> int:
     return 0
 
 
+WORKFLOW = """a first session:
+  lmforge pretrain                                   a small GPT on the embedded King James Bible (~4 min)
+  lmforge generate --checkpoint runs/RUN --prompt "And God said"
+  lmforge finetune --config configs/finetune-sst2.yaml --finetune.init_from BASE
+                                                     fine-tune a pretrained run or Hugging Face folder
+  lmforge predict --checkpoint runs/RUN --input FILE label a file (JSONL out)
+  lmforge serve runs/RUN                             answer HTTP requests (http://127.0.0.1:8000/docs)
+  lmforge runs      lmforge report runs/RUN          compare runs; one HTML page about a run
+recipes: configs/*.yaml   docs: docs/*.md"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="lmforge", description="Train Transformer language models: from raw text to a trained, "
-                    "evaluated and sampled model.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser = Parser(prog="lmforge", description="Train Transformer models in practice: from raw text to a trained, "
+                    "evaluated, exported and served model.", epilog=WORKFLOW, allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND",
+                                title="commands (lmforge COMMAND --help for each)")
 
     p = sub.add_parser("pretrain", aliases=["train"], help="pre-train a model from raw text (default: a small GPT on the "
                        "King James Bible); train any task from a recipe (e.g. translation: task seq2seq)",
@@ -356,65 +382,79 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a fine-tuned run on a labelled file in the format of its training data. "
                        "Prints the report; writes it as JSON; the last line is RESULT <metric>=<value> ...",
                        allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, help="a fine-tuned run directory (or one of its checkpoints)")
-    p.add_argument("--data", required=True, help="a labelled file, in the same format as the run's training data")
-    p.add_argument("--out", help="where to write the JSON report [default: RUN/eval_<data name>.json]")
+    _checkpoint(p, "a fine-tuned run")
+    p.add_argument("--data", required=True, metavar="FILE", help="a labelled file, in the same format as the run's "
+                   "training data")
+    p.add_argument("--out", metavar="FILE", help="where to write the JSON report [default: RUN/eval_<data name>.json]")
     p.add_argument("--confusion", action="store_true", help="also draw confusion.png beside the report (classify)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _device(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label a file with a fine-tuned run: JSONL out",
                        description="Predict with a fine-tuned run: the input file is in the run's training format "
                        "(labels optional); each output line is a JSON object with the label and class probabilities, "
                        "the value, the labels, the tagged words or the generated response.", allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, help="a fine-tuned run directory (or one of its checkpoints)")
-    p.add_argument("--input", required=True, help="the file to label")
-    p.add_argument("--output", help="the JSONL file to write [default: standard output]")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _checkpoint(p, "a fine-tuned run")
+    p.add_argument("--input", required=True, metavar="FILE", help="the file to label, in the run's training format")
+    p.add_argument("--output", metavar="FILE", help="the JSONL file to write [default: standard output]")
+    _device(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("translate", help="translate text, one sentence per line, with a seq2seq run",
                        description="Translate with a seq2seq run: lines in (a file or standard input), detokenised "
                        "translations out, one per line, in the same order. With --reference, BLEU and chrF (sacrebleu, "
                        "signatures printed) go to standard error.", allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, help="a seq2seq run directory (or one of its checkpoints)")
-    p.add_argument("--input", help="the file to translate [default: standard input]")
-    p.add_argument("--output", help="where to write the translations [default: standard output]")
-    p.add_argument("--beam", type=int, help="beam width; 1 = greedy [default: the run's seq2seq.beam_size]")
-    p.add_argument("--length-penalty", type=float, help="rank beams by log-probability / length^this [default: the run's]")
-    p.add_argument("--max-length-ratio", type=float, help="at most this times the source's tokens, plus 10 [default: the run's]")
-    p.add_argument("--batch-size", type=int, default=64, help="sentences decoded together [default: 64]")
-    p.add_argument("--reference", help="reference translations, one per input line: print BLEU and chrF")
+    _checkpoint(p, "a seq2seq run")
+    p.add_argument("--input", metavar="FILE", help="the file to translate [default: standard input]")
+    p.add_argument("--output", metavar="FILE", help="where to write the translations [default: standard output]")
+    p.add_argument("--beam", type=int, metavar="N", help="beam width; 1 = greedy [default: the run's seq2seq.beam_size]")
+    p.add_argument("--length-penalty", type=float, metavar="A", help="rank beams by log-probability / length^A "
+                   "[default: the run's]")
+    p.add_argument("--max-length-ratio", type=float, metavar="R", help="at most R times the source's tokens, plus 10 "
+                   "[default: the run's]")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="sentences decoded together [default: 64]")
+    p.add_argument("--reference", metavar="FILE", help="reference translations, one per input line: print BLEU and chrF")
     p.add_argument("--tokenize", choices=["13a", "intl", "zh", "char", "none"],
                    help="sacrebleu's BLEU tokenisation [default: the run's seq2seq.bleu_tokenize]")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _device(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
     p.set_defaults(func=cmd_translate)
 
-    p = sub.add_parser("tokenizer", help="train a tokenizer on a corpus")
-    tsub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
-    t = tsub.add_parser("train", help="train a tokenizer and write OUT/tokenizer.json", allow_abbrev=False)
-    t.add_argument("--input", required=True, help="a .txt file, a folder of .txt files or a .jsonl file")
-    t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    p = sub.add_parser("tokenizer", help="train a tokenizer on a corpus", allow_abbrev=False,
+                       description="Tokenizers (pretrain trains one on its corpus by itself; this is for sharing one "
+                       "between runs: --data.tokenizer.path OUT/tokenizer.json).")
+    tsub = p.add_subparsers(dest="action", required=True, parser_class=Parser, metavar="{train}")
+    t = tsub.add_parser("train", help="train a tokenizer and write OUT/tokenizer.json", allow_abbrev=False,
+                        description="Train a char, byte-level BPE or WordPiece tokenizer on a corpus (Hugging Face "
+                        "tokenizers) and write OUT/tokenizer.json.")
+    t.add_argument("--input", required=True, metavar="PATH", help="a .txt file, a folder of .txt files or a .jsonl file")
+    t.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     t.add_argument("--kind", default="bpe", choices=["char", "bpe", "wordpiece"], help="tokenizer model [default: bpe]")
-    t.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size [default: 8000]")
-    t.add_argument("--special-tokens", default="<|endoftext|>", help="comma-separated special tokens [default: <|endoftext|>]")
+    t.add_argument("--vocab-size", type=int, default=8000, metavar="N", help="vocabulary size [default: 8000]")
+    t.add_argument("--special-tokens", default="<|endoftext|>", metavar="LIST",
+                   help="comma-separated special tokens [default: <|endoftext|>]")
     t.add_argument("--lowercase", action="store_true", help="lower-case the text first")
-    t.add_argument("--format", default="auto", choices=["auto", "txt", "folder", "jsonl"], help="input format [default: auto]")
-    t.add_argument("--text-field", default="text", help="JSONL field holding the text [default: text]")
+    t.add_argument("--format", default="auto", choices=["auto", "txt", "folder", "jsonl"],
+                   help="input format [default: auto, by the name]")
+    t.add_argument("--text-field", default="text", metavar="NAME", help="JSONL field holding the text [default: text]")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("generate", help="generate text from a trained run", allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, help="a run directory (or one of its checkpoint files)")
-    p.add_argument("--prompt", default="", help="text to continue [default: start of a document]")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many new tokens (bounded by the context)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy [default: 0.8]")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
-    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p = sub.add_parser("generate", help="continue a prompt with a causal language model (clm run)",
+                       description="Continue a prompt with a causal language model: sampled (temperature, top-k, "
+                       "top-p) or greedy (--temperature 0), with a KV cache. The prompt and its continuation go to "
+                       "standard output.", allow_abbrev=False)
+    _checkpoint(p, "a clm run")
+    p.add_argument("--prompt", default="", help="text to continue [default: the start of a document]")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="at most N new tokens, bounded by the model's context [default: 200]")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy [default: 0.8]")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K most likely tokens; 0 = all "
+                   "[default: 0]")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1 = off [default: 1]")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this string (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="how many samples [default: 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; sample i uses SEED + i [default: 0]")
+    _device(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
     p.set_defaults(func=cmd_generate)
 
@@ -427,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama or BERT layout)",
+                       description="Write a run as a Hugging Face model folder that transformers' from_pretrained "
+                       "loads: config.json, model.safetensors and the tokenizer; a fine-tuned run gets its task's "
+                       "head class (e.g. BertForSequenceClassification), a LoRA run a PEFT adapter folder.",
                        allow_abbrev=False)
     p.add_argument("run", metavar="RUN", help="a run directory, one of its checkpoints, or a Hugging Face folder")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
@@ -442,17 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "is busy are answered together in one forward pass. Ctrl-C or SIGTERM finishes the requests "
                        "in flight, then stops.", allow_abbrev=False)
     p.add_argument("run", metavar="RUN_OR_HF_DIR", help="a run directory, one of its checkpoints, or a Hugging Face folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1, this machine only]")
-    p.add_argument("--port", type=int, default=8000, help="TCP port [default: 8000]")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, help="the model's CPU threads [default: all cores but one, which is "
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on [default: 127.0.0.1, this machine only]")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="TCP port [default: 8000]")
+    _device(p)
+    p.add_argument("--threads", type=int, metavar="N", help="the model's CPU threads [default: all cores but one, which is "
                    "left to the HTTP loop]")
-    p.add_argument("--max-input-tokens", type=int, help="refuse an input longer than this many tokens "
+    p.add_argument("--max-input-tokens", type=int, metavar="N", help="refuse an input longer than this many tokens "
                    "[default: the model's context]")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="refuse a generation request asking for more "
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="refuse a generation request asking for more "
                    "[default: 256]")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="refuse a larger request body [default: 1 MiB]")
-    p.add_argument("--max-batch", type=int, default=64, help="refuse a request with more inputs [default: 64]")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N", help="refuse a larger request body [default: 1 MiB]")
+    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="refuse a request with more inputs [default: 64]")
     p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
     p.add_argument("--log-requests", action="store_true", help="print one access-log line per request")
     p.set_defaults(func=cmd_serve)
@@ -462,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "curves, the evaluation tables, the confusion matrix or sample translations. The page has no "
                        "outside links: mail it or open it offline.", allow_abbrev=False)
     p.add_argument("run", metavar="RUN", help="a run directory")
-    p.add_argument("--out", help="the HTML file to write [default: RUN/report.html]")
+    p.add_argument("--out", metavar="FILE", help="the HTML file to write [default: RUN/report.html]")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("runs", help="list the runs under a folder with their main metric, best first",
@@ -481,6 +524,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     try:
+        argv = sys.argv[1:] if argv is None else argv
+        if not argv:
+            raise UserError("no command given; start with `lmforge pretrain` (a small GPT in about 4 minutes) "
+                            "or see lmforge --help")
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:

@@ -26,7 +26,8 @@ def embedded_corpus() -> Path:
 
 def resolve_format(path: Path, fmt: str) -> str:
     if not path.exists():
-        raise UserError(f"data: {path}: no such file or folder")
+        raise UserError(f"data: {path}: no such file or folder; expected a .txt file, a folder of .txt files or a "
+                        ".jsonl file")
     if fmt == "auto":
         return "folder" if path.is_dir() else "jsonl" if path.suffix in (".jsonl", ".json") else "txt"
     if (fmt == "folder") != path.is_dir():

@@ -52,9 +52,10 @@ class FinetuneTask(Task):
         cfg, fc = self.cfg, self.cfg.finetune
         if not fc.init_from:
             raise UserError("config: finetune.init_from: expected the pretrained model to start from (a run "
-                            "directory, a checkpoint or a Hugging Face folder)")
+                            "directory, a checkpoint or a Hugging Face folder), e.g. --finetune.init_from runs/RUN, "
+                            "or a recipe: --config configs/finetune-sst2.yaml")
         if not fc.train:
-            raise UserError("config: finetune.train: expected the labelled training file")
+            raise UserError("config: finetune.train: expected the labelled training file (--finetune.train FILE)")
         train = read_examples(fc.train, self.name, fc)
         if fc.dev:
             dev = read_examples(fc.dev, self.name, fc)

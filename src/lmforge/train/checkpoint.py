@@ -335,7 +335,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
     checkpoint = p.is_file() or is_sharded(p)
     run_dir = (p.parent if (p.parent / "config.yaml").is_file() else p.parent.parent) if checkpoint else p
     if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run wrote")
+        raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run "
+                        "wrote (lmforge runs lists those under runs/)")
     cfg = load_config(base=read_yaml(run_dir / "config.yaml"))
     model = make_task(cfg).build_model()
     if p.is_file() and p.suffix == ".safetensors":
