@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lmforge import __version__
+from lmforge.data.labelled import Example
 from lmforge.errors import UserError
 
 ENDPOINTS = {"clm": "generate", "sft": "generate", "classify": "classify", "regress": "classify",
@@ -240,17 +241,15 @@ class Batcher:
 
 # -- the app -------------------------------------------------------------------------------------------
 
-def _as_list(inputs) -> list:
+def _numbered(inputs, limits: Limits) -> list[tuple[str, object]]:
+    """(field name, input) for each input of a request (a single input or a list), within the count limits."""
     items = inputs if isinstance(inputs, list) else [inputs]
-    return items
-
-
-def _checked_count(items: list, limits: Limits) -> None:
     if not items:
         raise RequestError(422, "inputs", "an empty list; expected at least one input")
     if len(items) > limits.max_batch:
         raise RequestError(413, "inputs", f"{len(items)} inputs; expected at most {limits.max_batch} a request "
                                           "(the server's --max-batch)")
+    return [(f"inputs[{i}]" if isinstance(inputs, list) else "inputs", x) for i, x in enumerate(items)]
 
 
 def _field(loc) -> str:
@@ -383,13 +382,8 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
         @app.post("/v1/classify", summary="label texts (classify), score them (regress) or tag them with labels "
                   "(multilabel); the records of lmforge predict")
         async def classify(req: ClassifyRequest, request: Request):
-            from lmforge.data.labelled import Example
-
-            items = _as_list(req.inputs)
-            _checked_count(items, limits)
             examples = []
-            for i, item in enumerate(items):
-                where = f"inputs[{i}]" if isinstance(req.inputs, list) else "inputs"
+            for i, (where, item) in enumerate(_numbered(req.inputs, limits)):
                 if pair_model != isinstance(item, TextPair):
                     raise RequestError(422, where, "expected an object {\"text\": ..., \"pair\": ...} for this "
                                        "sentence-pair model" if pair_model else "expected a text (this model "
@@ -402,13 +396,8 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
     if engine.endpoint == "tag":
         @app.post("/v1/tag", summary="tag each word (NER); the records of lmforge predict")
         async def tag(req: TagRequest, request: Request):
-            from lmforge.data.labelled import Example
-
-            items = _as_list(req.inputs)
-            _checked_count(items, limits)
             examples = []
-            for i, item in enumerate(items):
-                where = f"inputs[{i}]" if isinstance(req.inputs, list) else "inputs"
+            for i, (where, item) in enumerate(_numbered(req.inputs, limits)):
                 words = item.split() if isinstance(item, str) else item
                 if not words or any(not w or w != w.strip() or " " in w for w in words):
                     raise RequestError(422, where, "expected a non-empty sentence, or a list of words without "
@@ -420,11 +409,10 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
     if engine.endpoint == "translate":
         @app.post("/v1/translate", summary="translate sentences; the output of lmforge translate")
         async def translate(req: TranslateRequest, request: Request):
-            items = _as_list(req.inputs)
-            _checked_count(items, limits)
-            for i, text in enumerate(items):
-                engine.check_length(text, f"inputs[{i}]" if isinstance(req.inputs, list) else "inputs",
-                                    engine.source_tok)
+            items = []
+            for where, text in _numbered(req.inputs, limits):
+                engine.check_length(text, where, engine.source_tok)
+                items.append(text)
             sc = engine.cfg.seq2seq
             beam = req.beam or sc.beam_size
             penalty = sc.length_penalty if req.length_penalty is None else req.length_penalty
