@@ -174,11 +174,18 @@ def events(response: httpx.Response) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_generate_answers_what_generate_answers_and_streams(tmp_path, capsys):
-    corpus = write_corpus(tmp_path, synthetic_text(20_000))
-    over = tiny_overrides(tmp_path, corpus, **{"train.max_steps": 30, "model.max_seq_len": 64})
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory) -> Path:
+    """A tiny char-level GPT trained 30 steps, context 256."""
+    tmp = tmp_path_factory.mktemp("gpt")
+    corpus = write_corpus(tmp, synthetic_text(20_000))
+    over = tiny_overrides(tmp, corpus, **{"train.max_steps": 30, "model.max_seq_len": 256})
     assert main(["pretrain", *[f"--{k}={v}" for k, v in over.items()]]) == 0
-    run = tmp_path / "run"
+    return tmp / "run"
+
+
+def test_generate_answers_what_generate_answers_and_streams(gpt, capsys):
+    run = gpt
 
     def cli(*options: str, prompt: str = "The king") -> str:
         capsys.readouterr()
@@ -212,15 +219,24 @@ def test_generate_answers_what_generate_answers_and_streams(tmp_path, capsys):
         refused(ask(max_new_tokens=41), 422, "max_new_tokens", "at most 40")
         refused(ask(temperature="hot"), 422, "temperature", "valid number")
         refused(ask(top_p=1.5), 422, "top_p", "less than or equal to 1")
-        refused(client.post("/v1/generate", json={"prompt": "x" * 80}), 422, "prompt", "at most 63")
+        refused(client.post("/v1/generate", json={"prompt": "x" * 300}), 422, "prompt", "at most 255")
         assert ask(temperature=0).json()["text"] == greedy
 
 
-def test_sigterm_finishes_the_request_in_flight(tmp_path):
-    corpus = write_corpus(tmp_path, synthetic_text(20_000))
-    over = tiny_overrides(tmp_path, corpus, **{"model.max_seq_len": 256})
-    assert main(["pretrain", *[f"--{k}={v}" for k, v in over.items()]]) == 0
-    with server(tmp_path / "run") as (client, proc):
+def test_a_hugging_face_folder_is_served_like_its_run(gpt, tmp_path, capsys):
+    assert main(["export", str(gpt), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(gpt), "--prompt", "The", "--max-new-tokens", "20", "--temperature",
+                 "0"]) == 0
+    expected = capsys.readouterr().out.removesuffix("\n").removeprefix("The")
+    with server(tmp_path / "hf") as (client, _):
+        assert client.get("/metadata").json()["task"] == "clm"
+        answer = client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 20, "temperature": 0}).json()
+        assert answer["text"] == expected
+
+
+def test_sigterm_finishes_the_request_in_flight(gpt):
+    with server(gpt) as (client, proc):
         with client.stream("POST", "/v1/generate", json={"prompt": "The", "max_new_tokens": 250, "temperature": 0,
                                                          "stream": True}) as response:
             lines = response.iter_lines()
