@@ -39,12 +39,13 @@ def _long_options(parser: argparse.ArgumentParser) -> list[str]:
     return sorted(set(found))
 
 
-def _config_options(p: argparse.ArgumentParser) -> None:
+def _config_options(p: argparse.ArgumentParser, base: dict | None = None) -> None:
     from lmforge.config import help_rows
 
+    p.usage = f"{p.prog} [--config YAML] [--resume auto|RUN|CKPT] [--SECTION.KEY VALUE ...]"
     p.add_argument("--config", metavar="YAML", help="a recipe file; the options below override its values")
     group = p.add_argument_group("config options (dotted keys; also settable in the YAML file)")
-    for option, metavar, text in help_rows():
+    for option, metavar, text in help_rows(base):
         group.add_argument(option, metavar=metavar, help=text, default=argparse.SUPPRESS)
 
 
@@ -375,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "0.01, 3 epochs); a recipe or the options below override them. Needs --finetune.init_from and "
                        "--finetune.train.", allow_abbrev=False)
     p.add_argument("--resume", metavar="auto|RUN|CKPT", help="continue a run exactly (as for pretrain)")
-    _config_options(p)
+    _config_options(p, finetune_base({}))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a labelled file and print its report",

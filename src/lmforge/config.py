@@ -555,10 +555,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-def help_rows():
-    """(option, metavar, help) for every config field, for the CLI's --help."""
+def help_rows(base: dict | None = None):
+    """(option, metavar, help) for every config field, for the CLI's --help; base: a command's own starting
+    values (fine-tuning's), shown as the defaults where they differ."""
     for path, tp, f in leaves(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        node = base or {}
+        for key in path.split("."):
+            node = node.get(key, dataclasses.MISSING) if isinstance(node, dict) else dataclasses.MISSING
+        default = default if node is dataclasses.MISSING else node
         extra = f" {{{','.join(map(str, f.metadata['choices']))}}}" if f.metadata.get("choices") else ""
         check = f" ({f.metadata['check'][1]})" if f.metadata.get("check") else ""
         yield f"--{path}", _type_name(tp).upper(), f"{f.metadata['doc']}{extra}{check} [default: {default}]"
