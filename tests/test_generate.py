@@ -67,6 +67,13 @@ def test_left_padded_rows_decode_as_if_alone(kind):
         together = generate(model, batch, 12, temperature=0.0, left_pad=pads, use_cache=use_cache)
         for row, p in enumerate(prompts):
             assert together[row].tolist() == greedy_oracle(model, torch.tensor([p]), 12)[0].tolist()
+    # sampled: a generator per row draws for that row what the same seed draws for the prompt alone
+    seeded = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    together = generate(model, batch, 12, temperature=1.0, left_pad=pads, generator=seeded([5, 6, 7]))
+    for row, p in enumerate(prompts):
+        alone = generate(model, torch.tensor([p]), 12, temperature=1.0, generator=seeded([5 + row])[0])
+        assert together[row].tolist() == alone[0].tolist()
+    assert together[0].tolist() != together[2].tolist()  # the seeds differ, so do the samples
 
 
 @pytest.mark.parametrize("kind", CONFIGS)

@@ -196,6 +196,8 @@ def test_generate_answers_what_generate_answers_and_streams(gpt, capsys):
     greedy_of = {p: cli("--max-new-tokens", "30", "--temperature", "0", prompt=p) for p in prompts}
     greedy = greedy_of["The king"]
     sampled = cli("--max-new-tokens", "30", "--seed", "7")
+    sampled_of = {(p, seed): cli("--max-new-tokens", "30", "--seed", str(seed), prompt=p) for p in prompts[1:]
+                  for seed in (1, 2)}
     stopped = cli("--max-new-tokens", "30", "--temperature", "0", "--stop", greedy[8:10])
     with server(run, "--max-new-tokens", "40") as (client, _):
         ask = lambda **kw: client.post("/v1/generate", json={"prompt": "The king", "max_new_tokens": 30, **kw})  # noqa: E731
@@ -209,6 +211,13 @@ def test_generate_answers_what_generate_answers_and_streams(gpt, capsys):
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             texts = list(pool.map(ask_greedy, range(24)))
         assert texts == [greedy_of[prompts[i % 3]] for i in range(24)]
+        # so do sampled ones, each row drawing from its own request's seed
+        cases = list(sampled_of) * 4
+        ask_sampled = lambda case: client.post("/v1/generate", json={  # noqa: E731
+            "prompt": case[0], "max_new_tokens": 30, "seed": case[1]}).json()["text"]
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            texts = list(pool.map(ask_sampled, cases))
+        assert texts == [sampled_of[case] for case in cases]
         assert client.get("/metadata").json()["stats"]["largest_batch"] > 1
         with client.stream("POST", "/v1/generate", json={"prompt": "The king", "max_new_tokens": 30, "seed": 7,
                                                          "stream": True}) as response:

@@ -14,8 +14,9 @@ from lmforge.errors import UserError
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> next token ids [B]. temperature 0 means greedy (argmax)."""
+                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B]. temperature 0 means greedy (argmax). generator: one for the
+    batch, or one per row (rows of different requests batched together each draw from their own seed)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -28,14 +29,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the mass is already reached
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, stop_ids: set[int] | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, on_token=None, left_pad: torch.Tensor | None = None
-             ) -> torch.Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None, on_token=None,
+             left_pad: torch.Tensor | None = None) -> torch.Tensor:
     """Continue `prompt` [B, T] by up to `max_new_tokens`; returns only the new tokens [B, <=max_new_tokens].
     left_pad [B]: prompts of different lengths, left-padded to T (see Transformer.features).
 
@@ -103,8 +107,8 @@ def generate_text(model, tok: Tokenizer, prompt: str | list[int], max_new_tokens
 
 def generate_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int = 200,
                    temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
-                   stop_at_eos: bool = True, generator: torch.Generator | None = None, use_cache: bool = True,
-                   on_text=None) -> list[str]:
+                   stop_at_eos: bool = True, generator: torch.Generator | list[torch.Generator] | None = None,
+                   use_cache: bool = True, on_text=None) -> list[str]:
     """generate_text for several prompts at once, left-padded to the longest (one forward pass a step; the
     server batches concurrent requests this way). on_text(texts so far) is called after each step and may
     return True to stop."""

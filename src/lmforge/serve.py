@@ -160,12 +160,15 @@ class Engine:
                         max_length_ratio=sc.max_length_ratio, source_tokenizer=self.source_tok)
         return [{"source": s, "translation": t} for s, t in zip(texts, out)]
 
-    def generate(self, prompts: list[list[int]], req: GenerateRequest, on_text=None) -> list[str]:
+    def generate(self, items: list[tuple[list[int], int]], req: GenerateRequest, on_text=None) -> list[str]:
+        """items: (prompt ids, seed) of requests that share req's other settings; each row samples from a
+        generator seeded with its own request's seed, as `lmforge generate --seed` does."""
         from lmforge.generate import generate_texts
 
-        generator = torch.Generator(device=self.device).manual_seed(req.seed) if req.temperature > 0 else None
-        return generate_texts(self.model, self.tok, prompts, req.max_new_tokens, req.temperature, req.top_k,
-                              req.top_p, stop=req.stop, generator=generator, on_text=on_text)
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for _, seed in items] \
+            if req.temperature > 0 else None
+        return generate_texts(self.model, self.tok, [ids for ids, _ in items], req.max_new_tokens, req.temperature,
+                              req.top_k, req.top_p, stop=req.stop, generator=generators, on_text=on_text)
 
 
 # -- batching ------------------------------------------------------------------------------------------
@@ -442,12 +445,13 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             batcher = batcher_of(request)
             if req.stream:
                 return StreamingResponse(_events(batcher, engine, ids, req), media_type="text/event-stream")
-            # greedy requests with the same settings share forward passes (prompts left-padded to the longest,
-            # which must leave each its room for new tokens); a sampled one runs alone, so that its seed gives
-            # what lmforge generate --seed gives
+            # requests with the same settings share forward passes (prompts left-padded to the longest, which
+            # must leave each its room for new tokens; each sampled row keeps its own seed's generator)
             fits = len(ids) + req.max_new_tokens <= engine.cfg.model.max_seq_len
-            key = ("generate", req.max_new_tokens, tuple(req.stop or ())) if req.temperature == 0 and fits else object()
-            text = (await batcher.submit(key, [ids], lambda prompts: engine.generate(prompts, req)))[0]
+            settings = (req.max_new_tokens, tuple(req.stop or ()), req.temperature) + \
+                ((req.top_k, req.top_p) if req.temperature > 0 else ())
+            key = ("generate", *settings) if fits else object()
+            text = (await batcher.submit(key, [(ids, req.seed)], lambda items: engine.generate(items, req)))[0]
             return {"prompt": req.prompt, "text": text}
 
     return app
@@ -467,7 +471,7 @@ async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: Generat
 
     async def produce():
         try:
-            final = await batcher.submit(object(), [ids], lambda prompts: engine.generate(prompts, req, on_text))
+            final = await batcher.submit(object(), [(ids, req.seed)], lambda items: engine.generate(items, req, on_text))
             updates.put_nowait(("done", final[0]))
         except Exception as e:  # noqa: BLE001 - reported in the stream: the status line is already sent
             updates.put_nowait(("error", f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)))
