@@ -6,7 +6,6 @@ every option through), and each schedule's formula evaluated at chosen steps."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest

@@ -332,8 +332,8 @@ class Config:
             raise ConfigError(f"config: train.fsdp_cpu_offload = true needs train.parallel = fsdp (got {t.parallel})")
         mc, tk = self.mlm, self.data.tokenizer
         if self.task == "mlm" and not tk.path and tk.kind != "wordpiece" and not {"[MASK]", "<mask>"} & set(tk.special_tokens):
-            raise ConfigError(f"config: task = mlm needs a [MASK] token: set data.tokenizer.kind = wordpiece (which has "
-                              f"[CLS], [SEP] and [MASK]) or add them to data.tokenizer.special_tokens")
+            raise ConfigError("config: task = mlm needs a [MASK] token: set data.tokenizer.kind = wordpiece (which has "
+                              "[CLS], [SEP] and [MASK]) or add them to data.tokenizer.special_tokens")
         if mc.mask_token_prob + mc.random_token_prob > 1:
             raise ConfigError(f"config: mlm.mask_token_prob + mlm.random_token_prob = "
                               f"{mc.mask_token_prob + mc.random_token_prob:g} must be <= 1")

@@ -100,7 +100,6 @@ class FinetuneTask(Task):
     def _pretrained(self) -> tuple[torch.nn.Module, Tokenizer]:
         """The plain task model with the pretrained body's weights (the head fresh), and the tokenizer.
         Fills cfg.model and finetune.pooling from what was found."""
-        from lmforge.config import load_config, read_yaml
         from lmforge.train.checkpoint import load_run
 
         cfg, fc = self.cfg, self.cfg.finetune

@@ -112,7 +112,7 @@ class Seq2SeqTask(Task):
         self.pad, self.bos, self.eos = seq2seq_special_ids(self.tok)
         if self.src_tok is not None:
             if seq2seq_special_ids(self.src_tok) != (self.pad, self.bos, self.eos):  # one padding and end id per batch
-                raise UserError(f"tokenizer: the source tokenizer's <pad> <s> </s> ids differ from the target's; "
+                raise UserError("tokenizer: the source tokenizer's <pad> <s> </s> ids differ from the target's; "
                                 "expected the same ids on both sides")
             sc.source_vocab_size = max(sc.source_vocab_size, self.src_tok.get_vocab_size())
         vocab = self.tok.get_vocab_size()
