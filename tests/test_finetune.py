@@ -228,6 +228,28 @@ def test_resumed_finetune_equals_uninterrupted(tmp_path, encoder):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
 
 
+def test_inference_batches_cover_every_row_once_with_little_padding(monkeypatch):
+    from lmforge.tasks.finetune import PADDING_SHARE, Encoded
+
+    task = make_task(load_config(base={"task": "classify", "eval": {"batch_size": 16}}))
+    monkeypatch.setattr(task, "collate", lambda rows, examples: rows)
+    rng = random.Random(0)
+    rows = [Encoded(ids=[1] * rng.randint(3, 60)) for _ in range(200)]
+    batches = list(task.batches_in_order(rows, [None] * len(rows)))
+    seen = [int(j) for chosen, _ in batches for j in chosen]
+    assert sorted(seen) == list(range(200))  # every row once
+    lengths = [len(rows[j].ids) for j in seen]
+    assert lengths == sorted(lengths, reverse=True)  # longest first
+    for chosen, batch in batches:
+        sizes = [len(r.ids) for r in batch]
+        assert len(batch) <= 16 and sizes[0] == max(sizes)
+        assert sum(sizes) >= (1 - PADDING_SHARE) * len(batch) * sizes[0]  # padding within its share
+    assert len(batches) < 200 / 4  # and still batches, not single rows
+    # a few mixed lengths (a server batch): split instead of all padded to the longest
+    mixed = [Encoded(ids=[1] * n) for n in (60, 8, 7, 9, 58, 8)]
+    assert [sorted(int(j) for j in c) for c, _ in task.batches_in_order(mixed, [None] * 6)] == [[0, 4], [1, 2, 3, 5]]
+
+
 def test_decoder_classifier_pools_the_last_real_token(tmp_path, decoder):
     train, dev = classify_files(tmp_path)
     cfg = load_config(base={"task": "classify", "finetune": {"init_from": str(decoder), "train": str(train), "dev": str(dev)},

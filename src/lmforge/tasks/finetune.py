@@ -28,6 +28,7 @@ from lmforge.tasks import Task
 
 LABELS_FILE = "labels.json"
 REPORT_FILE = "dev_report.json"
+PADDING_SHARE = 0.2  # an inference batch ends before padding passes this share of its tokens
 CLS_NAMES, SEP_NAMES, PAD_NAMES, MASK_NAMES = ("[CLS]", "<s>"), ("[SEP]", "</s>"), ("[PAD]", "<pad>"), ("[MASK]", "<mask>")
 
 
@@ -222,12 +223,24 @@ class FinetuneTask(Task):
                               self.cfg.finetune.group_by_length)
 
     def batches_in_order(self, rows: list[Encoded], examples: list[Example]) -> Iterator[tuple[np.ndarray, dict]]:
-        """(example indices, batch) over all rows, by length (little padding); eval and predict."""
-        order = np.argsort([-len(r.ids) for r in rows], kind="stable")
-        size = self.cfg.eval.batch_size
-        for i in range(0, len(order), size):
-            chosen = order[i:i + size]
-            yield chosen, self.collate([rows[j] for j in chosen], [examples[j] for j in chosen])
+        """(example indices, batch) over all rows, longest first; eval, predict and the server. A batch holds
+        at most eval.batch_size rows and ends early where padding would pass PADDING_SHARE of its tokens: a
+        few texts of mixed lengths (one server batch) would otherwise all be padded to the longest, which on
+        a CPU cost more than the batching saved."""
+        def batch(chosen: list[int]) -> tuple[np.ndarray, dict]:
+            return np.array(chosen), self.collate([rows[k] for k in chosen], [examples[k] for k in chosen])
+
+        size, chosen, real = self.cfg.eval.batch_size, [], 0
+        for j in np.argsort([-len(r.ids) for r in rows], kind="stable"):
+            n = len(rows[j].ids)
+            longest = len(rows[chosen[0]].ids) if chosen else n  # rows come longest first
+            if chosen and (len(chosen) == size or real + n < (1 - PADDING_SHARE) * (len(chosen) + 1) * longest):
+                yield batch(chosen)
+                chosen, real = [], 0
+            chosen.append(j)
+            real += n
+        if chosen:
+            yield batch(chosen)
 
     def flops_per_token(self, model) -> float:
         return model.flops_per_token(context=float(np.mean([len(r.ids) for r in self.train_rows])))
