@@ -12,8 +12,14 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
-from lmforge.config import load_config
+from lmforge.cli import main
+from lmforge.config import load_config, save_config
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.tasks import make_task
+from lmforge.train.checkpoint import WEIGHTS, save_weights
+from lmforge.train.distributed import Dist, full_weights
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
@@ -103,3 +109,95 @@ def _session_setup(tmp_path_factory):
 def _run_in_tmp(tmp_path, monkeypatch):
     """Run every test from its tmp_path, so a relative default (runs/, .cache/) can never land in the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+# -- tiny runs that several test modules build: fine-tuning bases and data, translation pairs -----------
+
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32}
+
+
+def make_base(run: Path, task: str, **model) -> Path:
+    """A pretrained-looking run directory (config.yaml, weights, tokenizer) with random weights."""
+    kind = "wordpiece" if task == "mlm" else "bpe"
+    specials = [] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"]
+    tok = train_tokenizer(synthetic_text(8000).splitlines(), kind, 300, specials)
+    extra = {"pos": "learned", "type_vocab_size": 2, "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
+             "bias": True} if task == "mlm" else {}  # BERT's layout
+    cfg = load_config(base={"task": task, "model": {**TINY_MODEL, **extra, **model, "vocab_size": tok.get_vocab_size()},
+                            "data": {"tokenizer": {"kind": kind}}})
+    torch.manual_seed(0)
+    run.mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    save_weights(full_weights(Dist(), make_task(cfg).build_model()), run / WEIGHTS, {"step": "0"})
+    tok.save(str(run / "tokenizer.json"))
+    return run
+
+
+def sentences(n: int, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    return [[rng.choice(WORDS) for _ in range(rng.randint(4, 9))] for _ in range(n)]
+
+
+def sentiment(words: list[str]) -> str:
+    """A rule the model has to learn from the words: positive iff one of five words occurs (about half)."""
+    return "pos" if {"good", "sweet", "king", "dreams", "night"} & set(words) else "neg"
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def classify_files(tmp_path: Path) -> tuple[Path, Path]:
+    train = write_lines(tmp_path / "train.tsv", ["text\tlabel"] + [f"{' '.join(w)}\t{sentiment(w)}" for w in sentences(160, 1)])
+    dev = write_lines(tmp_path / "dev.tsv", ["text\tlabel"] + [f"{' '.join(w)}\t{sentiment(w)}" for w in sentences(40, 2)])
+    return train, dev
+
+
+def finetune(tmp_path: Path, base: Path, train: Path, dev: Path | None, task: str, *extra: str, run: str = "run") -> Path:
+    argv = ["finetune", "--task", task, "--finetune.init_from", str(base), "--finetune.train", str(train),
+            "--train.device", "cpu", "--train.lr", "3e-3", "--train.batch_size", "16", "--finetune.epochs", "12",
+            "--finetune.evals_per_epoch", "0", "--eval.every", "20", "--log.run_dir", str(tmp_path / run),
+            "--log.progress", "false", "--log.tensorboard", "false", "--finetune.classifier_dropout", "0"]
+    if dev is not None:
+        argv += ["--finetune.dev", str(dev)]
+    assert main(argv + list(extra)) == 0
+    return tmp_path / run
+
+
+def conll_lines(n: int, seed: int) -> list[str]:
+    """Sentences where 'king'/'queen' are PER and 'rome' LOC (B- and I- when two follow each other)."""
+    types = {"king": "PER", "queen": "PER", "rome": "LOC"}
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for words in sentences(n, seed):
+        prev = None
+        for w in words:
+            t = types.get(w)
+            tag = "O" if t is None else ("I-" if prev == t else "B-") + t
+            lines.append(f"{w} NN O {tag}")
+            prev = t
+        lines.append("")
+    return lines
+
+
+EN = "zero one two three four five six seven eight nine ten eleven twelve".split()
+DE = "null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf".split()
+
+
+def number_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """A toy translation: sequences of English number words -> the German words, same order."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        idx = [rng.randrange(len(EN)) for _ in range(rng.randint(2, 7))]
+        pairs.append((" ".join(EN[i] for i in idx).capitalize() + ".", " ".join(DE[i] for i in idx).capitalize() + "."))
+    return pairs
+
+
+def write_tsv(path: Path, pairs) -> Path:
+    path.write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    return path
+
+
+SEQ2SEQ_TINY = ["--model.n_layer", "2", "--model.n_head", "4", "--model.d_model", "64", "--model.max_seq_len", "48",
+        "--log.progress", "false", "--log.tensorboard", "false", "--train.device", "cpu"]

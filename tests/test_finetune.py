@@ -12,35 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA, WORDS, read_metrics, synthetic_text
+from conftest import (SHARED_DATA, classify_files, conll_lines, finetune, make_base, read_metrics, sentences,
+                      sentiment, write_lines)
 from lmforge.cli import main
-from lmforge.config import load_config, read_yaml, save_config
+from lmforge.config import load_config, read_yaml
 from lmforge.data.labelled import read_examples
-from lmforge.data.tokenizer import train_tokenizer
 from lmforge.losses import IGNORE_INDEX
 from lmforge.tasks import make_task
-from lmforge.train.checkpoint import WEIGHTS, load_run, save_weights
-from lmforge.train.distributed import Dist, full_weights
-
-TINY = {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32}
-
-
-def make_base(run: Path, task: str, **model) -> Path:
-    """A pretrained-looking run directory (config.yaml, weights, tokenizer) with random weights."""
-    kind = "wordpiece" if task == "mlm" else "bpe"
-    specials = [] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"]
-    tok = train_tokenizer(synthetic_text(8000).splitlines(), kind, 300, specials)
-    extra = {"pos": "learned", "type_vocab_size": 2, "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
-             "bias": True} if task == "mlm" else {}  # BERT's layout
-    cfg = load_config(base={"task": task, "model": {**TINY, **extra, **model, "vocab_size": tok.get_vocab_size()},
-                            "data": {"tokenizer": {"kind": kind}}})
-    torch.manual_seed(0)
-    run.mkdir(parents=True)
-    save_config(cfg, run / "config.yaml")
-    save_weights(full_weights(Dist(), make_task(cfg).build_model()), run / WEIGHTS, {"step": "0"})
-    tok.save(str(run / "tokenizer.json"))
-    return run
-
+from lmforge.train.checkpoint import load_run
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
@@ -50,38 +29,6 @@ def encoder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory) -> Path:
     return make_base(tmp_path_factory.mktemp("base") / "decoder", "clm")
-
-
-def sentences(n: int, seed: int) -> list[list[str]]:
-    rng = random.Random(seed)
-    return [[rng.choice(WORDS) for _ in range(rng.randint(4, 9))] for _ in range(n)]
-
-
-def sentiment(words: list[str]) -> str:
-    """A rule the model has to learn from the words: positive iff one of five words occurs (about half)."""
-    return "pos" if {"good", "sweet", "king", "dreams", "night"} & set(words) else "neg"
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def classify_files(tmp_path: Path) -> tuple[Path, Path]:
-    train = write_lines(tmp_path / "train.tsv", ["text\tlabel"] + [f"{' '.join(w)}\t{sentiment(w)}" for w in sentences(160, 1)])
-    dev = write_lines(tmp_path / "dev.tsv", ["text\tlabel"] + [f"{' '.join(w)}\t{sentiment(w)}" for w in sentences(40, 2)])
-    return train, dev
-
-
-def finetune(tmp_path: Path, base: Path, train: Path, dev: Path | None, task: str, *extra: str, run: str = "run") -> Path:
-    argv = ["finetune", "--task", task, "--finetune.init_from", str(base), "--finetune.train", str(train),
-            "--train.device", "cpu", "--train.lr", "3e-3", "--train.batch_size", "16", "--finetune.epochs", "12",
-            "--finetune.evals_per_epoch", "0", "--eval.every", "20", "--log.run_dir", str(tmp_path / run),
-            "--log.progress", "false", "--log.tensorboard", "false", "--finetune.classifier_dropout", "0"]
-    if dev is not None:
-        argv += ["--finetune.dev", str(dev)]
-    assert main(argv + list(extra)) == 0
-    return tmp_path / run
 
 
 def evaluate(capsys, run: Path, data: Path) -> dict[str, float]:
@@ -155,21 +102,6 @@ def test_multilabel_with_thresholds(tmp_path, encoder, capsys):
     record = json.loads(capsys.readouterr().out)
     assert set(record["probs"]) == {"king", "night"}
     assert record["labels"] == [k for k, p in record["probs"].items() if p >= 0.5]
-
-
-def conll_lines(n: int, seed: int) -> list[str]:
-    """Sentences where 'king'/'queen' are PER and 'rome' LOC (B- and I- when two follow each other)."""
-    types = {"king": "PER", "queen": "PER", "rome": "LOC"}
-    lines = ["-DOCSTART- -X- -X- O", ""]
-    for words in sentences(n, seed):
-        prev = None
-        for w in words:
-            t = types.get(w)
-            tag = "O" if t is None else ("I-" if prev == t else "B-") + t
-            lines.append(f"{w} NN O {tag}")
-            prev = t
-        lines.append("")
-    return lines
 
 
 def test_token_classification_learns_entities(tmp_path, encoder, capsys):

@@ -19,8 +19,7 @@ from PIL import Image
 
 from lmforge.cli import main
 from lmforge.report import format_runs, list_runs, write_report
-from test_finetune import classify_files, finetune, make_base
-from test_seq2seq_task import TINY, number_pairs, write_tsv
+from conftest import SEQ2SEQ_TINY, classify_files, finetune, make_base, number_pairs, write_tsv
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two line colours: train and val
 
@@ -43,7 +42,7 @@ def translation_run(tmp_path_factory) -> Path:
     dev = write_tsv(tmp / "dev.tsv", number_pairs(20, 1))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)
-        assert main(["train", "--task", "seq2seq", *TINY, "--seq2seq.train", str(train), "--seq2seq.dev", str(dev),
+        assert main(["train", "--task", "seq2seq", *SEQ2SEQ_TINY, "--seq2seq.train", str(train), "--seq2seq.dev", str(dev),
                      "--data.tokenizer.vocab_size", "120", "--train.max_steps", "20", "--train.warmup_steps", "2",
                      "--eval.every", "10", "--seq2seq.beam_size", "1", "--log.run_dir", str(tmp / "run")]) == 0
     return tmp / "run"

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import SEQ2SEQ_TINY, number_pairs, write_tsv
 from lmforge.cli import main
 from lmforge.data.batches import ExampleBatches
 from lmforge.losses import IGNORE_INDEX
@@ -21,25 +21,6 @@ from lmforge.train.checkpoint import average_checkpoints
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MULTI30K = SHARED / "multi30k"
-
-EN = "zero one two three four five six seven eight nine ten eleven twelve".split()
-DE = "null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf".split()
-
-
-def number_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    """A toy translation: sequences of English number words -> the German words, same order."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        idx = [rng.randrange(len(EN)) for _ in range(rng.randint(2, 7))]
-        pairs.append((" ".join(EN[i] for i in idx).capitalize() + ".", " ".join(DE[i] for i in idx).capitalize() + "."))
-    return pairs
-
-
-def write_tsv(path: Path, pairs) -> Path:
-    path.write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
-    return path
-
 
 # -- batches ---------------------------------------------------------------------------------------
 
@@ -112,15 +93,11 @@ def test_average_checkpoints_is_the_elementwise_mean(tmp_path):
 
 # -- whole runs ------------------------------------------------------------------------------------
 
-TINY = ["--model.n_layer", "2", "--model.n_head", "4", "--model.d_model", "64", "--model.max_seq_len", "48",
-        "--log.progress", "false", "--log.tensorboard", "false", "--train.device", "cpu"]
-
-
 def test_translation_run_learns_a_toy_language_pair_end_to_end(tmp_path, capsys):
     train = write_tsv(tmp_path / "train.tsv", number_pairs(3000, 0))
     dev = write_tsv(tmp_path / "dev.tsv", number_pairs(60, 1))
     run = tmp_path / "run"
-    code = main(["train", "--task", "seq2seq", *TINY, "--seq2seq.train", str(train), "--seq2seq.dev", str(dev),
+    code = main(["train", "--task", "seq2seq", *SEQ2SEQ_TINY, "--seq2seq.train", str(train), "--seq2seq.dev", str(dev),
                  "--data.tokenizer.vocab_size", "300", "--seq2seq.max_tokens", "1024", "--loss.label_smoothing", "0.1",
                  "--train.lr", "3e-3", "--train.max_steps", "300", "--train.warmup_steps", "30",
                  "--train.checkpoint_every", "50", "--train.keep_checkpoints", "3", "--seq2seq.average_last", "3",
@@ -157,7 +134,7 @@ def test_translation_run_learns_a_toy_language_pair_end_to_end(tmp_path, capsys)
 def test_translate_refuses_bad_input_with_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     train = write_tsv(tmp_path / "train.tsv", number_pairs(200, 0))
-    assert main(["train", "--task", "seq2seq", *TINY, "--seq2seq.train", str(train), "--seq2seq.dev", str(train),
+    assert main(["train", "--task", "seq2seq", *SEQ2SEQ_TINY, "--seq2seq.train", str(train), "--seq2seq.dev", str(train),
                  "--data.tokenizer.vocab_size", "200", "--train.max_steps", "2", "--train.warmup_steps", "0",
                  "--seq2seq.eval_bleu", "false", "--seq2seq.samples", "0", "--log.run_dir", str(run)]) == 0
     capsys.readouterr()
@@ -178,7 +155,7 @@ def test_misaligned_parallel_files_stop_the_run_before_anything_is_written(tmp_p
     src.write_text("a\nb\nc\n")
     tgt.write_text("x\ny\n")
     run = tmp_path / "run"
-    code = main(["train", "--task", "seq2seq", *TINY, "--seq2seq.train", str(src), "--seq2seq.train_target", str(tgt),
+    code = main(["train", "--task", "seq2seq", *SEQ2SEQ_TINY, "--seq2seq.train", str(src), "--seq2seq.train_target", str(tgt),
                  "--seq2seq.dev", str(src), "--seq2seq.dev_target", str(tgt), "--log.run_dir", str(run)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "has 3 lines" in err and "has 2" in err and err.count("\n") == 0
@@ -187,7 +164,7 @@ def test_misaligned_parallel_files_stop_the_run_before_anything_is_written(tmp_p
 
 def test_translation_needs_dev_pairs(tmp_path, capsys):
     train = write_tsv(tmp_path / "train.tsv", number_pairs(20, 0))
-    assert main(["train", "--task", "seq2seq", *TINY, "--seq2seq.train", str(train)]) == 2
+    assert main(["train", "--task", "seq2seq", *SEQ2SEQ_TINY, "--seq2seq.train", str(train)]) == 2
     assert "seq2seq.dev: expected dev pairs" in capsys.readouterr().err
 
 
@@ -198,7 +175,7 @@ def test_span_corruption_loss_falls_and_initialises_translation(tmp_path, capsys
     lines = (MULTI30K / "train.en").read_text(encoding="utf-8").splitlines()[:3000]
     (corpus / "en.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     span = tmp_path / "span"
-    assert main(["train", "--task", "span", *TINY, "--model.max_seq_len", "32", "--data.path", str(corpus),
+    assert main(["train", "--task", "span", *SEQ2SEQ_TINY, "--model.max_seq_len", "32", "--data.path", str(corpus),
                  "--data.cache_dir", str(tmp_path / "cache"), "--data.tokenizer.vocab_size", "1000",
                  "--train.batch_size", "32", "--train.lr", "3e-3", "--train.max_steps", "120", "--train.warmup_steps", "10",
                  "--eval.every", "60", "--eval.batches", "4", "--log.run_dir", str(span)]) == 0
@@ -222,7 +199,7 @@ def test_span_corruption_loss_falls_and_initialises_translation(tmp_path, capsys
 def test_separate_vocabularies_give_the_encoder_its_own_embedding(tmp_path, capsys):
     train = write_tsv(tmp_path / "train.tsv", number_pairs(300, 0))
     run = tmp_path / "run"
-    assert main(["train", "--task", "seq2seq", *TINY, "--seq2seq.train", str(train), "--seq2seq.dev", str(train),
+    assert main(["train", "--task", "seq2seq", *SEQ2SEQ_TINY, "--seq2seq.train", str(train), "--seq2seq.dev", str(train),
                  "--seq2seq.source_vocab_size", "300", "--data.tokenizer.vocab_size", "320", "--train.max_steps", "3",
                  "--train.warmup_steps", "0", "--seq2seq.eval_bleu", "false", "--seq2seq.samples", "0",
                  "--seq2seq.beam_size", "1", "--log.run_dir", str(run)]) == 0

@@ -18,11 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import synthetic_text, tiny_overrides, write_corpus
+from conftest import (SEQ2SEQ_TINY, classify_files, conll_lines, finetune, make_base, number_pairs, synthetic_text,
+                      tiny_overrides, write_corpus, write_lines, write_tsv)
 from lmforge.cli import main
-from test_finetune import classify_files, conll_lines, finetune, make_base, write_lines
-from test_seq2seq_task import TINY as SEQ2SEQ_TINY
-from test_seq2seq_task import number_pairs, write_tsv
 
 
 def free_port() -> int:
