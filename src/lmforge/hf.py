@@ -378,13 +378,13 @@ def _config_tree(arch: Arch, hf: dict, names: set[str], where: str) -> dict:
         if name not in ACTIVATIONS:
             raise UserError(f"{where}: config.json {key} = {json.dumps(name)}: lmforge has {', '.join(ACTIVATIONS)}")
         model["mlp"] = ACTIVATIONS[name]
-    for key, (field, default) in arch.config.items():
+    for key, (ours, default) in arch.config.items():
         value = hf.get(key)
         value = default if value is None else value
         if value is REQUIRED:
             raise UserError(f"{where}: config.json has no {key}, which {arch.title} needs")
         if value is not None:
-            model.setdefault(field, value)
+            model.setdefault(ours, value)
     tree = {"task": arch.task, "model": model}
     for section, values in (arch.read_extra(hf, names, where) if arch.read_extra else {}).items():
         tree.setdefault(section, {}).update(values)
