@@ -20,9 +20,7 @@ import json
 import os
 import signal
 import socket
-import sys
 import threading
-import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -58,7 +56,7 @@ class RequestError(Exception):
 
     def __init__(self, status: int, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.status, self.field = status, field
+        self.status, self.field, self.message = status, field, message
 
 
 def error_response(status: int, field: str, message: str) -> JSONResponse:
@@ -317,7 +315,7 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
-        return error_response(e.status, e.field, str(e).split(": ", 1)[1])
+        return error_response(e.status, e.field, e.message)
 
     @app.exception_handler(UserError)
     async def user_error(request, e: UserError):
@@ -363,8 +361,7 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
         return error_response(422, where, message)
 
     @app.exception_handler(Exception)
-    async def internal(request, e: Exception):
-        print("lmforge: internal error:\n" + "".join(traceback.format_exception(e)), file=sys.stderr)
+    async def internal(request, e: Exception):  # starlette re-raises it after this answer: uvicorn logs the traceback
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}", "field": None}, status_code=500)
 
     @app.get("/health", summary="liveness: 200 while the server answers")
@@ -435,13 +432,11 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             if req.max_new_tokens > limits.max_new_tokens:
                 raise RequestError(422, "max_new_tokens", f"{req.max_new_tokens}; expected at most "
                                                           f"{limits.max_new_tokens} (the server's --max-new-tokens)")
-            if req.prompt:
-                ids = engine.check_length(req.prompt, "prompt")
-            else:
-                try:
-                    ids = prompt_ids(engine.tok, "")
-                except UserError as e:
-                    raise RequestError(422, "prompt", str(e).split(": ", 1)[1]) from None
+            try:  # an empty prompt starts a document, as lmforge generate does
+                ids = engine.check_length(req.prompt, "prompt") or prompt_ids(engine.tok, "")
+            except UserError:
+                raise RequestError(422, "prompt", "empty, and this tokenizer has no end-of-text token to start "
+                                                  "from; expected some text") from None
             batcher = batcher_of(request)
             if req.stream:
                 return StreamingResponse(_events(batcher, engine, ids, req), media_type="text/event-stream")
