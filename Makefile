@@ -9,7 +9,7 @@ UV := $(VENV)/bin/uv
 TORCH_PIN ?= torch==2.13.0
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 
-.PHONY: install run test bench clean browser
+.PHONY: install run test test-gpu bench clean browser
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ run: install
 
 test: install browser
 	$(PY) -m pytest -q tests
+
+# The GPU tier: every test marked `gpu` (tests/test_gpu.py and the CUDA cases elsewhere). Needs CUDA;
+# `make test` runs the same files and skips these, saying why, where there is none.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests
 
 # The report test opens the HTML page in headless Chromium (Debian's package). Installed when missing and
 # this user may (root with apt-get, as on CI); elsewhere that test is skipped and says why.

@@ -8,6 +8,7 @@ steps on a shared 2-core CPU in well under a second.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -201,3 +202,18 @@ def write_tsv(path: Path, pairs) -> Path:
 
 SEQ2SEQ_TINY = ["--model.n_layer", "2", "--model.n_head", "4", "--model.d_model", "64", "--model.max_seq_len", "48",
         "--log.progress", "false", "--log.tensorboard", "false", "--train.device", "cpu"]
+
+
+# The GPU tier's device: cuda, or what LMFORGE_GPU_TEST_DEVICE names (cpu: a dry run of the tier's own
+# logic on a machine without a GPU; its CUDA-versus-CPU comparisons then compare the CPU with itself).
+GPU_TEST_DEVICE = os.environ.get("LMFORGE_GPU_TEST_DEVICE", "cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason, on a machine without it."""
+    if torch.cuda.is_available() or GPU_TEST_DEVICE != "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make test-gpu on a machine with one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -311,3 +311,74 @@ def test_loss_options_from_config():
     torch.testing.assert_close(opts["class_weights"], torch.tensor([1.0, 2.0]))
     assert loss_options(LossConfig(name="mse")) == {}
     assert loss_options(LossConfig(name="huber", delta=0.5)) == {"delta": 0.5}
+
+
+# -- the fused loss on every device -----------------------------------------------------------------
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# (smoothing, z-loss, softcap, class weights, bias): each option alone, then all of them together
+DEVICE_OPTIONS = [(0.0, 0.0, 0.0, False, False), (0.1, 0.0, 0.0, False, True), (0.0, 1e-3, 0.0, False, False),
+                  (0.0, 0.0, 5.0, False, True), (0.0, 0.0, 0.0, True, False), (0.1, 1e-3, 5.0, True, True)]
+
+
+def fused_case(device: str, seed: int, bias: bool, weighted: bool, n: int = 300, d: int = 32, v: int = 97):
+    """hidden, weight, bias, targets and class weights on `device`: a third of the rows ignored, some in
+    runs that span whole chunks."""
+    g = gen(seed)
+    hidden = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    weight = (0.3 * torch.randn(v, d, generator=g)).to(device).requires_grad_()
+    b = (0.1 * torch.randn(v, generator=g)).to(device).requires_grad_() if bias else None
+    targets = torch.randint(v, (n,), generator=g)
+    targets[40:120] = IGNORE_INDEX
+    targets[torch.randperm(n, generator=g)[:20]] = IGNORE_INDEX
+    cw = (torch.rand(v, generator=g) + 0.5).to(device) if weighted else None
+    return hidden, weight, b, targets.to(device), cw
+
+
+# the chunk math as each device runs it by default, and on CUDA eager too (compiled=None: the default)
+FUSED_PATHS = [pytest.param("cpu", None, id="cpu"),
+               pytest.param("cuda", False, id="cuda-eager", marks=pytest.mark.gpu),
+               pytest.param("cuda", None, id="cuda-compiled", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device,compiled", FUSED_PATHS)
+@pytest.mark.parametrize("smoothing,z,cap,weighted,bias", DEVICE_OPTIONS)
+def test_fused_equals_unfused_on_device_fp32(device, compiled, smoothing, z, cap, weighted, bias):
+    """fp32 on `device`, chunks of 64 rows, an upstream gradient other than 1 (the loop divides each
+    loss by its token count): values and gradients to 1e-5."""
+    hidden, weight, b, targets, cw = fused_case(device, 11, bias, weighted)
+    options = dict(label_smoothing=smoothing, z_loss=z, softcap=cap, class_weights=cw, reduction="sum")
+    inputs = [hidden, weight] + ([b] if bias else [])
+    got = linear_cross_entropy(hidden, weight, targets, b, chunk_rows=64, compiled=compiled, **options) / 37.0
+    want = cross_entropy(F.linear(hidden, weight, b), targets, **options) / 37.0
+    assert got.device.type == device
+    assert_same(got, want, inputs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("smoothing,z,cap,weighted,bias", DEVICE_OPTIONS)
+def test_fused_equals_unfused_on_device_bf16_autocast(device, smoothing, z, cap, weighted, bias):
+    """Under bf16 autocast both paths run their matmuls in bf16 and the softmax in fp32; they agree to
+    bf16's rounding of the logits and gradients."""
+    hidden, weight, b, targets, cw = fused_case(device, 12, bias, weighted)
+    options = dict(label_smoothing=smoothing, z_loss=z, softcap=cap, class_weights=cw)
+    inputs = [hidden, weight] + ([b] if bias else [])
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, weight, targets, b, chunk_rows=64, **options) * 3.0
+        want = cross_entropy(F.linear(hidden, weight, b), targets, **options) * 3.0
+    assert got.dtype == torch.float32
+    assert_same(got, want, inputs, rtol=2e-2, atol=2e-2)
+
+
+def test_chunk_size_follows_the_device(monkeypatch):
+    """Chunks of CHUNK_ELEMENTS / V rows for the device at hand (a GPU takes far larger ones)."""
+    seen = []
+    real_apply = losses._LinearCrossEntropy.apply
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: seen.append(a[-1][6]) or real_apply(*a))
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 128 * 50, "cuda": 1 << 26})
+    h, w, t = torch.randn(400, 8, requires_grad=True), torch.randn(50, 8), torch.randint(50, (400,))
+    linear_cross_entropy(h, w, t).backward()
+    assert seen == [losses.MIN_CHUNK_ROWS]
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 300 * 50, "cuda": 1})
+    linear_cross_entropy(h, w, t)
+    assert seen[-1] == 300

@@ -214,7 +214,7 @@ def test_chunked_loss_in_a_run_equals_unchunked(tmp_path, monkeypatch):
     calls = []
     real_apply = losses._LinearCrossEntropy.apply
     monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real_apply(*a))
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 1, "cuda": 1})
     monkeypatch.setattr(losses, "MIN_CHUNK_ROWS", 8)
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
     runs = {}
@@ -353,19 +353,19 @@ def test_bf16_on_cpu_without_native_support_warns(monkeypatch):
 
     import torch
 
-    from lmforge.train import loop
+    from lmforge.train import precision
 
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ctx, dtype = loop.autocast_for("bf16", torch.device("cpu"))
-    assert dtype == torch.bfloat16 and any("slower than fp32" in str(w.message) for w in caught)
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+        chosen = precision.resolve_precision("bf16", cpu)
+    assert chosen.dtype == torch.bfloat16 and any("slower than fp32" in str(w.message) for w in caught)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loop.autocast_for("bf16", torch.device("cpu"))
+        precision.resolve_precision("bf16", cpu)
     assert not caught
-    assert loop.autocast_for("auto", torch.device("cpu"))[1] == torch.float32
 
 
 def test_resume_from_another_architecture_is_one_line_error(tmp_path, corpus):

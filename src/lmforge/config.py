@@ -84,7 +84,11 @@ class TrainConfig:
     layer_decay: float = opt(1.0, "layer-wise lr decay: layer i of L gets lr * layer_decay^(L + 1 - i), embeddings i = 0",
                              check=between(0, 1))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", check=ge(0))
-    precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    precision: str = opt("auto", "auto = bf16 autocast on CUDA with bf16 (else fp16 with loss scaling); on a CPU bf16 "
+                         "where it has native bf16 and a timing shows the gain, else fp32; fp16 is CUDA only",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    tf32: bool = opt(True, "CUDA: fp32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa); false = "
+                     "full fp32")
     compile: bool = opt(False, "torch.compile the model (falls back to eager with a warning)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N", check=device_name())
     seed: int = opt(1337, "random seed for init, data order and dropout")

@@ -13,11 +13,15 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # targets with this id carry no loss
 
-# The chunked linear+CE works on about this many logits at a time (16 MiB in fp32), but on at least
-# MIN_CHUNK_ROWS rows: each chunk adds into the whole [V, d] weight gradient, and at a large
-# vocabulary that read-modify-write must stay a small part of the chunk's matmuls (128 rows at
-# 128k = 64 MiB of logits: 0.86x the naive time, measured by benchmarks/linear_ce_memory.py).
-CHUNK_ELEMENTS = 1 << 22
+# The chunked linear+CE works on about this many logits at a time, but on at least MIN_CHUNK_ROWS
+# rows: each chunk adds into the whole [V, d] weight gradient, and at a large vocabulary that
+# read-modify-write must stay a small part of the chunk's matmuls (128 rows at 128k = 64 MiB of
+# logits: 0.86x the naive time on a CPU, measured by benchmarks/linear_ce_memory.py).
+# CPU: 4M logits (16 MiB in fp32), which stays near the caches. CUDA: 64M (256 MiB): a GPU runs a
+# chunk's kernels in microseconds, so with small chunks the launches and the per-chunk [V, d]
+# read-modify-write dominate (128-row chunks made the GPT-2-small step 2.4x slower than the unfused
+# loss on an H100); a few large chunks still keep a fraction of the unfused loss's N x V logits.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 MIN_CHUNK_ROWS = 128
 
 
@@ -68,6 +72,67 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     return _reduce(total, w_y.sum() if w_y is not None else real.sum(), reduction)
 
 
+def _chunk_loss_and_grad(raw: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, wy: torch.Tensor,
+                         cw: torch.Tensor | None, scale: torch.Tensor, weight_sum: torch.Tensor | int, *,
+                         smoothing: float, z_loss: float, softcap: float, grad_dtype: torch.dtype | None,
+                         bias_grad: bool):
+    """The loss's math on one chunk of rows: raw = h @ W^T [rows, V] in the compute dtype, y the rows'
+    targets, wy their class weights, cw all class weights (None: all 1) and weight_sum their sum.
+    Returns (the chunk's summed loss, d loss / d logits times `scale` in `grad_dtype` or None when
+    no gradient is wanted, the bias gradient's share or None).
+
+    In place wherever it can be: in eager mode one [rows, V] buffer in the accumulation dtype serves
+    the whole chunk. Compiled on CUDA (`_chunk_math`), where its dozen elementwise passes become a
+    few fused kernels; torch.compile turns the in-place ops into the same fused code.
+    """
+    acc = scale.dtype
+    vocab = raw.shape[1]
+    logits = raw.to(acc)
+    if bias is not None:
+        logits.add_(bias)  # `raw` is the chunk's own matmul output: free to overwrite
+    tanh = None
+    if softcap:
+        tanh = logits.div_(softcap).tanh_()  # kept for the chain rule
+        logits = tanh * softcap
+    s_y = logits.gather(1, y[:, None]).squeeze(1)
+    # sum_j w_j s_j for the smoothing term, taken before the softmax overwrites `logits`
+    s_dot = (logits @ cw if cw is not None else logits.sum(1)) if smoothing else 0.0
+    top = logits.amax(1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    norm = probs.sum(1, keepdim=True)
+    probs.div_(norm)
+    lse = (top + norm.log()).squeeze(1)
+    hit = wy * (1 - smoothing)  # weight of the target's own -log p_y term
+    loss = hit * (lse - s_y) + z_loss * wy * lse.square()
+    if smoothing:
+        loss = loss + smoothing / vocab * (weight_sum * lse - s_dot)
+    if grad_dtype is None:
+        return loss.sum(), None, None
+    # d loss / d s_k = p_k (hit + 2 z w_y lse + e W / V) - hit [k = y] - (e / V) w_k, times `scale`
+    dlogits = probs.mul_(((hit + 2 * z_loss * wy * lse + smoothing * weight_sum / vocab) * scale)[:, None])
+    dlogits.scatter_add_(1, y[:, None], (-hit * scale)[:, None])
+    if smoothing:
+        dlogits.sub_((cw[None, :] if cw is not None else 1.0) * (smoothing / vocab) * scale)
+    if softcap:
+        dlogits.mul_(tanh.square_().neg_().add_(1))  # d(c tanh(x / c)) / dx = 1 - tanh^2
+    return loss.sum(), dlogits.to(grad_dtype), (dlogits.sum(0) if bias_grad else None)
+
+
+_compiled_chunk_math = None
+
+
+def _chunk_math(device: torch.device, compiled: bool | None):
+    """`_chunk_loss_and_grad`, compiled when `compiled` is True or (None) on CUDA. Compiled once per
+    process: it recompiles only for new options or, once, to make the row count dynamic (the last
+    chunk is shorter)."""
+    global _compiled_chunk_math
+    if not (compiled if compiled is not None else device.type == "cuda"):
+        return _chunk_loss_and_grad
+    if _compiled_chunk_math is None:
+        _compiled_chunk_math = torch.compile(_chunk_loss_and_grad)
+    return _compiled_chunk_math
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """`cross_entropy(hidden @ weight.T + bias, targets, ...)` over row chunks, without ever holding the
     [N, V] logits. Each chunk's gradient with respect to its logits is formed in the forward pass,
@@ -75,67 +140,45 @@ class _LinearCrossEntropy(torch.autograd.Function):
     and bias; backward only scales them. So backward costs no recomputation, and the memory above the
     inputs is one [rows, V] chunk plus the gradients themselves.
 
-    Written by hand because no library in our stack provides it: torch has no fused linear+CE, and
-    the CUDA-only kernels elsewhere (Liger, Cut Cross-Entropy) cover neither CPU nor every option.
+    Written by hand, not taken from a kernel library: torch has no fused linear+CE, and the CUDA-only
+    Triton kernels elsewhere (Liger's, Cut Cross-Entropy) cover neither the CPU nor every option here
+    (class weights together with smoothing and z-loss). One implementation on every device keeps
+    "CUDA = CPU" testable; on CUDA it gets its speed from large chunks (CHUNK_ELEMENTS) and the
+    compiled chunk math.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, class_weights, opts):
-        ignore_index, smoothing, z_loss, softcap, reduction, compute_dtype, chunk_rows, need_grads = opts
+        ignore_index, smoothing, z_loss, softcap, reduction, compute_dtype, chunk_rows, need_grads, compiled = opts
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and accumulation dtype
         vocab, device = weight.shape[0], hidden.device
-        rows_real = (targets != ignore_index).nonzero().squeeze(1)  # ignored rows: no loss, zero gradient
+        # ignored rows carry no loss and a zero gradient: only the real ones are computed (one host
+        # sync for the count, worth it where most rows are prompt or padding)
+        rows_real = (targets != ignore_index).nonzero().squeeze(1)
         targets_real = targets.index_select(0, rows_real)
-        cw = class_weights.to(acc) if class_weights is not None else None
+        cw = class_weights.to(device=device, dtype=acc) if class_weights is not None else None
         w_y = cw.index_select(0, targets_real) if cw is not None else torch.ones(len(rows_real), dtype=acc, device=device)
         weight_sum = cw.sum() if cw is not None else vocab
-        denom = w_y.sum()
-        scale = 1.0 / denom.clamp(min=1e-12) if reduction == "mean" else torch.ones((), dtype=acc, device=device)
+        scale = (1.0 / w_y.sum().clamp(min=1e-12) if reduction == "mean"
+                 else torch.ones((), dtype=acc, device=device))
 
         w = weight.to(compute_dtype)
         b = bias.to(acc) if bias is not None else None
-        want = ctx.needs_input_grad if need_grads else (False,) * 3
+        want = ctx.needs_input_grad[:3] if need_grads else (False,) * 3
         grad_h = torch.zeros_like(hidden) if want[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if want[1] else None
         grad_b = torch.zeros(vocab, dtype=acc, device=device) if b is not None and want[2] else None
         total = torch.zeros((), dtype=acc, device=device)
-
+        math = _chunk_math(device, compiled)
+        options = dict(smoothing=smoothing, z_loss=z_loss, softcap=softcap, bias_grad=grad_b is not None,
+                       grad_dtype=compute_dtype if any(want) else None)
         for start in range(0, len(rows_real), chunk_rows):
-            rows, y = rows_real[start:start + chunk_rows], targets_real[start:start + chunk_rows]
-            wy = w_y[start:start + chunk_rows]
+            rows, y, wy = (t[start:start + chunk_rows] for t in (rows_real, targets_real, w_y))
             h = hidden.index_select(0, rows).to(compute_dtype)
-            logits = (h @ w.t()).to(acc)
-            if b is not None:
-                logits += b
-            tanh = None
-            if softcap:
-                tanh = logits.div_(softcap).tanh_()  # kept for the chain rule
-                logits = tanh * softcap
-            s_y = logits.gather(1, y[:, None]).squeeze(1)
-            # sum_j w_j s_j for the smoothing term, taken before the softmax overwrites `logits`
-            s_dot = (logits @ cw if cw is not None else logits.sum(1)) if smoothing else 0.0
-            top = logits.amax(1, keepdim=True)
-            probs = logits.sub_(top).exp_()  # in place: one [rows, V] buffer serves the whole chunk
-            norm = probs.sum(1, keepdim=True)
-            probs.div_(norm)
-            lse = (top + norm.log()).squeeze(1)
-            hit = wy * (1 - smoothing)  # weight of the target's own -log p_y term
-            loss = hit * (lse - s_y) + z_loss * wy * lse.square()
-            if smoothing:
-                loss = loss + smoothing / vocab * (weight_sum * lse - s_dot)
-            total += loss.sum()
-            if not any(want):
-                continue
-            # d loss / d s_k = p_k (hit + 2 z w_y lse + e W / V) - hit [k = y] - (e / V) w_k, times `scale`
-            dlogits = probs.mul_(((hit + 2 * z_loss * wy * lse + smoothing * weight_sum / vocab) * scale)[:, None])
-            dlogits.scatter_add_(1, y[:, None], (-hit * scale)[:, None])
-            if smoothing:
-                dlogits.sub_((cw[None, :] if cw is not None else 1.0) * (smoothing / vocab) * scale)
-            if softcap:
-                dlogits.mul_(tanh.square_().neg_().add_(1))  # d(c tanh(x / c)) / dx = 1 - tanh^2
+            loss, d, db = math(h @ w.t(), b, y, wy, cw, scale, weight_sum, **options)
+            total += loss
             if grad_b is not None:
-                grad_b += dlogits.sum(0)
-            d = dlogits.to(compute_dtype)
+                grad_b += db
             if grad_h is not None:
                 grad_h.index_copy_(0, rows, (d @ w).to(hidden.dtype))
             if grad_w is not None:
@@ -143,7 +186,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(d.t(), h)  # in place: no [V, d] temporary per chunk
                 else:
                     grad_w += d.t() @ h
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
+        # placeholders for the gradients nobody wants, on the inputs' device: backward scales them too
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0, device=device) for g in (grad_h, grad_w, grad_b)))
         ctx.weight_dtype = weight.dtype
         ctx.scaled = False
         return total * scale if reduction == "mean" else total
@@ -154,8 +198,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.scaled:
             raise RuntimeError("linear_cross_entropy: a second backward through the same graph after one "
                                "with an upstream gradient other than 1 is not supported")
+        # One look at the device per backward (microseconds; the loop syncs on the loss value anyway)
+        # buys the in-place scaling: a scaled copy of the [V, d] weight gradient would double the
+        # loss's memory.
         if grad_out.ne(1).item():
-            # in place: a scaled copy of the [V, d] weight gradient would double the loss's memory
             ctx.scaled = True
             for g in (grad_h, grad_w, grad_b):
                 g.mul_(grad_out.to(g.dtype))
@@ -168,30 +214,33 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          bias: torch.Tensor | None = None, *, ignore_index: int = IGNORE_INDEX,
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0,
                          class_weights: torch.Tensor | None = None, reduction: str = "mean",
-                         chunked: bool = True, chunk_rows: int | None = None) -> torch.Tensor:
+                         chunked: bool = True, chunk_rows: int | None = None,
+                         compiled: bool | None = None) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T + bias, targets, ...)` for hidden [..., d], weight [V, d],
     targets [...], with every option of `cross_entropy`.
 
-    When `chunked` is on and the N rows exceed one chunk (`chunk_rows`; by default CHUNK_ELEMENTS / V
-    and at least MIN_CHUNK_ROWS), the [N, V] logits are never materialised: see `_LinearCrossEntropy`. Under autocast the matmuls run in the
-    autocast dtype and the softmax in fp32, as on the unchunked path.
+    When `chunked` is on and the N rows exceed one chunk (`chunk_rows`; by default the device's
+    CHUNK_ELEMENTS / V and at least MIN_CHUNK_ROWS), the [N, V] logits are never materialised: see
+    `_LinearCrossEntropy`; its per-chunk math is compiled when `compiled` is True, or (None) on
+    CUDA. Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as on the
+    unchunked path.
     """
     vocab, width = weight.shape
     hidden, targets = hidden.reshape(-1, width), targets.reshape(-1)
-    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
+    device = hidden.device.type
+    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cpu"]) // vocab)
     if not chunked or targets.numel() <= rows:
         return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index,
                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                              class_weights=class_weights, reduction=reduction)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    device = hidden.device.type
     if torch.is_autocast_enabled(device):
         compute_dtype = torch.get_autocast_dtype(device)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     need_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    opts = (ignore_index, label_smoothing, z_loss, softcap, reduction, compute_dtype, rows, need_grads)
+    opts = (ignore_index, label_smoothing, z_loss, softcap, reduction, compute_dtype, rows, need_grads, compiled)
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, bias, targets, class_weights, opts)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import random
@@ -23,7 +22,8 @@ from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
 from lmforge.train.checkpoint import (WEIGHTS, load_training_state, load_weights, rng_state, save_checkpoint,
                                       save_sharded_checkpoint, save_weights, set_rng_state)
-from lmforge.train.perf import cpu_has_native_bf16, peak_flops
+from lmforge.train.perf import peak_flops
+from lmforge.train.precision import resolve_precision, set_tf32
 from lmforge.train.tracking import NullTracker, Tracker
 
 
@@ -59,17 +59,6 @@ def pick_device(name: str, where: str = "config: train.device") -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast on CUDA by default; on CPU fp32 unless bf16 is asked for (warned if emulated)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext, torch.float32
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("train.precision = bf16 on a CPU without fast native bf16: expect it to be many times "
-                      "slower than fp32 (train.precision = fp32)", stacklevel=2)
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), torch.bfloat16
-
-
 def set_compiled(model: torch.nn.Module, on: bool, checkpointed: bool = False) -> bool:
     """Regional compilation: compile the forward of each repeated block (the Transformer layers), which
     compiles faster than the whole model and leaves tasks free to call any model method. With
@@ -100,7 +89,9 @@ def new_run_dir(cfg: Config) -> Path:
 def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     """Train `cfg.task`; `resume` is (checkpoint path, its loaded state) to continue a run exactly.
     Under torchrun every process calls this; they train one model together (train/distributed.py)."""
-    d = distributed.setup(cfg.train, pick_device(cfg.train.device))
+    device = pick_device(cfg.train.device)
+    resolve_precision(cfg.train.precision, device, cfg.train.parallel)  # refused before anything is set up
+    d = distributed.setup(cfg.train, device)
     try:
         return _train(cfg, resume, d)
     finally:
@@ -111,7 +102,9 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
     tc = cfg.train  # a fine-tuning task's setup sets max_steps from its epochs, in place
     device = d.device
     say = print if d.main else lambda *args, **kwargs: None
-    autocast, compute_dtype = autocast_for(tc.precision, device)
+    precision = resolve_precision(tc.precision, device, d.parallel)
+    set_tf32(device, tc.tf32)
+    scaler = precision.grad_scaler()  # fp16 only
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
 
@@ -121,7 +114,7 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
         task.setup()  # bad data stops the run here, before anything is written
     # the same initial weights on every rank (FSDP shards them as they are)
     model = task.build_model(pretrained=resume is None).to(device)
-    runner = distributed.wrap(d, model, tc, compute_dtype)  # runner(fn, *args) = fn(model, *args)
+    runner = distributed.wrap(d, model, tc, precision.dtype)  # runner(fn, *args) = fn(model, *args)
     if d.active:
         torch.manual_seed(tc.seed + d.rank)  # but different dropout
     optimizer = build_optimizer(model, tc)
@@ -139,6 +132,8 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
     if resume is not None:
         ckpt_path, state = resume
         load_training_state(d, ckpt_path, state, model, optimizer)
+        if scaler is not None and "scaler" in state:  # a run that was bf16 or fp32 before starts a fresh scale
+            scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["data"])  # the global position: the same at any world size
         rng = state["rng"]  # a list (one per rank) from a distributed run
         set_rng_state(rng[min(d.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
@@ -152,9 +147,9 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
         task.save_artifacts(run_dir)
 
     flops_per_token = task.flops_per_token(model)
-    peak = peak_flops(device, compute_dtype)
+    peak = peak_flops(device, precision.dtype)
     on = f"{d.world} x {device} ({d.parallel})" if d.active else str(device)
-    say(f"lmforge: {cfg.task} model, {parameter_summary(model)}, on {on}; run directory {run_dir}")
+    say(f"lmforge: {cfg.task} model, {parameter_summary(model)}, on {on} in {precision.name}; run directory {run_dir}")
 
     compiled = set_compiled(model, tc.compile, tc.activation_checkpointing)
     to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
@@ -171,23 +166,38 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
                 b = to_device(b)
 
                 def scaled_loss(b=b) -> torch.Tensor:
-                    with autocast():
+                    with precision.autocast():
                         return runner(task.loss, b) / (n_targets / d.world)
 
+                def to_backward(b=b) -> torch.Tensor:  # fp16: times the loss scale, so gradients stay representable
+                    loss = scaled_loss(b)
+                    return scaler.scale(loss) if scaler is not None else loss
+
                 loss = scaled_loss()
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 if adversary is not None:  # adds the gradient at the perturbed embeddings
-                    adversary.attack(scaled_loss)
+                    adversary.attack(to_backward)
             total += loss.item() * (n_targets / d.world)
+        parts = getattr(optimizer, "optimizers", (optimizer,))  # Muon + AdamW are stepped as one
+        if scaler is not None:
+            for part in parts:
+                scaler.unscale_(part)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
         set_lr(optimizer, step, tc)
-        optimizer.step()
+        if scaler is not None:
+            for part in parts:
+                scaler.step(part)  # skipped when a gradient overflowed; then the scale halves
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return distributed.sum_over_ranks(d, total)[0] / n_targets, distributed.grad_norm_value(grad_norm)
 
     def checkpoint() -> None:
         extras = {"data": batches.state_dict(), "rng": rng_state(), "step": step, "best": best,
                   "bad_evals": bad_evals, "tokens": tokens_seen}
+        if scaler is not None:
+            extras["scaler"] = scaler.state_dict()
         if d.active:
             extras["rng"] = distributed.gather_objects(d, extras["rng"])
             save_sharded_checkpoint(d, run_dir, step, model, optimizer, extras, tc.keep_checkpoints)
@@ -199,7 +209,7 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
         # Every rank evaluates the whole val set (FSDP needs them all in each forward); rank 0's result counts.
         nonlocal best, bad_evals
         runner.eval()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), precision.autocast():
             metrics = distributed.from_main(d, runner(task.evaluate, to_device))
         runner.train()
         score = metrics[metric]

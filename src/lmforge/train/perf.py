@@ -1,11 +1,13 @@
-"""Device facts for throughput reporting: peak FLOP/s (looked up for GPUs, measured once and cached
-for CPUs) and whether a CPU computes bf16 natively."""
+"""Device facts, measured once per CPU model and cached: peak FLOP/s for throughput reporting
+(looked up for GPUs), whether a CPU computes bf16 natively, and whether a training step gains from
+bf16 autocast on it (what `train.precision auto` picks on a CPU)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -90,3 +92,45 @@ def cpu_has_native_bf16() -> bool:
     fp32 = peak_flops(torch.device("cpu"), torch.float32)
     bf16 = peak_flops(torch.device("cpu"), torch.bfloat16)
     return bf16 > fp32
+
+
+# A bf16 training step must be at least this much faster than fp32 for `auto` to pick it: below,
+# the gain is within the noise of a shared machine and not worth bf16's rounding.
+BF16_MIN_GAIN = 1.15
+
+
+def measure_bf16_step_gain(width: int = 384, rows: int = 2048, repeats: int = 5) -> float:
+    """fp32 time / bf16-autocast time of a Transformer MLP sublayer's forward and backward pass (norm,
+    two matmuls, GELU, residual: the bulk of a block's work, with the elementwise ops that autocast
+    converts around each matmul), interleaved, medians. Takes about a second."""
+    cpu = torch.device("cpu")
+    g = torch.Generator(device=cpu).manual_seed(0)
+    w1 = (torch.randn(4 * width, width, generator=g, device=cpu) * width ** -0.5).requires_grad_()
+    w2 = (torch.randn(width, 4 * width, generator=g, device=cpu) * (4 * width) ** -0.5).requires_grad_()
+    x = torch.randn(rows, width, generator=g, device=cpu, requires_grad=True)
+
+    def step(bf16: bool) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = torch.nn.functional.layer_norm(x, (width,))
+            y = x + torch.nn.functional.gelu(h @ w1.t()) @ w2.t()
+        y.float().square().mean().backward()
+        return time.perf_counter() - start
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeats + 1):
+        for bf16 in (False, True):
+            elapsed = step(bf16)
+            if i:  # the first round warms up oneDNN's kernels
+                times[bf16].append(elapsed)
+    return statistics.median(times[False]) / statistics.median(times[True])
+
+
+def cpu_auto_precision() -> str:
+    """bf16 where the CPU has native bf16 instructions and a short timing shows a training step's work
+    at least BF16_MIN_GAIN times faster under bf16 autocast; fp32 elsewhere (and on CPUs that
+    advertise the flags but emulate them). Cached per CPU model, thread count and torch version."""
+    if not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return "fp32"
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|bf16_step_gain"
+    return "bf16" if _cached(key, measure_bf16_step_gain) >= BF16_MIN_GAIN else "fp32"
