@@ -295,10 +295,10 @@ def translate(model, tokenizer: Tokenizer, texts: list[str], beam_size: int = 5,
                 lengths = torch.tensor([len(s) for s in batch], device=device)
                 source = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long, device=device)
                 for row, s in enumerate(batch):
-                    source[row, :len(s)] = torch.tensor(s)
+                    source[row, :len(s)] = torch.tensor(s, device=device)
                 mask = torch.arange(source.shape[1], device=device)[None] < lengths[:, None]
                 max_new = [min(math.ceil(max_length_ratio * len(s)) + 10, limit - 1) for s in batch]
-                hyps = decode(model, source, mask, bos, eos, torch.tensor(max_new), use_cache=use_cache, **extra)
+                hyps = decode(model, source, mask, bos, eos, torch.tensor(max_new, device="cpu"), use_cache=use_cache, **extra)
                 for i, ids in zip(order[start:start + batch_size], hyps):
                     outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     finally:

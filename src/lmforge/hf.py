@@ -734,7 +734,7 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
     tensors = _to_hf({k: p.detach() for k, p in model.named_parameters()}, mapping, arch, cfg.model)
     tensors.update({copy: tensors[original] for copy, original in arch.copies.items() if original in tensors})
     if arch is BERT and cfg.model.type_vocab_size == 0:
-        tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.model.d_model)
+        tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.model.d_model, device="cpu")
     specials = _special_tokens(tok, _body_task(cfg))
     hf_cfg = {**_hf_config(arch, cfg, specials, tok), **_finetuned_config(arch, cfg, run)}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is: the same ids

@@ -26,14 +26,14 @@ class RandomWindows:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.rank, self.world = shard
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         high = len(self.tokens) - self.seq_len  # a start must leave seq_len + 1 tokens
-        starts = torch.randint(high, (self.batch_size * self.world,), generator=self.generator).numpy()
+        starts = torch.randint(high, (self.batch_size * self.world,), generator=self.generator, device="cpu").numpy()
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         w = _windows(self.tokens, starts, self.seq_len + 1)
         return {"input": w[:, :-1], "target": w[:, 1:]}
@@ -152,7 +152,7 @@ class ExampleBatches:
 def pad_batch(rows: list[list[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
     """Right-pad lists of ids to the longest one: [B, T] (fill: the padding value, default pad_id)."""
     width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), pad_id if fill is None else fill, dtype=torch.long)
+    out = torch.full((len(rows), width), pad_id if fill is None else fill, dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
     return out

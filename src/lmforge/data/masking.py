@@ -48,7 +48,7 @@ def word_starts(tok: Tokenizer, where: str) -> torch.Tensor:
     """bool [V]: which tokens begin a word (WordPiece: no '##' prefix; byte-level BPE: a leading space 'Ġ')."""
     kind = type(tok.model).__name__
     vocab = tok.get_vocab()
-    starts = torch.zeros(tok.get_vocab_size(), dtype=torch.bool)
+    starts = torch.zeros(tok.get_vocab_size(), dtype=torch.bool, device="cpu")
     if kind == "WordPiece":
         prefix = tok.model.continuing_subword_prefix
         for token, i in vocab.items():
@@ -67,7 +67,7 @@ class Masker:
 
     def __init__(self, tok: Tokenizer, mc, ids: SpecialIds, where: str):
         vocab_size = tok.get_vocab_size()
-        self.special = torch.zeros(vocab_size, dtype=torch.bool)
+        self.special = torch.zeros(vocab_size, dtype=torch.bool, device="cpu")
         for i in tok.get_added_tokens_decoder():
             if i < vocab_size:
                 self.special[i] = True
@@ -79,7 +79,7 @@ class Masker:
     def __call__(self, ids: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] -> (input with replacements, target: the original id at chosen positions, IGNORE_INDEX elsewhere)."""
         mc = self.mc
-        u = torch.rand(ids.shape, generator=g)
+        u = torch.rand(ids.shape, generator=g, device="cpu")
         if self.starts is not None:  # every piece takes the draw of the piece that starts its word
             start = self.starts[ids]
             start[:, 0] = True
@@ -87,10 +87,10 @@ class Masker:
             u = torch.zeros_like(u).scatter_add_(1, word, torch.where(start, u, 0.0)).gather(1, word)
         chosen = (u < mc.mask_prob) & ~self.special[ids]
         target = torch.where(chosen, ids, IGNORE_INDEX)
-        r = torch.rand(ids.shape, generator=g)
+        r = torch.rand(ids.shape, generator=g, device="cpu")
         to_mask = chosen & (r < mc.mask_token_prob)
         to_random = chosen & ~to_mask & (r < mc.mask_token_prob + mc.random_token_prob)
-        random_ids = self.random_pool[torch.randint(len(self.random_pool), ids.shape, generator=g)]
+        random_ids = self.random_pool[torch.randint(len(self.random_pool), ids.shape, generator=g, device="cpu")]
         inputs = torch.where(to_mask, self.mask_id, torch.where(to_random, random_ids, ids))
         return inputs, target
 
@@ -108,28 +108,28 @@ class MLMExamples:
     def __call__(self, starts: np.ndarray, g: torch.Generator) -> dict[str, torch.Tensor]:
         B, L = len(starts), self.span
         text = torch.from_numpy(self.tokens[starts[:, None] + np.arange(L)].astype(np.int64))
-        cls = torch.full((B, 1), self.ids.cls)
-        sep = torch.full((B, 1), self.ids.sep)
+        cls = torch.full((B, 1), self.ids.cls, device="cpu")
+        sep = torch.full((B, 1), self.ids.sep, device="cpu")
         batch = {}
         if not self.nsp:
             ids = torch.cat([cls, text, sep], dim=1)
             segments = torch.zeros_like(ids)
         else:
-            len_a = torch.randint(1, L, (B, 1), generator=g)
-            is_next = torch.rand(B, generator=g) < 0.5
-            other = torch.randint(len(self.tokens) - L, (B,), generator=g).numpy()
+            len_a = torch.randint(1, L, (B, 1), generator=g, device="cpu")
+            is_next = torch.rand(B, generator=g, device="cpu") < 0.5
+            other = torch.randint(len(self.tokens) - L, (B,), generator=g, device="cpu").numpy()
             elsewhere = torch.from_numpy(self.tokens[other[:, None] + np.arange(L)].astype(np.int64))
-            pos = torch.arange(L)[None, :]
+            pos = torch.arange(L, device="cpu")[None, :]
             b_from_elsewhere = elsewhere.gather(1, (pos - len_a).clamp(min=0))
             text = torch.where((pos < len_a) | is_next[:, None], text, b_from_elsewhere)
             # [CLS] text[:len_a] [SEP] text[len_a:] [SEP]: output position k (1..L+1) holds text[k-1] before
             # the first separator and text[k-2] after it.
-            k = torch.arange(1, L + 2).expand(B, -1)
+            k = torch.arange(1, L + 2, device="cpu").expand(B, -1)
             middle = torch.where(k - 1 < len_a, text.gather(1, (k - 1).clamp(max=L - 1)),
                                  text.gather(1, (k - 2).clamp(min=0)))
             middle = torch.where(k - 1 == len_a, self.ids.sep, middle)
             ids = torch.cat([cls, middle, sep], dim=1)
-            segments = (torch.arange(self.seq_len)[None, :] > len_a + 1).long()
+            segments = (torch.arange(self.seq_len, device="cpu")[None, :] > len_a + 1).long()
             batch["nsp_label"] = (~is_next).long()
         batch["input"], batch["target"] = self.masker(ids, g)
         batch["segments"] = segments
@@ -144,14 +144,14 @@ class MLMBatches:
     def __init__(self, examples: MLMExamples, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
         self.examples, self.batch_size = examples, batch_size
         self.rank, self.world = shard
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         high = len(self.examples.tokens) - self.examples.span
-        starts = torch.randint(high, (self.batch_size * self.world,), generator=self.generator).numpy()
+        starts = torch.randint(high, (self.batch_size * self.world,), generator=self.generator, device="cpu").numpy()
         batch = self.examples(starts, self.generator)
         return {k: v[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for k, v in batch.items()}
 
@@ -169,6 +169,6 @@ def mlm_eval_batches(examples: MLMExamples, batch_size: int, max_batches: int, s
     starts = np.arange(0, n - examples.span + 1, examples.span)
     if max_batches and len(starts) > max_batches * batch_size:
         starts = starts[np.linspace(0, len(starts) - 1, max_batches * batch_size).round().astype(int)]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     for i in range(0, len(starts), batch_size):
         yield examples(starts[i:i + batch_size], g)

@@ -22,10 +22,15 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    """cos and sin [max_len, head_dim], computed in float64 on the CPU (MPS has no float64; fp32 angles
+    lose digits at long positions), returned in fp32 on the default device (a model built under
+    `with torch.device(...)` gets them there; otherwise `.to(device)` moves them with the model)."""
+    cpu = torch.device("cpu")
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=cpu), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    device = torch.get_default_device()
+    return angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

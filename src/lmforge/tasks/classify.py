@@ -59,8 +59,8 @@ class SequenceTask(FinetuneTask):
     def label_tensor(self, examples: list[Example]) -> torch.Tensor:
         path = self.fc_path("train")
         if examples[0].label is None:
-            return torch.zeros(len(examples), dtype=torch.long)  # prediction inputs without labels
-        return torch.tensor([self.labels.index(e.label, e, path) for e in examples])
+            return torch.zeros(len(examples), dtype=torch.long, device="cpu")  # prediction inputs without labels
+        return torch.tensor([self.labels.index(e.label, e, path) for e in examples], device="cpu")
 
     def outputs(self, model, batch) -> torch.Tensor:
         return model(batch["input"], segments=batch.get("segments"), pad_mask=batch["pad_mask"]).float()
@@ -108,7 +108,7 @@ class RegressTask(SequenceTask):
         return None
 
     def label_tensor(self, examples):
-        return torch.tensor([float(e.label) if e.label is not None else 0.0 for e in examples])
+        return torch.tensor([float(e.label) if e.label is not None else 0.0 for e in examples], device="cpu")
 
     def outputs(self, model, batch):
         return super().outputs(model, batch).squeeze(-1)
@@ -136,7 +136,7 @@ class MultiLabelTask(SequenceTask):
     default_metric = "micro_f1"
 
     def label_tensor(self, examples):
-        out = torch.zeros(len(examples), len(self.labels.labels))
+        out = torch.zeros(len(examples), len(self.labels.labels), device="cpu")
         path = self.fc_path("train")
         for i, e in enumerate(examples):
             for label in e.label or []:

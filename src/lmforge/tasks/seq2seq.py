@@ -31,8 +31,8 @@ def collate(sources: list[list[int]], targets: list[list[int]], pad: int, bos: i
     """Sources and targets (each ending in </s>) -> the padded encoder input and its mask, the decoder
     input (<s> + target without </s>) and the targets, padding ignored by the loss."""
     source = pad_batch(sources, pad)
-    lengths = torch.tensor([len(s) for s in sources])
-    return {"input": source, "source_mask": torch.arange(source.shape[1])[None, :] < lengths[:, None],
+    lengths = torch.tensor([len(s) for s in sources], device="cpu")
+    return {"input": source, "source_mask": torch.arange(source.shape[1], device="cpu")[None, :] < lengths[:, None],
             "decoder_input": pad_batch([[bos] + t[:-1] for t in targets], pad),
             "target": pad_batch(targets, pad, fill=IGNORE_INDEX)}
 

@@ -48,7 +48,7 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, sizes: tuple[int, .
     repeats, so a noisy neighbour lowers it less and MFU is not flattered)."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device="cpu"), torch.randn(n, n, dtype=dtype, device="cpu")
         a @ b
         for _ in range(repeats):
             t = time.perf_counter()
