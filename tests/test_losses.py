@@ -353,6 +353,7 @@ def test_fused_equals_unfused_on_device_fp32(device, compiled, smoothing, z, cap
     want = cross_entropy(F.linear(hidden, weight, b), targets, **options) / 37.0
     assert got.device.type == device
     assert_same(got, want, inputs, rtol=1e-5, atol=1e-5)
+    assert not losses.COMPILE_FAILED  # the compiled case really ran compiled
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -382,3 +383,18 @@ def test_chunk_size_follows_the_device(monkeypatch):
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 300 * 50, "cuda": 1})
     linear_cross_entropy(h, w, t)
     assert seen[-1] == 300
+
+
+def test_chunk_math_falls_back_to_eager_where_compiling_fails(monkeypatch):
+    """Compiling the chunk math needs Triton on a GPU: where it fails, one warning and the same loss."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working Triton here\nsecond line")
+
+    monkeypatch.setattr(losses, "_compiled_chunk_math", broken)
+    monkeypatch.setattr(losses, "COMPILE_FAILED", [])
+    hidden, weight, b, targets, cw = fused_case("cpu", 13, True, True)
+    with pytest.warns(UserWarning, match="compiling the chunk math failed .RuntimeError: no working Triton here."):
+        got = linear_cross_entropy(hidden, weight, targets, b, chunk_rows=64, compiled=True, class_weights=cw)
+    assert_same(got, cross_entropy(F.linear(hidden, weight, b), targets, class_weights=cw), [hidden, weight, b],
+                rtol=1e-5, atol=1e-5)
+    assert losses.COMPILE_FAILED == ["RuntimeError: no working Triton here"]

@@ -8,6 +8,8 @@ Low-precision inputs (bf16/fp16 under autocast) are upcast to fp32 before any so
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -119,6 +121,20 @@ def _chunk_loss_and_grad(raw: torch.Tensor, bias: torch.Tensor | None, y: torch.
 
 
 _compiled_chunk_math = None
+COMPILE_FAILED: list[str] = []  # why compiling the chunk math failed in this process, if it did
+
+
+def _compiled_or_eager(*args, **kwargs):
+    """The compiled chunk math; where compiling fails (no Triton, a GPU it does not support) the eager
+    one, with one warning: the loss is the same either way, only slower."""
+    if not COMPILE_FAILED:
+        try:
+            return _compiled_chunk_math(*args, **kwargs)
+        except Exception as e:  # torch.compile raises many types, all at the first call
+            COMPILE_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            warnings.warn(f"linear_cross_entropy: compiling the chunk math failed ({COMPILE_FAILED[0]}); "
+                          "running it eagerly, which is slower on a GPU", stacklevel=2)
+    return _chunk_loss_and_grad(*args, **kwargs)
 
 
 def _chunk_math(device: torch.device, compiled: bool | None):
@@ -130,7 +146,7 @@ def _chunk_math(device: torch.device, compiled: bool | None):
         return _chunk_loss_and_grad
     if _compiled_chunk_math is None:
         _compiled_chunk_math = torch.compile(_chunk_loss_and_grad)
-    return _compiled_chunk_math
+    return _compiled_or_eager
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
