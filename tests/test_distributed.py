@@ -153,6 +153,20 @@ def test_fsdp_equals_ddp(ddp_run, corpus2, tmp_path):
     assert_same_weights(load_file(fsdp / "model.safetensors"), load_file(ddp_run / "model.safetensors"))
 
 
+def test_fsdp_on_one_process_under_torchrun_equals_plain(corpus2, tmp_path, capfd):
+    """torchrun with one process and train.parallel = fsdp really shards (over a group of one: what CPU
+    offload on one GPU needs), writes DCP checkpoints, and trains exactly as the plain loop does."""
+    forked(cli(overrides(tmp_path, corpus2, train__batch_size=2 * PER_RANK, train__parallel="fsdp")), nproc=1)
+    assert "on 1 x cpu (fsdp)" in capfd.readouterr().out
+    sharded = tmp_path / "run"
+    assert all(is_sharded(p) for p in (sharded / "checkpoints").iterdir())
+    one = train(tiny_config(tmp_path, corpus2, train__batch_size=2 * PER_RANK, log__run_dir=str(tmp_path / "one"),
+                            **COMMON)).run_dir
+    assert losses(sharded, "train") == pytest.approx(losses(one, "train"), abs=1e-5)
+    final = load_checkpoint(one / "checkpoints" / f"step_{STEPS:08d}.pt")["model"]
+    assert_same_weights(sharded_model_state(step_dir(sharded, STEPS)), final)
+
+
 def test_two_rank_checkpoint_resumes_in_one_process(ddp_run, tmp_path, capsys):
     """Damage the DDP run's last checkpoint and go on in one process with the same global batch: it
     resumes from step 2's sharded checkpoint and the rest of the run is the uninterrupted one's."""

@@ -37,14 +37,17 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        """A process group and a DDP or FSDP wrapper are in use (one process of them too, under torchrun
+        with train.parallel asked for by name: FSDP with CPU offload fits a larger model on one GPU)."""
+        return self.parallel != "none"
 
 
 def setup(tc, device: torch.device) -> Dist:
     """The process group from torchrun's environment; `device` is the configured one, which on CUDA
     becomes this process's own GPU (cuda:LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    under_torchrun = "LOCAL_RANK" in os.environ
+    if world == 1 and not (under_torchrun and tc.parallel in ("ddp", "fsdp")):
         if tc.parallel in ("ddp", "fsdp"):
             warnings.warn(f"train.parallel = {tc.parallel} with one process: training without it "
                           "(launch with torchrun --nproc_per_node N to use several)", stacklevel=2)
