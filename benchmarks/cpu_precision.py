@@ -24,7 +24,7 @@ loss of each is printed: same weights, same batch, so they should agree to bf16'
 Also printed: the CPU, its bf16 flags, torch's threads, and what `train.precision auto` picks here
 (`lmforge.train.perf.cpu_auto_precision`).
 A workload whose model package or data is missing is skipped with one line (its speedup nan).
-Last line: RESULT bf16_speedup_pretrain=... bf16_speedup_finetune=... auto=fp32|bf16|unknown
+Last line: RESULT bf16_speedup_pretrain=... bf16_speedup_finetune=... auto=fp32|bf16
 """
 
 from __future__ import annotations
