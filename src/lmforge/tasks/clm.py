@@ -42,7 +42,7 @@ class CausalLM(Task):
     def loss(self, model, batch) -> torch.Tensor:
         hidden = model.features(batch["input"])
         return linear_cross_entropy(hidden, model.head.weight, batch["target"], model.head.bias, reduction="sum",
-                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss))
+                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss, hidden.device))
 
     def save_artifacts(self, run_dir: Path) -> None:
         self.data.tokenizer.save(str(run_dir / "tokenizer.json"))

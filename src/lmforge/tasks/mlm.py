@@ -76,7 +76,7 @@ class MaskedLMTask(Task):
         masked, targets, nsp_logits = self._forward(model, batch)
         out = model.mlm_head.out
         loss = linear_cross_entropy(masked, out.weight, targets, out.bias, reduction="sum",
-                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss))
+                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss, masked.device))
         if nsp_logits is not None:
             per_sequence = self.cfg.mlm.mask_prob * self.train_examples.span
             loss = loss + F.cross_entropy(nsp_logits.float(), batch["nsp_label"], reduction="sum") * per_sequence

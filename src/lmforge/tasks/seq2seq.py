@@ -43,7 +43,7 @@ def seq2seq_loss(model: EncoderDecoder, batch: dict, loss_cfg, chunked: bool) ->
     memory = model.encode(batch["input"], batch["source_mask"])
     hidden = model.decoder.features(batch["decoder_input"], memory=memory)
     return linear_cross_entropy(hidden, model.head.weight, batch["target"], None, reduction="sum", chunked=chunked,
-                                **loss_options(loss_cfg))
+                                **loss_options(loss_cfg, hidden.device))
 
 
 SOURCE_TOKENIZER = "source_tokenizer.json"

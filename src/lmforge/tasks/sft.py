@@ -64,7 +64,7 @@ class SFTTask(FinetuneTask):
     def loss(self, model, batch) -> torch.Tensor:
         hidden = model.features(batch["input"])
         return linear_cross_entropy(hidden, model.head.weight, batch["target"], model.head.bias, reduction="sum",
-                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss))
+                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss, hidden.device))
 
     def metric_names(self):
         return ["loss", "ppl", "token_accuracy"]
