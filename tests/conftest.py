@@ -10,6 +10,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,21 +93,40 @@ def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path, synthetic_text())
 
 
+def write_fixed_perf_cache(folder: Path) -> Path:
+    """A device-facts cache (train/perf.py) for every thread count this machine can use: a CPU peak of
+    1e11 FLOP/s and a bf16 gain of 1.0, so `train.precision auto` is fp32 on every CPU and the numbers
+    of a test do not depend on which CPU the machine has today. Returns the folder, for LMFORGE_CACHE."""
+    import lmforge.train.perf as perf
+
+    table = {}
+    for threads in range(1, (os.cpu_count() or 1) + 1):
+        table.update({perf.cache_key(str(torch.float32), threads): 1e11, perf.cache_key(str(torch.bfloat16), threads): 1e11,
+                      perf.cache_key("bf16_step_gain", threads): 1.0})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "peak_flops.json").write_text(json.dumps(table))
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_setup(tmp_path_factory):
     """One intra-op thread: the models here are tiny, and on a CPU shared with other work two threads
     waiting on each other are ten times slower than one. train() reports MFU against a CPU peak it
-    measures once and caches under ~/.cache; in tests use a fixed figure and a cache file under the
-    session's temp folder, so nothing is measured or written to the home folder."""
+    measures once and caches under ~/.cache, and `auto` precision on a CPU times bf16 once: in tests
+    (and the commands they start, through LMFORGE_CACHE) fixed figures in a cache under the session's
+    temp folder, so nothing is measured or written to the home folder."""
     import torch
 
     import lmforge.train.perf as perf
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    cache = write_fixed_perf_cache(tmp_path_factory.mktemp("perf"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(perf, "CACHE", tmp_path_factory.mktemp("perf") / "peak_flops.json")
+        mp.setenv("LMFORGE_CACHE", str(cache))
+        mp.setattr(perf, "CACHE", cache / "peak_flops.json")
         mp.setattr(perf, "measure_matmul_flops", lambda *a, **k: 1e11)
+        mp.setattr(perf, "measure_bf16_step_gain", lambda *a, **k: 1.0)
         yield
     torch.set_num_threads(threads)
 
@@ -110,6 +135,51 @@ def _session_setup(tmp_path_factory):
 def _run_in_tmp(tmp_path, monkeypatch):
     """Run every test from its tmp_path, so a relative default (runs/, .cache/) can never land in the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+# -- a server process for HTTP tests ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(run: Path, *options: str):
+    """A running `lmforge serve RUN` process (on the CPU unless `options` say `--device`) and an HTTP
+    client for it; stopped with SIGTERM, which must end it cleanly (exit 0)."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run), "--port", str(port), "--device", "cpu",
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        deadline = time.time() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the server did not answer /health within 60 s"
+            time.sleep(0.2)
+        yield client, proc
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+    assert proc.returncode == 0, proc.stdout.read()
 
 
 # -- tiny runs that several test modules build: fine-tuning bases and data, translation pairs -----------

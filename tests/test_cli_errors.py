@@ -129,7 +129,7 @@ def snapshot(workdir):
 @pytest.mark.parametrize("argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_cli_error(workdir, tmp_path, argv, expected):
     before, busy = snapshot(workdir)
-    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "lmforge-cache")}
+    env = dict(os.environ)  # LMFORGE_CACHE: the session's fixed device facts (conftest)
     proc = subprocess.run([sys.executable, "-m", "lmforge", *full_argv(argv, tmp_path)], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=120)
     check(workdir, tmp_path, before, busy, proc.returncode, proc.stdout, proc.stderr, expected)

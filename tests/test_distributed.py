@@ -7,7 +7,6 @@ process with torchrun's environment variables, which skips re-importing torch (s
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import shutil
@@ -23,7 +22,7 @@ import torch.distributed.fsdp  # noqa: F401
 import torch.nn.parallel  # noqa: F401
 from safetensors.torch import load_file
 
-from conftest import read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus
+from conftest import read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus, write_fixed_perf_cache
 from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.errors import UserError
@@ -44,12 +43,7 @@ def overrides(tmp: Path, corpus: Path, **extra) -> dict:
 
 def torchrun(tmp: Path, over: dict, nproc: int = 2, *extra_args: str) -> str:
     """`lmforge pretrain` under torchrun with `nproc` processes; returns their stdout."""
-    cache = tmp / "perf"  # a fixed CPU peak, so the workers measure nothing and write nothing under ~
-    cache.mkdir(exist_ok=True)
-    from lmforge.train import perf
-
-    key = f"{perf._cpu_name()}|threads=1|torch={torch.__version__}|{torch.float32}"
-    (cache / "peak_flops.json").write_text(json.dumps({key: 1e11}))
+    cache = write_fixed_perf_cache(tmp / "perf")  # the workers measure nothing and write nothing under ~
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "LMFORGE_CACHE": str(cache)}
     args = [a for k, v in over.items() for a in (f"--{k}", str(v))]

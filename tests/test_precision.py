@@ -7,6 +7,7 @@ The same loop on CUDA is in tests/test_gpu.py."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -76,9 +77,15 @@ def test_cpu_auto_needs_the_flags_and_a_measured_gain(monkeypatch, tmp_path):
     assert perf.cpu_auto_precision() == "fp32"
 
 
-def test_measured_gain_is_a_ratio_of_real_timings():
-    gain = perf.measure_bf16_step_gain(width=64, rows=64, repeats=2)
-    assert 0.01 < gain < 100
+REAL_MEASURE = perf.measure_bf16_step_gain  # taken before the session fixture fixes it at 1.0
+
+
+def test_measured_gain_is_fp32_time_over_bf16_time(monkeypatch):
+    """Runs the real sublayer in both precisions, on a clock where every fp32 pass takes 2 s and every
+    bf16 pass 1 s: the gain is their ratio, the warm-up round left out."""
+    clock = itertools.accumulate(itertools.cycle([0.0, 2.0, 0.0, 1.0]))  # start, end of fp32; start, end of bf16
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: next(clock))
+    assert REAL_MEASURE(width=64, rows=64, repeats=3) == pytest.approx(2.0)
 
 
 def test_tf32_switch_touches_cuda_only():

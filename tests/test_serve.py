@@ -6,61 +6,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import (SEQ2SEQ_TINY, classify_files, conll_lines, finetune, make_base, number_pairs, synthetic_text,
-                      tiny_overrides, write_corpus, write_lines, write_tsv)
+from conftest import (SEQ2SEQ_TINY, classify_files, conll_lines, finetune, free_port, make_base, number_pairs,
+                      server, synthetic_text, tiny_overrides, write_corpus, write_lines, write_tsv)
 from lmforge.cli import main
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server(run: Path, *options: str):
-    """A running `lmforge serve RUN` process and an HTTP client for it; stopped with SIGTERM, which must
-    end it cleanly (exit 0)."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run), "--port", str(port), "--device", "cpu",
-                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "the server did not answer /health within 60 s"
-            time.sleep(0.2)
-        yield client, proc
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
-    assert proc.returncode == 0, proc.stdout.read()
 
 
 def cli_records(capsys, argv: list[str]) -> list[dict]:

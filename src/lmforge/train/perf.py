@@ -57,6 +57,12 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, sizes: tuple[int, .
     return best
 
 
+def cache_key(what: str, threads: int | None = None) -> str:
+    """The cache's key for a measurement on this CPU: its model, the intra-op threads, torch's version."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{_cpu_name()}|threads={threads}|torch={torch.__version__}|{what}"
+
+
 def _cached(key: str, measure) -> float:
     try:
         table = json.loads(CACHE.read_text())
@@ -80,8 +86,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
             if key in name:
                 return (single if dtype == torch.float32 else half) * 1e12
         return None
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
-    return _cached(key, lambda: measure_matmul_flops(dtype))
+    return _cached(cache_key(str(dtype)), lambda: measure_matmul_flops(dtype))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -132,5 +137,4 @@ def cpu_auto_precision() -> str:
     advertise the flags but emulate them). Cached per CPU model, thread count and torch version."""
     if not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         return "fp32"
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|bf16_step_gain"
-    return "bf16" if _cached(key, measure_bf16_step_gain) >= BF16_MIN_GAIN else "fp32"
+    return "bf16" if _cached(cache_key("bf16_step_gain"), measure_bf16_step_gain) >= BF16_MIN_GAIN else "fp32"
