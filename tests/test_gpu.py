@@ -272,6 +272,22 @@ def test_generate_on_the_device_equals_the_cpu(runs, capsys, use_cache):
     assert len(on_cpu) > len("The king") + 15
 
 
+def test_sampling_on_the_device_is_reproducible_by_seed(runs, capsys):
+    """Sampling (temperature, top-k, top-p) on the device draws from a generator on the device: the same
+    seed gives the same text, another seed another text. (The CPU's random stream differs, so the
+    CPU is no oracle here.)"""
+    run = runs("clm")
+
+    def sample(seed: int) -> str:
+        return cli_out(capsys, "generate", "--checkpoint", str(run), "--prompt", "The king", "--max-new-tokens", "24",
+                       "--temperature", "1.5", "--top-k", "20", "--top-p", "0.95", "--seed", str(seed),
+                       "--device", DEV)
+
+    first = sample(1)
+    assert sample(1) == first and len(first) > len("The king") + 15
+    assert sample(2) != first
+
+
 @pytest.mark.parametrize("beam", ["1", "3"])
 def test_translate_on_the_device_equals_the_cpu(runs, tmp_path, capsys, beam):
     """`lmforge translate` on the device, greedy and with beam search, prints the CPU's translations."""
