@@ -23,7 +23,7 @@ from lmforge.train.adversarial import Adversary
 from lmforge.train.checkpoint import (WEIGHTS, load_training_state, load_weights, rng_state, save_checkpoint,
                                       save_sharded_checkpoint, save_weights, set_rng_state)
 from lmforge.train.perf import peak_flops
-from lmforge.train.precision import resolve_precision, set_tf32
+from lmforge.train.precision import Precision, resolve_precision, set_tf32
 from lmforge.train.tracking import NullTracker, Tracker
 
 
@@ -90,19 +90,18 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     """Train `cfg.task`; `resume` is (checkpoint path, its loaded state) to continue a run exactly.
     Under torchrun every process calls this; they train one model together (train/distributed.py)."""
     device = pick_device(cfg.train.device)
-    resolve_precision(cfg.train.precision, device, cfg.train.parallel)  # refused before anything is set up
+    precision = resolve_precision(cfg.train.precision, device, cfg.train.parallel)  # refused before any set-up
     d = distributed.setup(cfg.train, device)
     try:
-        return _train(cfg, resume, d)
+        return _train(cfg, resume, d, precision)
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -> RunResult:
+def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist, precision: Precision) -> RunResult:
     tc = cfg.train  # a fine-tuning task's setup sets max_steps from its epochs, in place
     device = d.device
     say = print if d.main else lambda *args, **kwargs: None
-    precision = resolve_precision(tc.precision, device, d.parallel)
     set_tf32(device, tc.tf32)
     scaler = precision.grad_scaler()  # fp16 only
     random.seed(tc.seed)
@@ -154,6 +153,9 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
     compiled = set_compiled(model, tc.compile, tc.activation_checkpointing)
     to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
 
+    def for_backward(loss: torch.Tensor) -> torch.Tensor:  # fp16: times the loss scale, so small gradients survive
+        return scaler.scale(loss) if scaler is not None else loss
+
     def train_step(micro_batches) -> tuple[float, float]:
         # Normalise by the real target tokens of all micro-batches of all ranks together, so k accumulated
         # micro-batches on n ranks give exactly the gradient of one batch k x n times larger (not a mean
@@ -169,14 +171,10 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist) -
                     with precision.autocast():
                         return runner(task.loss, b) / (n_targets / d.world)
 
-                def to_backward(b=b) -> torch.Tensor:  # fp16: times the loss scale, so gradients stay representable
-                    loss = scaled_loss(b)
-                    return scaler.scale(loss) if scaler is not None else loss
-
                 loss = scaled_loss()
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                for_backward(loss).backward()
                 if adversary is not None:  # adds the gradient at the perturbed embeddings
-                    adversary.attack(to_backward)
+                    adversary.attack(lambda: for_backward(scaled_loss()))
             total += loss.item() * (n_targets / d.world)
         parts = getattr(optimizer, "optimizers", (optimizer,))  # Muon + AdamW are stepped as one
         if scaler is not None:
