@@ -1,18 +1,18 @@
 """GPU pre-training throughput, memory and MFU: lmforge's GPT against transformers' GPT2LMHeadModel (SDPA),
 each eager and under torch.compile.
 
-All four variants have GPT-2 small's shape (12 layers, width 768, 12 heads, context 1024, vocabulary
+All five variants have GPT-2 small's shape (12 layers, width 768, 12 heads, context 1024, vocabulary
 50,304, GPT-2's tanh GELU, biases, tied embeddings, dropout 0), see the same random batches (16 x 1024)
 under bf16 autocast and take fused AdamW steps: lmforge through its causal-LM task's loss (the chunked
 fused output projection + cross-entropy, summed and divided by the targets as the training loop does)
 and its optimizer factory, transformers with `labels=` and torch.optim.AdamW(fused=True). Compiled:
 lmforge as `train.compile` does it (`set_compiled`: each Block's forward, regionally), transformers as
 torch.compile(model). Neither side clips gradients or reads the loss back (a host sync). Steps are
-interleaved in one process (A B C D A B C D ...), each timed between torch.cuda.synchronize() calls;
+interleaved in one process (A B C D E A B C D E ...), each timed between torch.cuda.synchronize() calls;
 warm-up steps (where compilation happens) are not counted and the medians of the steady steps are
 compared.
 
-Memory: the four models stay resident together (their steps are interleaved, and building each alone
+Memory: the five models stay resident together (their steps are interleaved, and building each alone
 again would mean compiling it twice), so a variant's peak is counted in two parts: its own weights and
 optimizer state, summed exactly from their tensors, plus the highest rise of max_memory_allocated()
 over the memory allocated just before one of its measured steps (the peak statistics are reset before
@@ -25,9 +25,14 @@ MFU: lmforge's training FLOPs per token (the task's `flops_per_token`: 6 per mat
 attention, PaLM appendix B) times the tokens/s of lmforge's faster variant (named in the output) over
 the device's dense bf16 peak (`lmforge.train.perf.peak_flops`).
 
+A fifth variant, lmforge eager with the unfused loss (`loss.chunked false`: the whole logits, then
+cross-entropy), is the peer of the fused loss: on CUDA it must cost no more step time, with less memory.
+
 Goals (on an H100): lmforge eager >= 1.3x transformers eager tokens/s, lmforge compiled >= 1.1x
-transformers compiled, lmforge eager memory <= 0.5x transformers eager, MFU >= 0.45.
-Last line: RESULT tok_s_ratio_eager=... tok_s_ratio_compiled=... mem_ratio=... mfu=...
+transformers compiled, lmforge eager memory <= 0.5x transformers eager, MFU >= 0.45, fused loss step
+time <= 1.0x the unfused.
+Last line: RESULT tok_s_ratio_eager=... tok_s_ratio_compiled=... mem_ratio=... mfu=... fused_step_ratio=...
+fused_mem_ratio=...
 
 Needs a CUDA device: without one it says so in one line and exits 2. --smoke checks the script's logic
 on any device, the CPU included: a tiny shape (2 layers, width 64, context 64, batch 2, vocabulary 512),
@@ -86,7 +91,7 @@ def autocast_on(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def lmforge_variant(name: str, shape: Shape, device: torch.device, compiled: bool) -> Variant:
+def lmforge_variant(name: str, shape: Shape, device: torch.device, compiled: bool, fused: bool = True) -> Variant:
     torch.manual_seed(0)  # both lmforge variants start from the same weights
     cfg = ModelConfig(vocab_size=shape.vocab, n_layer=shape.layers, n_head=shape.heads, d_model=shape.width,
                       max_seq_len=shape.context, pos="learned", norm="layernorm", mlp="gelu_tanh", bias=True,
@@ -96,7 +101,9 @@ def lmforge_variant(name: str, shape: Shape, device: torch.device, compiled: boo
     if compiled:
         set_compiled(model, True)
     opt = build_optimizer(model, TRAIN)
-    task = CausalLM(Config())  # its loss needs only the config's loss section, no data
+    cfg = Config()
+    cfg.loss.chunked = fused  # False: logits + cross-entropy, the peer the fused loss must not be slower than
+    task = CausalLM(cfg)  # its loss needs only the config's loss section, no data
 
     def step(tokens: torch.Tensor) -> None:
         x, y = tokens[:, :-1], tokens[:, 1:]
@@ -196,7 +203,8 @@ def build_variants(shape: Shape, device: torch.device, compile_: bool) -> list[V
     return [lmforge_variant("lmforge eager", shape, device, False),
             hf_variant("transformers eager", shape, device, False),
             lmforge_variant("lmforge compiled", shape, device, compile_),
-            hf_variant("transformers compiled", shape, device, compile_)]
+            hf_variant("transformers compiled", shape, device, compile_),
+            lmforge_variant("lmforge eager unfused", shape, device, False, fused=False)]
 
 
 def run_interleaved(variants: list[Variant], shape: Shape, device: torch.device, warmup: int, steps: int) -> None:
@@ -212,8 +220,9 @@ def verdict(ok: bool, judged: bool) -> str:
 
 
 def print_table(variants: list[Variant], tok_s: dict[str, float], gb: dict[str, float]) -> None:
-    ours_e, hf_e, ours_c, hf_c = variants
-    same_mode = {ours_e.name: hf_e.name, hf_e.name: hf_e.name, ours_c.name: hf_c.name, hf_c.name: hf_c.name}
+    ours_e, hf_e, ours_c, hf_c, unfused = variants
+    same_mode = {ours_e.name: hf_e.name, hf_e.name: hf_e.name, ours_c.name: hf_c.name, hf_c.name: hf_c.name,
+                 unfused.name: hf_e.name}
     print(f"{'variant':<22} {'tokens/s':>10} {'ms/step':>8} {'peak GB':>8} {'x HF same mode':>15} {'mem x HF eager':>15}")
     for v in variants:
         print(f"{v.name:<22} {tok_s[v.name]:>10.0f} {1e3 * statistics.median(v.times):>8.1f} {gb[v.name]:>8.2f} "
@@ -231,18 +240,23 @@ def lmforge_mfu(variants: list[Variant], tok_s: dict[str, float], device: torch.
 
 
 def report(variants: list[Variant], shape: Shape, device: torch.device, judged: bool) -> None:
-    ours_e, hf_e, ours_c, hf_c = variants
+    ours_e, hf_e, ours_c, hf_c, unfused = variants
     tok_s = {v.name: shape.batch * shape.context / statistics.median(v.times) for v in variants}
     gb = {v.name: peak_gb(v, device) for v in variants}
     print_table(variants, tok_s, gb)
     r_eager, r_comp = tok_s[ours_e.name] / tok_s[hf_e.name], tok_s[ours_c.name] / tok_s[hf_c.name]
     mem_ratio = gb[ours_e.name] / gb[hf_e.name]
     mfu, terms = lmforge_mfu(variants, tok_s, device)
+    fused_time = statistics.median(ours_e.times) / statistics.median(unfused.times)
+    fused_mem = gb[ours_e.name] / gb[unfused.name]
     print(f"goal lmforge eager >= 1.3x transformers eager tokens/s: {r_eager:.3f}  {verdict(r_eager >= 1.3, judged)}")
     print(f"goal lmforge compiled >= 1.1x transformers compiled:    {r_comp:.3f}  {verdict(r_comp >= 1.1, judged)}")
     print(f"goal lmforge eager memory <= 0.5x transformers eager:   {mem_ratio:.3f}  {verdict(mem_ratio <= 0.5, judged)}")
     print(f"goal MFU >= 0.45 ({terms}): {mfu:.3f}  {verdict(mfu >= 0.45, judged)}")
-    print(f"RESULT tok_s_ratio_eager={r_eager:.3f} tok_s_ratio_compiled={r_comp:.3f} mem_ratio={mem_ratio:.3f} mfu={mfu:.3f}")
+    print(f"goal fused loss step time <= 1.0x the unfused loss's:  {fused_time:.3f}  {verdict(fused_time <= 1.0, judged)}"
+          f"  (memory {fused_mem:.3f}x)")
+    print(f"RESULT tok_s_ratio_eager={r_eager:.3f} tok_s_ratio_compiled={r_comp:.3f} mem_ratio={mem_ratio:.3f} mfu={mfu:.3f} "
+          f"fused_step_ratio={fused_time:.3f} fused_mem_ratio={fused_mem:.3f}")
 
 
 def main() -> None:
