@@ -161,6 +161,16 @@ def test_fsdp_on_one_process_under_torchrun_equals_plain(corpus2, tmp_path, capf
     assert_same_weights(sharded_model_state(step_dir(sharded, STEPS)), final)
 
 
+def test_ranks_compute_in_rank_zeros_precision(ddp_run, corpus2, tmp_path, monkeypatch):
+    """`auto` on a CPU rests on a timing each process makes: were rank 1 to measure a bf16 gain rank 0 did
+    not, it must still compute in fp32 like rank 0, so two ranks still equal one fp32 process."""
+    from lmforge.train import precision
+
+    monkeypatch.setattr(precision, "cpu_auto_precision", lambda: "bf16" if os.environ.get("RANK") == "1" else "fp32")
+    forked(cli(overrides(tmp_path, corpus2, train__batch_size=PER_RANK, train__parallel="ddp", train__precision="auto")))
+    assert losses(tmp_path / "run", "train") == pytest.approx(losses(ddp_run, "train"), abs=1e-5)
+
+
 def test_two_rank_checkpoint_resumes_in_one_process(ddp_run, tmp_path, capsys):
     """Damage the DDP run's last checkpoint and go on in one process with the same global batch: it
     resumes from step 2's sharded checkpoint and the rest of the run is the uninterrupted one's."""

@@ -93,6 +93,8 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     precision = resolve_precision(cfg.train.precision, device, cfg.train.parallel)  # refused before any set-up
     d = distributed.setup(cfg.train, device)
     try:
+        # every rank computes in rank 0's choice: `auto` on a CPU rests on a timing that could differ by rank
+        precision = Precision(distributed.from_main(d, precision.name), d.device)
         return _train(cfg, resume, d, precision)
     finally:
         distributed.teardown(d)
