@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.train.checkpoint import atomic_write
+
 # Dense peak TFLOP/s from the vendors' data sheets: (bf16/fp16 tensor cores, fp32 without TF32).
 GPU_PEAK_TFLOPS = {
     "H200": (989.0, 67.0), "H100 SXM": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0),
@@ -72,7 +74,8 @@ def _cached(key: str, measure) -> float:
         table[key] = measure()
         try:
             CACHE.parent.mkdir(parents=True, exist_ok=True)
-            CACHE.write_text(json.dumps(table, indent=1))
+            # atomically: several processes (torchrun's ranks) may measure and write at once
+            atomic_write(CACHE, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
         except OSError:
             pass  # a read-only home only costs a re-measurement next time
     return table[key]
