@@ -92,10 +92,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return _cached(cache_key(str(dtype)), lambda: measure_matmul_flops(dtype))
 
 
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo's names for native bf16 instructions
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU advertises bf16 instructions and a bf16 matmul actually beats fp32 (some
     virtual machines advertise the flags while emulating them slowly)."""
-    if not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if not _cpu_flags() & BF16_FLAGS:
         return False
     fp32 = peak_flops(torch.device("cpu"), torch.float32)
     bf16 = peak_flops(torch.device("cpu"), torch.bfloat16)
@@ -138,6 +141,6 @@ def cpu_auto_precision() -> str:
     """bf16 where the CPU has native bf16 instructions and a short timing shows a training step's work
     at least BF16_MIN_GAIN times faster under bf16 autocast; fp32 elsewhere (and on CPUs that
     advertise the flags but emulate them). Cached per CPU model, thread count and torch version."""
-    if not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if not _cpu_flags() & BF16_FLAGS:
         return "fp32"
     return "bf16" if _cached(cache_key("bf16_step_gain"), measure_bf16_step_gain) >= BF16_MIN_GAIN else "fp32"
