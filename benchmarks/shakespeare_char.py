@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from lmforge.config import load_config  # noqa: E402
-from lmforge.train.checkpoint import load_run  # noqa: E402
+from lmforge.runs import load_run  # noqa: E402
 from lmforge.train.loop import train  # noqa: E402
 
 NANOGPT_VAL, NANOGPT_SECONDS = 1.886, 161.0

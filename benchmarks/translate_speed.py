@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lmforge.generate import translate  # noqa: E402
 from lmforge.metrics import translation_scores  # noqa: E402
 from lmforge.tasks.seq2seq import source_tokenizer  # noqa: E402
-from lmforge.train.checkpoint import load_run  # noqa: E402
+from lmforge.runs import load_run  # noqa: E402
 
 VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 

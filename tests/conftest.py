@@ -25,7 +25,8 @@ from lmforge.cli import main
 from lmforge.config import load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.tasks import make_task
-from lmforge.train.checkpoint import WEIGHTS, save_weights
+from lmforge.io import save_weights
+from lmforge.runs import WEIGHTS
 from lmforge.train.distributed import Dist, full_weights
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

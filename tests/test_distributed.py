@@ -27,7 +27,8 @@ from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.errors import UserError
 from lmforge.train import distributed
-from lmforge.train.checkpoint import export_weights, is_sharded, load_checkpoint, sharded_model_state
+from lmforge.runs import export_weights
+from lmforge.train.checkpoint import is_sharded, load_checkpoint, sharded_model_state
 from lmforge.train.loop import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -19,7 +19,7 @@ from lmforge.config import load_config, read_yaml
 from lmforge.data.labelled import read_examples
 from lmforge.losses import IGNORE_INDEX
 from lmforge.tasks import make_task
-from lmforge.train.checkpoint import load_run
+from lmforge.runs import load_run
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
@@ -337,7 +337,7 @@ def test_adversary_perturbs_only_the_embedding_output_and_restores_it(tmp_path, 
 @pytest.mark.parametrize("task", ["classify", "tag"])
 def test_finetuned_model_exports_to_transformers_with_equal_outputs(tmp_path, encoder, task):
     transformers = pytest.importorskip("transformers")
-    from lmforge.hf import export_hf
+    from lmforge.hf.export import export_hf
 
     if task == "classify":
         train, dev = classify_files(tmp_path)
@@ -369,7 +369,7 @@ def test_finetuned_model_exports_to_transformers_with_equal_outputs(tmp_path, en
 def test_lora_sft_run_exports_a_peft_adapter_that_gives_our_outputs(tmp_path, decoder):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lmforge.hf import ADAPTER_DIR, export_hf
+    from lmforge.hf.export import ADAPTER_DIR, export_hf
 
     data = [{"prompt": " ".join(w) + " =>", "response": " " + w[0]} for w in sentences(60, 12)]
     train = write_lines(tmp_path / "sft.jsonl", [json.dumps(d) for d in data])

@@ -15,7 +15,7 @@ from lmforge.errors import UserError
 from lmforge.generate import generate, generate_text, sample_next
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import GPT
-from lmforge.train.checkpoint import load_run
+from lmforge.runs import load_run
 from lmforge.train.loop import train
 
 VOCAB = 50

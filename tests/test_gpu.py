@@ -38,7 +38,8 @@ from lmforge.generate import beam_search, generate, greedy_decode
 from lmforge.model.config import ModelConfig
 from lmforge.model.seq2seq import EncoderDecoder
 from lmforge.model.transformer import GPT
-from lmforge.train.checkpoint import is_sharded, load_checkpoint, load_run, sharded_model_state
+from lmforge.runs import load_run
+from lmforge.train.checkpoint import is_sharded, load_checkpoint, sharded_model_state
 from lmforge.train.loop import train
 from lmforge.train.precision import set_tf32
 

@@ -22,9 +22,11 @@ from conftest import synthetic_text, tiny_overrides
 from lmforge.cli import main
 from lmforge.config import load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer
-from lmforge.hf import export_hf, import_hf, load_hf
+from lmforge.hf.export import export_hf, import_hf
+from lmforge.hf.load import load_hf
 from lmforge.tasks import make_task
-from lmforge.train.checkpoint import WEIGHTS, load_run, save_weights
+from lmforge.io import save_weights
+from lmforge.runs import WEIGHTS, load_run
 from lmforge.train.distributed import Dist, full_weights
 
 transformers = pytest.importorskip("transformers")

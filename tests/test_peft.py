@@ -14,16 +14,17 @@ import pytest
 import torch
 
 from conftest import synthetic_text
-from lmforge import hf
+from lmforge.hf import arch as hf_arch
+from lmforge.hf.export import export_hf, write_peft_adapter
 from lmforge.config import PeftConfig, load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import UserError
+from lmforge.model.build import count_parameters, parameter_summary
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import GPT, MaskedLM
 from lmforge.peft import (
-    LoRALinear, adapter_state_dict, apply_peft, base_state_dict, count_parameters, inject_peft, load_adapter,
-    lora_targets, merge_lora, parameter_summary, peft_parameter_names, save_adapter, strip_peft, unmerge_lora,
-    write_peft_adapter,
+    LoRALinear, adapter_state_dict, apply_peft, base_state_dict, inject_peft, load_adapter, lora_targets, merge_lora,
+    peft_parameter_names, save_adapter, strip_peft, unmerge_lora,
 )
 
 ALL_LINEARS = ["*.attn.qkv", "*.attn.proj", "*.mlp.up", "*.mlp.down"]
@@ -385,10 +386,10 @@ SMALL = dict(n_layer=2, n_head=4, d_model=32, max_seq_len=32)
 # name -> (task, model options, the HF arch, lora targets)
 EXPORTS = {
     "bert": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True, type_vocab_size=2,
-                         norm_eps=1e-12, mlp="gelu"), hf.BERT, ALL_LINEARS + ["mlm_head.dense"]),
-    "llama-gqa": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False), hf.LLAMA,
+                         norm_eps=1e-12, mlp="gelu"), hf_arch.BERT, ALL_LINEARS + ["mlm_head.dense"]),
+    "llama-gqa": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False), hf_arch.LLAMA,
                   ALL_LINEARS),
-    "gpt2": ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh"), hf.GPT2, ALL_LINEARS),
+    "gpt2": ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh"), hf_arch.GPT2, ALL_LINEARS),
 }
 
 
@@ -397,7 +398,8 @@ def test_exported_lora_adapter_loads_in_peft_with_lmforge_outputs(tmp_path, name
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lmforge.tasks import make_task
-    from lmforge.train.checkpoint import WEIGHTS, save_weights
+    from lmforge.io import save_weights
+    from lmforge.runs import WEIGHTS
     from lmforge.train.distributed import Dist, full_weights
 
     transformers.logging.set_verbosity_error()
@@ -421,7 +423,7 @@ def test_exported_lora_adapter_loads_in_peft_with_lmforge_outputs(tmp_path, name
     save_config(cfg, run / "config.yaml")
     save_weights(full_weights(Dist(), strip_peft(lm)), run / WEIGHTS, {"step": "0"})
     tok.save(str(run / "tokenizer.json"))
-    hf_cfg = hf.export_hf(run, tmp_path / "hf")
+    hf_cfg = export_hf(run, tmp_path / "hf")
     config = write_peft_adapter(lm, arch, tmp_path / "adapter", base_model_path=str(tmp_path / "hf"),
                                 hf_class=hf_cfg["architectures"][0])
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -451,12 +453,12 @@ def test_exported_lora_adapter_loads_in_peft_with_lmforge_outputs(tmp_path, name
 
 
 def test_peft_export_refuses_models_it_cannot_write(tmp_path):
-    one_line_error(lambda: write_peft_adapter(gpt(), hf.LLAMA, tmp_path / "a"), "no LoRA layers")
+    one_line_error(lambda: write_peft_adapter(gpt(), hf_arch.LLAMA, tmp_path / "a"), "no LoRA layers")
     model = gpt(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh", n_kv_head=4, tie_embeddings=False)
     inject_peft(model, PeftConfig(method="lora", lora_targets=["*.attn.qkv", "head"]))
-    one_line_error(lambda: write_peft_adapter(model, hf.GPT2, tmp_path / "a"), "Conv1D", "lm_head")
+    one_line_error(lambda: write_peft_adapter(model, hf_arch.GPT2, tmp_path / "a"), "Conv1D", "lm_head")
     both = gpt()
     inject_peft(both, PeftConfig(method="lora"))
     inject_peft(both, PeftConfig(method="prefix"))
-    one_line_error(lambda: write_peft_adapter(both, hf.LLAMA, tmp_path / "a"), "prefix")
+    one_line_error(lambda: write_peft_adapter(both, hf_arch.LLAMA, tmp_path / "a"), "prefix")
     assert not (tmp_path / "a").exists()

@@ -204,7 +204,7 @@ def test_separate_vocabularies_give_the_encoder_its_own_embedding(tmp_path, caps
                  "--train.warmup_steps", "0", "--seq2seq.eval_bleu", "false", "--seq2seq.samples", "0",
                  "--seq2seq.beam_size", "1", "--log.run_dir", str(run)]) == 0
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.train.checkpoint import load_run
+    from lmforge.runs import load_run
 
     model, tok, cfg = load_run(run)
     src_tok = load_tokenizer(run / "source_tokenizer.json")

@@ -144,7 +144,7 @@ def _finetuned_run(checkpoint: str, device_name: str, command: str):
     """(model, task ready for inference, config) of a fine-tuned run."""
     from lmforge.config import FINETUNE_TASKS
     from lmforge.tasks import make_task
-    from lmforge.train.checkpoint import load_run
+    from lmforge.runs import load_run
     from lmforge.train.loop import pick_device
 
     device = pick_device(device_name, f"{command}: --device")
@@ -191,7 +191,7 @@ def cmd_predict(args) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(lines)
     else:
-        from lmforge.train.checkpoint import atomic_write
+        from lmforge.io import atomic_write
 
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def cmd_translate(args) -> int:
     from lmforge.generate import translate
     from lmforge.metrics import translation_scores
     from lmforge.tasks.seq2seq import source_tokenizer
-    from lmforge.train.checkpoint import load_run
+    from lmforge.runs import load_run
     from lmforge.train.loop import pick_device
 
     device = pick_device(args.device, "translate: --device")
@@ -245,7 +245,7 @@ def cmd_translate(args) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
-        from lmforge.train.checkpoint import atomic_write
+        from lmforge.io import atomic_write
 
         atomic_write(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     if references is not None:
@@ -275,7 +275,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from lmforge.generate import generate_text
-    from lmforge.train.checkpoint import load_run
+    from lmforge.runs import load_run
     from lmforge.train.loop import pick_device
 
     device = pick_device(args.device, "generate: --device")
@@ -295,7 +295,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from lmforge.hf import import_hf
+    from lmforge.hf.export import import_hf
 
     imported = import_hf(args.hf_dir, args.out)
     print(f"imported {args.hf_dir}: {imported.summary()}")
@@ -308,7 +308,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lmforge.hf import export_hf
+    from lmforge.hf.export import export_hf
 
     hf_cfg = export_hf(args.run, args.out, args.format)
     cls = hf_cfg["architectures"][0]

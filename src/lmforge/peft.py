@@ -13,23 +13,25 @@ Names of what is injected (state dicts are saved and loaded by name, so they are
   adapter  `blocks.{i}.attn_adapter.{down,up}.{weight,bias}` and `blocks.{i}.mlp_adapter.{...}`
   prefix   `blocks.{i}.attn.prefix` [2 (keys, values), n_kv_head, prefix_length, head_dim]
 
-`write_peft_adapter` writes a LoRA model as the Hugging Face `peft` library's adapter folder for the
-model `hf.export_hf` writes; `strip_peft` and `base_state_dict` give the plain base model it maps.
+`strip_peft` and `base_state_dict` give the plain base model; hf/export.py writes a LoRA model as the
+Hugging Face `peft` library's adapter folder for it. This module knows no file format but its own
+adapter file (save_adapter / load_adapter).
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.errors import UserError
+from lmforge.io import atomic_write, write_safetensors
 from lmforge.model.layers import Attention
 
 # The task heads a fine-tuning model trains in full beside the peft parameters (apply_peft's default).
@@ -294,18 +296,6 @@ def apply_peft(model: nn.Module, pc, trainable=TASK_HEADS) -> None:
     set_trainable(model, pc, trainable)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied parameter counts once."""
-    params = list(model.parameters())  # shared parameters once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def parameter_summary(model: nn.Module) -> str:
-    trainable, total = count_parameters(model)
-    return (f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
-            f"({100 * trainable / max(total, 1):.1f}%)")
-
-
 # -- saving and loading what was trained ------------------------------------------------------------
 
 
@@ -317,8 +307,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     """adapter_state_dict as one safetensors file (written to a temporary name, then renamed)."""
-    from lmforge.train.checkpoint import atomic_write, write_safetensors
-
     path = Path(path)
     tensors = {k: v.contiguous().cpu().clone() for k, v in adapter_state_dict(model).items()}
     atomic_write(path, lambda tmp: write_safetensors(tensors, tmp, {"format": "pt", "peft_method": peft_method(model)}))
@@ -328,8 +316,6 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
 def load_adapter(model: nn.Module, path: str | Path) -> None:
     """Copy a save_adapter file into a model with the same structure (inject_peft first). Every tensor
     must have a place of the same shape, and every peft parameter of the model must be in the file."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     try:
         tensors = load_file(str(path))
@@ -394,88 +380,3 @@ def strip_peft(model: nn.Module, merge: bool = False, inplace: bool = False) -> 
         if isinstance(m, Attention):
             m.prefix = None
     return plain
-
-
-# The classes whose models peft loads as PeftModelForCausalLM (task_type CAUSAL_LM); others get none.
-CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")
-
-
-def write_peft_adapter(model: nn.Module, arch, out_dir: str | Path, base_model_path: str = "",
-                       hf_class: str | None = None, mapping: dict | None = None) -> dict:
-    """Write a LoRA model's update as HF peft writes it (adapter_config.json, adapter_model.safetensors)
-    for the base model `hf.export_hf` writes of strip_peft(model), so that
-    `peft.PeftModel.from_pretrained(<that model>, out_dir)` computes what the lmforge model does.
-
-    arch: an hf.Arch. hf_class: the class the base folder's config.json names (default the arch's first).
-    mapping: hf._mapping(arch, strip_peft(model))[0] when the caller has it. Returns the adapter config.
-
-    A LoRA on a fused lmforge layer (attn.qkv = q, k, v; Llama's mlp.up = gate, up) is written as one
-    LoRA per HF layer with the same A and the rows of B split as the weight's rows are: B A split by rows
-    is each part's update. GPT-2's Conv1D layers take the same A and B with fan_in_fan_out."""
-    from lmforge import hf
-    from lmforge.train.checkpoint import write_safetensors
-
-    layers = lora_layers(model)
-    if not layers:
-        raise UserError("export: the model has no LoRA layers; a Hugging Face peft adapter is written for "
-                        "peft.method lora")
-    if any(isinstance(m, Adapter) or (isinstance(m, Attention) and m.prefix is not None) for m in model.modules()):
-        raise UserError("export: the model has bottleneck adapters or a prefix, which lmforge cannot write as a "
-                        "Hugging Face peft adapter; only LoRA is exported")
-    settings = {(m.rank, m.alpha, getattr(m.lora_dropout, "p", 0.0)) for m in layers.values()}
-    if len(settings) > 1:
-        raise UserError(f"export: the LoRA layers differ in rank, alpha or dropout ({sorted(settings)}); "
-                        "the peft adapter config holds one of each")
-    rank, alpha, dropout = settings.pop()
-    if mapping is None:
-        mapping, _ = hf._mapping(arch, strip_peft(model))
-    tensors, targets, conv = {}, [], []
-    for name, m in layers.items():
-        key = f"{name}.weight"
-        if key not in mapping:
-            raise UserError(f"export: LoRA on {name}, which has no {arch.title} tensor of its own; "
-                            f"leave it out of peft.lora_targets")
-        parts = mapping[key]
-        A, B = m.lora_A.detach(), m.lora_B.detach()
-        sizes = hf._split_sizes(key, len(parts), B.shape[0], model.cfg) if len(parts) > 1 else [B.shape[0]]
-        for part, b in zip(parts, B.split(sizes), strict=True):
-            module = part.removesuffix(".weight")
-            tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous().cpu().clone()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous().cpu().clone()
-            targets.append(module)
-            conv.append(part.endswith(arch.conv1d))
-    if any(conv) and not all(conv):  # peft's fan_in_fan_out is one setting for every target
-        lin = next(t for t, c in zip(targets, conv) if not c)
-        raise UserError(f"export: LoRA on GPT-2's Conv1D layers and on the Linear {lin} at once cannot be one peft "
-                        f"adapter (fan_in_fan_out differs); leave {lin} out of peft.lora_targets")
-    hf_class = hf_class or arch.classes[0]
-    causal = hf_class.endswith(CAUSAL_LM_CLASSES)
-    library = f"transformers.models.{arch.model_types[0]}.modeling_{arch.model_types[0]}"
-    # the keys HF peft writes (0.21 writes more, all at their defaults; these are the ones older versions know)
-    config = {
-        "alpha_pattern": {},
-        "auto_mapping": None if causal else {"base_model_class": hf_class, "parent_library": library},
-        "base_model_name_or_path": base_model_path or None,
-        "bias": "none",
-        "fan_in_fan_out": all(conv),
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": rank,
-        "rank_pattern": {},
-        "revision": None,
-        "target_modules": sorted(targets),  # full module paths: peft matches a name equal to one
-        "task_type": "CAUSAL_LM" if causal else None,
-        "use_dora": False,
-        "use_rslora": False,
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, out_dir / "adapter_model.safetensors", {"format": "pt"})
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return config

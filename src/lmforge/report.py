@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.io import atomic_write
 from lmforge.train.tracking import METRICS, read_metrics
 
 EXPECTED = "expected a run directory with config.yaml and metrics.jsonl"
@@ -323,8 +324,6 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: {'no config.yaml' if run.is_dir() else 'no such directory'}; {EXPECTED}")
-    from lmforge.train.checkpoint import atomic_write
-
     out = Path(out) if out else run / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     page = _render(run)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tokenizers import Tokenizer
 from lmforge.data.formats import corpus_files, embedded_corpus, read_corpus, resolve_format
 from lmforge.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from lmforge.errors import UserError
+from lmforge.io import atomic_dir
 
 STORE_VERSION = 1
 ENCODE_BATCH = 256  # pieces per encode_batch call (the tokenizers library encodes them in parallel)
@@ -46,19 +46,6 @@ def corpus_digest(files: list[Path]) -> str:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-def atomic_dir(final: Path, fill) -> None:
-    """fill(tmp) builds a temporary sibling folder that is then renamed to `final` (replacing an empty
-    folder there), so no reader sees half of it and a failure leaves nothing at `final`."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:

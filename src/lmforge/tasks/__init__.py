@@ -7,6 +7,7 @@ Adding a task means adding a module here and a line to TASKS.
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from lmforge.losses import IGNORE_INDEX
+from lmforge.tasks import registry
 
 
 class Task:
@@ -75,14 +77,6 @@ class Task:
 
 
 def make_task(cfg) -> Task:
-    from lmforge.tasks.classify import ClassifyTask, MultiLabelTask, RegressTask
-    from lmforge.tasks.clm import CausalLM
-    from lmforge.tasks.mlm import MaskedLMTask
-    from lmforge.tasks.seq2seq import Seq2SeqTask
-    from lmforge.tasks.span import SpanCorruption
-    from lmforge.tasks.sft import SFTTask
-    from lmforge.tasks.tag import TagTask
-
-    tasks = {t.name: t for t in (CausalLM, MaskedLMTask, ClassifyTask, RegressTask, MultiLabelTask, TagTask, SFTTask,
-                                  Seq2SeqTask, SpanCorruption)}
-    return tasks[cfg.task](cfg)
+    """The Task for cfg.task, its class imported from where the registry says (tasks/registry.py)."""
+    module, _, cls = registry.spec(cfg.task).task_class.partition(":")
+    return getattr(importlib.import_module(module), cls)(cfg)

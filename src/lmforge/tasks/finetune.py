@@ -24,6 +24,9 @@ from lmforge.data.batches import ExampleBatches, pad_batch
 from lmforge.data.labelled import Example, LabelMap, read_examples, split_dev, tag_scheme
 from lmforge.data.tokenizer import eos_id
 from lmforge.errors import UserError
+from lmforge.hf.load import load_hf
+from lmforge.peft import apply_peft
+from lmforge.runs import load_run
 from lmforge.tasks import Task
 
 LABELS_FILE = "labels.json"
@@ -101,13 +104,9 @@ class FinetuneTask(Task):
     def _pretrained(self) -> tuple[torch.nn.Module, Tokenizer]:
         """The plain task model with the pretrained body's weights (the head fresh), and the tokenizer.
         Fills cfg.model and finetune.pooling from what was found."""
-        from lmforge.train.checkpoint import load_run
-
         cfg, fc = self.cfg, self.cfg.finetune
         path = Path(fc.init_from)
         if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
-            from lmforge.hf import load_hf
-
             imported = load_hf(path, build=self._adopt)
             for note in imported.notes:
                 print(f"lmforge: note: {note}")
@@ -172,8 +171,6 @@ class FinetuneTask(Task):
     def build_model(self, pretrained: bool = False) -> torch.nn.Module:
         """The task model with its PEFT modules; pretrained: start from init_from's weights (setup loaded
         them), else fresh weights that a run's saved state will fill."""
-        from lmforge.peft import apply_peft
-
         model = self.start if pretrained else self.head_model()
         apply_peft(model, self.cfg.peft)
         return model

@@ -20,9 +20,13 @@ from lmforge.data.batches import ExampleBatches, pad_batch
 from lmforge.data.parallel import keep_by_length, read_parallel
 from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, load_tokenizer, seq2seq_special_ids, train_tokenizer
 from lmforge.errors import UserError
+from lmforge.io import atomic_write, save_weights
 from lmforge.losses import IGNORE_INDEX, linear_cross_entropy, loss_options
 from lmforge.model.seq2seq import EncoderDecoder
+from lmforge.runs import WEIGHTS, load_run
 from lmforge.tasks import Task
+from lmforge.train.checkpoint import CKPT_DIR, average_checkpoints, checkpoints
+from lmforge.train.distributed import Dist, full_weights
 
 EVAL_BATCH_TOKENS = 8192
 
@@ -64,8 +68,6 @@ def source_tokenizer(run_dir: Path) -> Tokenizer | None:
 
 def load_init(cfg, path: str) -> tuple[EncoderDecoder, Tokenizer]:
     """The model and tokenizer of an earlier seq2seq or span run; cfg takes its model shape."""
-    from lmforge.train.checkpoint import load_run
-
     model, tok, init_cfg = load_run(path)
     if init_cfg.task not in ("seq2seq", "span"):
         raise UserError(f"config: seq2seq.init_from = {path}: a {init_cfg.task} run; expected an encoder-decoder "
@@ -205,8 +207,6 @@ class Seq2SeqTask(Task):
             lines.append(self._keep_average(model, run_dir))
         hypotheses = self.translate(model, sc.beam_size)
         scores, signatures = self.scores(hypotheses)
-        from lmforge.train.checkpoint import atomic_write
-
         text = "".join(h + "\n" for h in hypotheses)
         atomic_write(run_dir / "dev.translations.txt", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         report = json.dumps({**scores, "beam_size": sc.beam_size, "signatures": signatures}, indent=2) + "\n"
@@ -222,8 +222,6 @@ class Seq2SeqTask(Task):
     def _keep_average(self, model, run_dir: Path) -> str:
         """Average the last k checkpoints' weights; keep the average (in model.safetensors too) if its
         greedy dev BLEU beats the best single checkpoint's."""
-        from lmforge.train.checkpoint import CKPT_DIR, WEIGHTS, average_checkpoints, checkpoints, save_weights
-
         found = checkpoints(run_dir / CKPT_DIR)[-self.cfg.seq2seq.average_last:]
         if len(found) < 2:
             return f"checkpoint averaging: only {len(found)} checkpoint kept; nothing to average"
@@ -233,8 +231,6 @@ class Seq2SeqTask(Task):
         averaged = self.scores(self.translate(model, beam_size=1))[0]["bleu"]
         names = f"{found[0].name} .. {found[-1].name}"
         if averaged > best:
-            from lmforge.train.distributed import Dist, full_weights
-
             save_weights(full_weights(Dist(), model), run_dir / WEIGHTS, {"averaged": names, "val_bleu": f"{averaged:.6f}"})
             return f"checkpoint averaging: {len(found)} checkpoints ({names}) greedy dev BLEU {averaged:.2f} > best " \
                    f"single {best:.2f}: kept the average"

@@ -17,35 +17,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_file
 
 from lmforge.errors import UserError
+from lmforge.io import atomic_write, fsync_dir
 from lmforge.train import distributed
 
 CKPT_DIR = "checkpoints"
-WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
 EXTRAS = "extras.pt"  # in a sharded checkpoint: everything but the model and optimizer tensors
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename it to `path`: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -113,7 +91,7 @@ def save_sharded_checkpoint(d, run_dir: Path, step: int, model, optimizer, extra
         if path.exists():  # a damaged checkpoint of the same step, from a run that is being resumed
             shutil.rmtree(path)
         os.replace(tmp, path)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         _prune(ckpt_dir, keep, path)
     distributed.barrier(d)
     return path
@@ -253,40 +231,6 @@ def load_model_state(model: torch.nn.Module, state: dict, source: Path) -> None:
     model.load_state_dict(state)
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """save_file, then the mode any new file gets (0666 less the umask): safetensors creates its files
-    0600, which would make a run or an export unreadable to the other users of a shared folder."""
-    save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Whole-model weights (each tied tensor once, see distributed.full_weights) as safetensors."""
-    atomic_write(path, lambda tmp: write_safetensors(state, tmp, metadata))
-
-
-def export_weights(checkpoint: Path, out: Path) -> Path:
-    """Consolidate a checkpoint of either kind (a sharded one written by several processes included)
-    into one safetensors file that `load_weights` / `load_run` read; for `lmforge export`."""
-    model, _, _ = load_run(checkpoint)
-    step = load_checkpoint(checkpoint)["step"]
-    save_weights(distributed.full_weights(distributed.Dist(), model), out, {"step": str(step)})
-    return out
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    try:
-        missing, unexpected = load_model(model, str(path), strict=False)
-    except Exception as e:  # a damaged file (SafetensorError) or tensors of other shapes (RuntimeError)
-        raise UserError(f"checkpoint: {path}: cannot be loaded ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
-    if missing or unexpected:
-        raise UserError(f"checkpoint: {path}: weights do not fit the model (missing: {sorted(missing)[:3]}, "
-                        f"unexpected: {sorted(unexpected)[:3]})")
-
-
 def find_resume(resume: str, out_dir: Path, run_dir: Path | None) -> tuple[Path, tuple[Path, dict] | None]:
     """--resume auto | RUN_DIR | CHECKPOINT -> (run directory, (checkpoint, its state) or None to start fresh).
 
@@ -310,44 +254,3 @@ def find_resume(resume: str, out_dir: Path, run_dir: Path | None) -> tuple[Path,
         return p, found
     raise UserError(f"--resume {resume}: no such run directory or checkpoint; expected auto, a run directory, "
                     "a .pt file or a step_N directory")
-
-
-def load_run(path: str | Path, device: str | torch.device = "cpu"):
-    """A trained run directory (or one of its checkpoint files) -> (model in eval mode, tokenizer, config).
-
-    Uses the best weights (model.safetensors) of a run directory, or the given checkpoint's weights
-    (a step_N.pt file or a sharded step_N directory). A Hugging Face model folder (config.json, no
-    config.yaml) is imported in memory (hf.py), so every command that takes a run takes one too.
-    """
-    from lmforge.config import load_config, read_yaml
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.tasks import make_task
-
-    p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
-        from lmforge.hf import load_hf
-
-        imported = load_hf(p)
-        for note in imported.notes:
-            print(f"lmforge: note: {note}", file=sys.stderr)
-        return imported.model.to(device).eval(), imported.tokenizer, imported.config
-    # a file is run/model.safetensors (or another weights file beside config.yaml) or run/checkpoints/step_N.pt
-    checkpoint = p.is_file() or is_sharded(p)
-    run_dir = (p.parent if (p.parent / "config.yaml").is_file() else p.parent.parent) if checkpoint else p
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run "
-                        "wrote (lmforge runs lists those under runs/)")
-    cfg = load_config(base=read_yaml(run_dir / "config.yaml"))
-    model = make_task(cfg).build_model()
-    if p.is_file() and p.suffix == ".safetensors":
-        load_weights(model, p)
-    elif checkpoint:
-        load_model_state(model, checkpoint_model_state(p), p)
-    elif (run_dir / WEIGHTS).is_file():
-        load_weights(model, run_dir / WEIGHTS)
-    else:
-        found = latest_checkpoint(run_dir)
-        if not found:
-            raise UserError(f"checkpoint: {run_dir}: holds no weights yet ({WEIGHTS} or {CKPT_DIR}/step_*.pt)")
-        load_model_state(model, checkpoint_model_state(*found), found[0])
-    return model.to(device).eval(), load_tokenizer(run_dir), cfg

@@ -15,13 +15,15 @@ import torch
 
 from lmforge.config import Config, save_config
 from lmforge.errors import UserError
+from lmforge.io import load_weights, save_weights
+from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
-from lmforge.peft import parameter_summary
 from lmforge.tasks import make_task
 from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
-from lmforge.train.checkpoint import (WEIGHTS, load_training_state, load_weights, rng_state, save_checkpoint,
-                                      save_sharded_checkpoint, save_weights, set_rng_state)
+from lmforge.runs import WEIGHTS
+from lmforge.train.checkpoint import (load_training_state, rng_state, save_checkpoint, save_sharded_checkpoint,
+                                      set_rng_state)
 from lmforge.train.perf import peak_flops
 from lmforge.train.precision import Precision, resolve_precision, set_tf32
 from lmforge.train.tracking import NullTracker, Tracker

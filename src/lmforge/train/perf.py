@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.train.checkpoint import atomic_write
+from lmforge.io import atomic_write
 
 # Dense peak TFLOP/s from the vendors' data sheets: (bf16/fp16 tensor cores, fp32 without TF32).
 GPU_PEAK_TFLOPS = {

@@ -1,0 +1,253 @@
+"""Writing Hugging Face folders: `import_hf` turns a folder into an lmforge run directory, `export_hf`
+turns anything `runs.load_run` reads into a folder that transformers loads (a LoRA run's adapter in the
+peft library's format beside it, `write_peft_adapter`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tokenizers import Tokenizer
+
+from lmforge.config import save_config
+from lmforge.errors import UserError
+from lmforge.hf.arch import ACTIVATIONS, ARCHS, BERT, FORMATS, Arch
+from lmforge.hf import keymap
+from lmforge.hf.load import Imported, load_hf
+from lmforge.hf.tokenizer import special_tokens
+from lmforge.io import atomic_dir, save_weights, write_safetensors
+from lmforge.peft import Adapter, lora_layers, peft_method, strip_peft
+from lmforge.model.layers import Attention
+from lmforge.runs import WEIGHTS, load_run
+from lmforge.tasks import registry
+from lmforge.train.distributed import Dist, full_weights
+
+
+def _check_out(out: Path, what: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{what}: {out} already exists and is not an empty folder; give a new one")
+
+
+def _write_dir(out: Path, what: str, write: Callable[[Path], None]) -> None:
+    """write(tmp) fills a temporary folder that becomes `out` once complete: a failure leaves nothing."""
+    _check_out(out, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_dir(out, write)
+
+
+def import_hf(folder: str | Path, out: str | Path) -> Imported:
+    """A Hugging Face model folder -> an lmforge run directory (config.yaml, model.safetensors, tokenizer.json)."""
+    out = Path(out)
+    _check_out(out, "import")  # before reading a large checkpoint
+    imported = load_hf(folder)
+
+    def write(tmp: Path) -> None:
+        save_config(imported.config, tmp / "config.yaml")
+        save_weights(full_weights(Dist(), imported.model), tmp / WEIGHTS, {"source": str(folder)})
+        imported.tokenizer.save(str(tmp / "tokenizer.json"))
+
+    _write_dir(out, "import", write)
+    return imported
+
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _body_task(cfg) -> str:
+    """The pre-training task whose layout a model's body has (an Arch's `task`): a decoder's is clm, an
+    encoder's mlm; a fine-tuned model's body is the one it started from (finetune.body)."""
+    body = registry.spec(cfg.task).body
+    if body == "pretrained":
+        body = cfg.finetune.body
+    return {"decoder": "clm", "encoder": "mlm"}.get(body, cfg.task)
+
+
+# transformers' problem_type of a sequence classifier, by the kind of label it predicts
+PROBLEM_TYPES = {"class": "single_label_classification", "value": "regression", "classes": "multi_label_classification"}
+
+
+def _gaps(arch: Arch, cfg) -> list[str]:
+    """What keeps this config from the architecture's layout, as 'model.x = needed (it has y)'."""
+    if _body_task(cfg) != arch.task:
+        return [f"task = {arch.task} (it is {cfg.task})"]
+    m = cfg.model
+    needs = {k: (v,) for k, v in arch.layout.items()}
+    if arch.activation:
+        needs["mlp"] = tuple(dict.fromkeys(ACTIVATIONS.values()))
+    if arch.mha_only:
+        needs["n_kv_head"] = (m.n_head,)
+    return [f"model.{k} = {' or '.join(map(_show, ok))} (it has {_show(getattr(m, k))})"
+            for k, ok in needs.items() if getattr(m, k) not in ok]
+
+
+def _export_arch(cfg, fmt: str, run) -> Arch:
+    if fmt not in FORMATS:
+        raise UserError(f"export: --format {fmt}: expected one of {', '.join(FORMATS)}")
+    candidates = [ARCHS[fmt]] if fmt != "auto" else [a for a in ARCHS.values() if a.task == _body_task(cfg)]
+    gaps = [(a, _gaps(a, cfg)) for a in candidates]
+    for arch, missing in gaps:
+        if not missing:
+            return arch
+    reasons = "; ".join(f"{a.title} needs {', '.join(g)}" for a, g in gaps)
+    raise UserError(f"export: {run}: the model fits no Hugging Face layout lmforge writes: {reasons}")
+
+
+def _finetuned_config(arch: Arch, cfg, run) -> dict:
+    """config.json additions of a fine-tuned model: its class (the registry's hf_classes), labels and
+    problem type."""
+    spec = registry.spec(cfg.task)
+    if not spec.finetune:
+        return {}
+    cls = spec.hf_classes.get(arch.name)
+    if cls is None:
+        written = sorted({c for s in registry.TASKS.values() for c in s.hf_classes.values()})
+        raise UserError(f"export: {run}: a {cfg.task} model on a {arch.title} body has no Hugging Face class "
+                        f"lmforge writes (it writes {', '.join(written)})")
+    if cls == "BertForSequenceClassification" and cfg.finetune.pooling != "pooler":
+        raise UserError(f"export: {run}: BertForSequenceClassification pools with BERT's pooler; this model has "
+                        f"finetune.pooling = {cfg.finetune.pooling}, which transformers cannot compute")
+    out = {"architectures": [cls]}
+    if spec.label in (*PROBLEM_TYPES, "tags"):
+        labels = cfg.finetune.labels or ["value"]
+        out.update(id2label={str(i): name for i, name in enumerate(labels)},
+                   label2id={name: i for i, name in enumerate(labels)})
+        out["classifier_dropout"] = cfg.finetune.classifier_dropout
+    if spec.label in PROBLEM_TYPES:
+        out["problem_type"] = PROBLEM_TYPES[spec.label]
+    return out
+
+
+def _hf_config(arch: Arch, cfg, specials: dict[str, str], tok: Tokenizer) -> dict:
+    m = cfg.model
+    hf = {"architectures": [arch.classes[0]], "model_type": arch.model_types[0]}
+    hf.update({key: getattr(m, field) for key, (field, _) in arch.config.items()})
+    hf.update(arch.fixed)
+    if arch.activation:
+        hf[arch.activation[0]] = next(name for name, mlp in ACTIVATIONS.items() if mlp == m.mlp)
+    hf.update({f"{role[:-6]}_token_id": tok.token_to_id(t) for role, t in specials.items()
+               if role in ("bos_token", "eos_token", "pad_token")})
+    hf.setdefault("pad_token_id", None)  # not HF's default 0, which would make token 0 padding
+    hf.update(torch_dtype="float32", dtype="float32")  # the older and the newer key
+    if arch.write_extra:
+        hf.update(arch.write_extra(cfg))
+    return hf
+
+
+ADAPTER_DIR = "adapter"
+
+
+def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
+    """A run directory, checkpoint or HF folder (anything load_run reads) -> a Hugging Face folder:
+    model.safetensors, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json; a
+    LoRA run's base model there and its adapter in OUT/adapter in the peft library's format
+    (peft.PeftModel.from_pretrained(base, OUT/adapter)). Returns the config.json written."""
+
+    out = Path(out)
+    _check_out(out, "export")
+    trained, tok, cfg = load_run(run)
+    arch = _export_arch(cfg, fmt, run)
+    method = peft_method(trained)
+    if method not in ("none", "lora"):
+        raise UserError(f"export: {run}: a model with peft.method = {method} has no Hugging Face layout; only LoRA "
+                        "adapters are written (in the peft library's format)")
+    model = strip_peft(trained)  # the base weights (a LoRA run's adapter is written on its own, below)
+    mapping, _ = keymap.mapping(arch, model)  # tied output weights are left out: from_pretrained ties them again
+    tensors = keymap.to_hf({k: p.detach() for k, p in model.named_parameters()}, mapping, arch, cfg.model)
+    tensors.update({copy: tensors[original] for copy, original in arch.copies.items() if original in tensors})
+    if arch is BERT and cfg.model.type_vocab_size == 0:
+        tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.model.d_model, device="cpu")
+    specials = special_tokens(tok, _body_task(cfg))
+    hf_cfg = {**_hf_config(arch, cfg, specials, tok), **_finetuned_config(arch, cfg, run)}
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is: the same ids
+               "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False, **specials}
+
+    def write(tmp: Path) -> None:
+        # clone: safetensors refuses views that share storage (the parts of a fused tensor)
+        write_safetensors({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
+                          {"format": "pt"})
+        for name, data in (("config.json", hf_cfg), ("tokenizer_config.json", tok_cfg),
+                           ("special_tokens_map.json", specials)):
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        tok.save(str(tmp / "tokenizer.json"))
+        if method == "lora":  # in a sub-folder: beside config.json, transformers would load it in place of the base
+            write_peft_adapter(trained, arch, tmp / ADAPTER_DIR, base_model_path=str(out.resolve()),
+                               hf_class=hf_cfg["architectures"][0], mapping=mapping)
+
+    _write_dir(out, "export", write)
+    return hf_cfg
+
+
+# The classes whose models peft loads as PeftModelForCausalLM (task_type CAUSAL_LM); others get none.
+CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")
+
+
+def write_peft_adapter(model: nn.Module, arch, out_dir: str | Path, base_model_path: str = "",
+                       hf_class: str | None = None, mapping: dict | None = None) -> dict:
+    """Write a LoRA model's update as HF peft writes it (adapter_config.json, adapter_model.safetensors)
+    for the base model `export_hf` writes of strip_peft(model), so that
+    `peft.PeftModel.from_pretrained(<that model>, out_dir)` computes what the lmforge model does.
+
+    arch: an Arch. hf_class: the class the base folder's config.json names (default the arch's first).
+    mapping: keymap.mapping(arch, strip_peft(model))[0] when the caller has it. Returns the adapter config.
+
+    A fused lmforge layer's LoRA becomes one per HF layer (keymap.lora_tensors); GPT-2's Conv1D layers
+    take the same A and B with fan_in_fan_out."""
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError("export: the model has no LoRA layers; a Hugging Face peft adapter is written for "
+                        "peft.method lora")
+    if any(isinstance(m, Adapter) or (isinstance(m, Attention) and m.prefix is not None) for m in model.modules()):
+        raise UserError("export: the model has bottleneck adapters or a prefix, which lmforge cannot write as a "
+                        "Hugging Face peft adapter; only LoRA is exported")
+    settings = {(m.rank, m.alpha, getattr(m.lora_dropout, "p", 0.0)) for m in layers.values()}
+    if len(settings) > 1:
+        raise UserError(f"export: the LoRA layers differ in rank, alpha or dropout ({sorted(settings)}); "
+                        "the peft adapter config holds one of each")
+    rank, alpha, dropout = settings.pop()
+    if mapping is None:
+        mapping, _ = keymap.mapping(arch, strip_peft(model))
+    unmapped = [name for name in layers if f"{name}.weight" not in mapping]
+    if unmapped:
+        raise UserError(f"export: LoRA on {unmapped[0]}, which has no {arch.title} tensor of its own; "
+                        f"leave it out of peft.lora_targets")
+    tensors, targets, conv = keymap.lora_tensors(layers, mapping, arch, model.cfg)
+    if any(conv) and not all(conv):  # peft's fan_in_fan_out is one setting for every target
+        lin = next(t for t, c in zip(targets, conv) if not c)
+        raise UserError(f"export: LoRA on GPT-2's Conv1D layers and on the Linear {lin} at once cannot be one peft "
+                        f"adapter (fan_in_fan_out differs); leave {lin} out of peft.lora_targets")
+    hf_class = hf_class or arch.classes[0]
+    causal = hf_class.endswith(CAUSAL_LM_CLASSES)
+    library = f"transformers.models.{arch.model_types[0]}.modeling_{arch.model_types[0]}"
+    # the keys HF peft writes (0.21 writes more, all at their defaults; these are the ones older versions know)
+    config = {
+        "alpha_pattern": {},
+        "auto_mapping": None if causal else {"base_model_class": hf_class, "parent_library": library},
+        "base_model_name_or_path": base_model_path or None,
+        "bias": "none",
+        "fan_in_fan_out": all(conv),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": rank,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted(targets),  # full module paths: peft matches a name equal to one
+        "task_type": "CAUSAL_LM" if causal else None,
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, out_dir / "adapter_model.safetensors", {"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return config

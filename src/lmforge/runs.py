@@ -1,0 +1,81 @@
+"""Runs: anything a user names as a trained model -> the model, its tokenizer and its config.
+
+`load_run(path)` takes a run directory (its best weights), one of its checkpoints (a step_N.pt file or
+a sharded step_N directory), a weights file beside a config.yaml, or a Hugging Face model folder
+(config.json and no config.yaml, imported in memory), so every command that takes a run takes any of
+them. The model is built by `model.build_model` from the run's config, with its PEFT modules.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from lmforge.config import load_config, read_yaml
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import UserError
+from lmforge.hf.load import load_hf
+from lmforge.io import load_weights, save_weights
+from lmforge.model.build import build_model
+from lmforge.peft import apply_peft
+from lmforge.tasks import registry
+from lmforge.train.checkpoint import (CKPT_DIR, checkpoint_model_state, is_sharded, latest_checkpoint,
+                                      load_checkpoint, load_model_state)
+from lmforge.train.distributed import Dist, full_weights
+
+WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
+
+
+def run_model(cfg) -> torch.nn.Module:
+    """The model a run's config describes, fresh, with the PEFT modules a fine-tuning run trained (the
+    peft section applies to fine-tuning only), so that the run's state dict loads strictly into it."""
+    model = build_model(cfg)
+    if registry.spec(cfg.task).finetune:
+        apply_peft(model, cfg.peft)
+    return model
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory of a run, a weights file beside its config.yaml, or a checkpoint in it."""
+    if not (path.is_file() or is_sharded(path)):
+        return path
+    return path.parent if (path.parent / "config.yaml").is_file() else path.parent.parent
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu"):
+    """A trained run (or one of its checkpoints, or an HF folder) -> (model in eval mode, tokenizer, config)."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        imported = load_hf(p)
+        for note in imported.notes:
+            print(f"lmforge: note: {note}", file=sys.stderr)
+        return imported.model.to(device).eval(), imported.tokenizer, imported.config
+    run_dir = run_dir_of(p)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run "
+                        "wrote (lmforge runs lists those under runs/)")
+    cfg = load_config(base=read_yaml(run_dir / "config.yaml"))
+    model = run_model(cfg)
+    if p.is_file() and p.suffix == ".safetensors":
+        load_weights(model, p)
+    elif p != run_dir:  # a checkpoint
+        load_model_state(model, checkpoint_model_state(p), p)
+    elif (run_dir / WEIGHTS).is_file():
+        load_weights(model, run_dir / WEIGHTS)
+    else:
+        found = latest_checkpoint(run_dir)
+        if not found:
+            raise UserError(f"checkpoint: {run_dir}: holds no weights yet ({WEIGHTS} or {CKPT_DIR}/step_*.pt)")
+        load_model_state(model, checkpoint_model_state(*found), found[0])
+    return model.to(device).eval(), load_tokenizer(run_dir), cfg
+
+
+def export_weights(checkpoint: Path, out: Path) -> Path:
+    """Consolidate a checkpoint of either kind (a sharded one written by several processes included)
+    into one safetensors file that `load_run` reads; for `lmforge export`."""
+    model, _, _ = load_run(checkpoint)
+    step = load_checkpoint(checkpoint)["step"]
+    save_weights(full_weights(Dist(), model), out, {"step": str(step)})
+    return out
