@@ -167,13 +167,13 @@ def test_every_recipe_in_configs_loads():
     import yaml
 
     from lmforge.cli import finetune_base
-    from lmforge.config import FINETUNE_TASKS
+    from lmforge.tasks import registry
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert recipes
     for recipe in recipes:
         mapping = yaml.safe_load(recipe.read_text())
-        if mapping.get("task") in FINETUNE_TASKS:
+        if mapping.get("task") in registry.names("finetune"):
             load_config(None, base=finetune_base(mapping))
         else:
             load_config(recipe)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import difflib
 import sys
 import warnings
@@ -89,7 +90,8 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 def cmd_train(args) -> int:
     """pretrain and finetune: one loop, different defaults."""
-    from lmforge.config import FINETUNE_TASKS, load_config, read_yaml
+    from lmforge.config import load_config, read_yaml
+    from lmforge.tasks import registry
     from lmforge.train.checkpoint import find_resume
     from lmforge.train.loop import train  # refuses a run directory that already holds a run
 
@@ -105,8 +107,9 @@ def cmd_train(args) -> int:
     # When resuming, this first reading only locates the run: the overrides may complete the saved
     # config (e.g. a longer train.max_steps) and are checked against it below, not against defaults.
     task = overrides.get("task", (base or {}).get("task"))
-    if finetune and task not in FINETUNE_TASKS:
-        raise UserError(f"finetune: task = {task} is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)} "
+    if finetune and task not in registry.names("finetune"):
+        raise UserError(f"finetune: task = {task} is not a fine-tuning task; expected one of "
+                        f"{', '.join(registry.names('finetune'))} "
                         "(pre-training: lmforge pretrain)")
     cfg = load_config(None if finetune else args.config, overrides, base=base, validate=not args.resume)
     resume = None
@@ -128,31 +131,37 @@ def cmd_train(args) -> int:
         print(f"plot:          {result.plot}")
     if cfg.log.tensorboard:
         print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
-    if cfg.task in ("clm", "sft"):
-        print(f"generate:      lmforge generate --checkpoint {result.run_dir} --prompt \"...\"")
-    if cfg.task == "seq2seq":
-        print(f"translate:     lmforge translate --checkpoint {result.run_dir} < INPUT > OUTPUT")
-    if finetune:
-        print(f"evaluate:      lmforge evaluate --checkpoint {result.run_dir} --data FILE")
-        print(f"predict:       lmforge predict --checkpoint {result.run_dir} --input FILE --output OUT.jsonl")
-    if cfg.task not in ("seq2seq", "span"):
-        print(f"export:        lmforge export {result.run_dir} OUT_DIR   (a Hugging Face folder)")
+    _print_next_steps(registry.spec(cfg.task), result.run_dir)
     return 0
+
+
+def _print_next_steps(spec, run_dir: Path) -> None:
+    """The commands that use what the task trained, as its registry entry says."""
+    if spec.endpoint == "generate":
+        print(f"generate:      lmforge generate --checkpoint {run_dir} --prompt \"...\"")
+    if spec.endpoint == "translate":
+        print(f"translate:     lmforge translate --checkpoint {run_dir} < INPUT > OUTPUT")
+    if spec.finetune:
+        print(f"evaluate:      lmforge evaluate --checkpoint {run_dir} --data FILE")
+        print(f"predict:       lmforge predict --checkpoint {run_dir} --input FILE --output OUT.jsonl")
+    if spec.body != "encoder_decoder":  # hf/arch.py has decoder and encoder layouts only
+        print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder)")
 
 
 def _finetuned_run(checkpoint: str, device_name: str, command: str):
     """(model, task ready for inference, config) of a fine-tuned run."""
-    from lmforge.config import FINETUNE_TASKS
-    from lmforge.tasks import make_task
     from lmforge.runs import load_run
+    from lmforge.tasks import make_task, registry
     from lmforge.train.loop import pick_device
 
     device = pick_device(device_name, f"{command}: --device")
     model, tok, cfg = load_run(checkpoint, device)
-    if cfg.task not in FINETUNE_TASKS:
-        hint = "; for a translation run: lmforge translate --input SOURCES --reference TARGETS" if cfg.task == "seq2seq" else ""
+    spec = registry.spec(cfg.task)
+    if not spec.finetune:
+        hint = ("; for a translation run: lmforge translate --input SOURCES --reference TARGETS"
+                if spec.endpoint == "translate" else "")
         raise UserError(f"{command}: {checkpoint} holds a {cfg.task} model; {command} takes a fine-tuned run "
-                        f"({', '.join(FINETUNE_TASKS)}){hint}")
+                        f"({', '.join(registry.names('finetune'))}){hint}")
     task = make_task(cfg)
     task.prepare_inference(tok)
     return model, task, cfg
@@ -220,15 +229,18 @@ def _input_lines(path: str | None) -> list[str]:
 def cmd_translate(args) -> int:
     from lmforge.generate import translate
     from lmforge.metrics import translation_scores
-    from lmforge.tasks.seq2seq import source_tokenizer
     from lmforge.runs import load_run
+    from lmforge.tasks import registry
+    from lmforge.tasks.seq2seq import source_tokenizer
     from lmforge.train.loop import pick_device
 
     device = pick_device(args.device, "translate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
-    if cfg.task != "seq2seq":
-        hint = (" (a span run is pre-trained only: train translation from it with seq2seq.init_from)" if cfg.task == "span"
-                else " (for a clm run: lmforge generate)" if cfg.task == "clm" else "")
+    spec = registry.spec(cfg.task)
+    if spec.endpoint != "translate":
+        hint = (" (a span run is pre-trained only: train translation from it with seq2seq.init_from)"
+                if spec.model == "encoder_decoder" else " (for a clm run: lmforge generate)" if spec.endpoint == "generate"
+                else "")
         raise UserError(f"translate: {args.checkpoint} holds a {cfg.task} model; expected a seq2seq run{hint}")
     sc = cfg.seq2seq
     sources = _input_lines(args.input)
@@ -276,12 +288,14 @@ def cmd_generate(args) -> int:
 
     from lmforge.generate import generate_text
     from lmforge.runs import load_run
+    from lmforge.tasks import registry
     from lmforge.train.loop import pick_device
 
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
-    if cfg.task != "clm":
-        other = "lmforge translate" if cfg.task == "seq2seq" else "lmforge predict" if cfg.task != "mlm" else ""
+    spec = registry.spec(cfg.task)
+    if spec.endpoint != "generate":
+        other = "lmforge translate" if spec.endpoint == "translate" else "lmforge predict" if spec.finetune else ""
         raise UserError(f"generate: {args.checkpoint} holds a model of task {cfg.task}; generating text needs a "
                         f"causal language model (task clm){f'; for this run use {other}' if other else ''}")
     for i in range(args.num_samples):
@@ -318,12 +332,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from lmforge.serve import Limits, serve
+    from lmforge.config import ServeLimits
+    from lmforge.serve import serve
 
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     serve(args.run, args.host, args.port, args.device, args.threads, batching=not args.no_batching,
-          log_requests=args.log_requests,
-          limits=Limits(max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
-                        max_body_bytes=args.max_body_bytes, max_batch=args.max_batch))
+          log_requests=args.log_requests, limits=limits)
     return 0
 
 
@@ -354,6 +368,9 @@ recipes: configs/*.yaml   docs: docs/*.md"""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmforge.config import BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, ServeLimits  # light: no torch
+    from lmforge.hf.arch import FORMATS as HF_FORMATS
+
     parser = Parser(prog="lmforge", description="Train Transformer models in practice: from raw text to a trained, "
                     "evaluated, exported and served model.", epilog=WORKFLOW, allow_abbrev=False,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -415,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "[default: the run's]")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="sentences decoded together [default: 64]")
     p.add_argument("--reference", metavar="FILE", help="reference translations, one per input line: print BLEU and chrF")
-    p.add_argument("--tokenize", choices=["13a", "intl", "zh", "char", "none"],
+    p.add_argument("--tokenize", choices=BLEU_TOKENIZERS,
                    help="sacrebleu's BLEU tokenisation [default: the run's seq2seq.bleu_tokenize]")
     _device(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
@@ -430,12 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenizers) and write OUT/tokenizer.json.")
     t.add_argument("--input", required=True, metavar="PATH", help="a .txt file, a folder of .txt files or a .jsonl file")
     t.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
-    t.add_argument("--kind", default="bpe", choices=["char", "bpe", "wordpiece"], help="tokenizer model [default: bpe]")
+    t.add_argument("--kind", default="bpe", choices=TOKENIZER_KINDS, help="tokenizer model [default: bpe]")
     t.add_argument("--vocab-size", type=int, default=8000, metavar="N", help="vocabulary size [default: 8000]")
     t.add_argument("--special-tokens", default="<|endoftext|>", metavar="LIST",
                    help="comma-separated special tokens [default: <|endoftext|>]")
     t.add_argument("--lowercase", action="store_true", help="lower-case the text first")
-    t.add_argument("--format", default="auto", choices=["auto", "txt", "folder", "jsonl"],
+    t.add_argument("--format", default="auto", choices=CORPUS_FORMATS,
                    help="input format [default: auto, by the name]")
     t.add_argument("--text-field", default="text", metavar="NAME", help="JSONL field holding the text [default: text]")
     t.set_defaults(func=cmd_tokenizer_train)
@@ -474,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     p.add_argument("run", metavar="RUN", help="a run directory, one of its checkpoints, or a Hugging Face folder")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
-    p.add_argument("--format", default="auto", choices=["auto", "gpt2", "llama", "bert"],
+    p.add_argument("--format", default="auto", choices=HF_FORMATS,
                    help="the Hugging Face layout; auto = bert for mlm, gpt2 or else llama for clm [default: auto]")
     p.set_defaults(func=cmd_export)
 
@@ -491,12 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     p.add_argument("--threads", type=int, metavar="N", help="the model's CPU threads [default: all cores but one, which is "
                    "left to the HTTP loop]")
-    p.add_argument("--max-input-tokens", type=int, metavar="N", help="refuse an input longer than this many tokens "
-                   "[default: the model's context]")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="refuse a generation request asking for more "
-                   "[default: 256]")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N", help="refuse a larger request body [default: 1 MiB]")
-    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="refuse a request with more inputs [default: 64]")
+    for f in dataclasses.fields(ServeLimits):  # the limits are declared once, in config.py
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, metavar="N",
+                       help=f"{f.metadata['doc']} [default: {f.default}]")
     p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
     p.add_argument("--log-requests", action="store_true", help="print one access-log line per request")
     p.set_defaults(func=cmd_serve)

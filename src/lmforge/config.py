@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
-from lmforge.fields import between, device_name, fraction_open, ge, gt, opt, section
+from lmforge.fields import between, choices_of, device_name, fraction_open, ge, gt, opt, section
 from lmforge.model.config import PRESETS, ModelConfig
+from lmforge.tasks import registry
 
 
 class ConfigError(UserError):
@@ -32,6 +33,7 @@ class ConfigError(UserError):
 # ModelConfig lives beside the model; the rest is here.
 
 TOKENIZER_KINDS = ("char", "bpe", "wordpiece")
+CORPUS_FORMATS = ("auto", "txt", "folder", "jsonl")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     path: str | None = opt(None, "a .txt file, a folder of .txt files or a .jsonl file (default: the embedded King James Bible)")
-    format: str = opt("auto", "how to read `path`", choices=("auto", "txt", "folder", "jsonl"))
+    format: str = opt("auto", "how to read `path`", choices=CORPUS_FORMATS)
     text_field: str = opt("text", "the field holding the text in each .jsonl line")
     val_fraction: float = opt(0.1, "the last fraction of the corpus kept for validation", check=fraction_open())
     cache_dir: str = opt(".cache/lmforge/tokens", "where encoded token stores are kept and reused")
@@ -117,18 +119,6 @@ LOSS_OPTIONS = {
     "hinge_crammer_singer": ("margin",),
     "hinge_weston_watkins": ("margin",),
 }
-# The losses each task can train with; the first is what loss.name = auto picks.
-TASK_LOSSES = {
-    "clm": ("cross_entropy",),
-    "mlm": ("cross_entropy",),
-    "sft": ("cross_entropy",),
-    "classify": ("cross_entropy", "focal", "hinge_crammer_singer", "hinge_weston_watkins"),
-    "regress": ("mse", "huber", "smooth_l1", "mae"),
-    "multilabel": ("bce", "binary_focal"),
-    "tag": ("cross_entropy", "focal"),
-    "seq2seq": ("cross_entropy",),
-    "span": ("cross_entropy",),
-}
 
 
 @dataclass
@@ -158,7 +148,6 @@ class MLMConfig:
     nsp: bool = opt(False, "next-sentence prediction: segment B follows A in half the examples, is random text otherwise")
 
 
-FINETUNE_TASKS = ("classify", "regress", "multilabel", "tag", "sft")
 LABELLED_FORMATS = ("auto", "csv", "tsv", "jsonl", "sst", "conll")
 
 
@@ -288,14 +277,25 @@ class LogConfig:
 
 
 @dataclass
+class ServeLimits:
+    """What `lmforge serve` refuses (a 4xx answer naming the field); its --max-* options are these fields."""
+
+    max_input_tokens: int | None = opt(None, "refuse an input longer than this many tokens [None: the model's context]",
+                                       check=gt(0))
+    max_new_tokens: int = opt(256, "refuse a generation request asking for more new tokens", check=gt(0))
+    max_body_bytes: int = opt(1 << 20, "refuse a larger request body (bytes)", check=gt(0))
+    max_batch: int = opt(64, "refuse a request with more inputs", check=gt(0))
+
+
+@dataclass
 class Config:
     """Every default together is the embedded default job (`lmforge pretrain` with no options): a small
     GPT on the King James Bible, about 4 minutes of training on a 2-core CPU."""
 
-    task: str = opt("clm", "what to train: clm = causal LM (GPT), mlm = masked LM (BERT-style encoder); fine-tuning: "
-                    "classify, regress, multilabel, tag (token classification), sft (prompt/response); "
-                    "seq2seq = an encoder-decoder on parallel text (translation), span = T5 span-corruption "
-                    "pre-training of an encoder-decoder", choices=("clm", "mlm", *FINETUNE_TASKS, "seq2seq", "span"))
+    task: str = opt("clm", "what to train (tasks/registry.py): clm = causal LM (GPT), mlm = masked LM (BERT-style "
+                    "encoder); fine-tuning: classify, regress, multilabel, tag (token classification), sft "
+                    "(prompt/response); seq2seq = an encoder-decoder on parallel text (translation), span = T5 "
+                    "span-corruption pre-training of an encoder-decoder", choices=registry.names)
     model: ModelConfig = section(ModelConfig, "model")
     data: DataConfig = section(DataConfig, "data")
     train: TrainConfig = section(TrainConfig, "training and optimizer")
@@ -311,7 +311,7 @@ class Config:
 
     def __post_init__(self):
         if self.loss.name == "auto":
-            self.loss.name = TASK_LOSSES[self.task][0]
+            self.loss.name = registry.spec(self.task).losses[0]
 
     def validate(self) -> None:
         """Checks that involve more than one field."""
@@ -342,14 +342,14 @@ class Config:
             raise ConfigError(f"config: mlm.mask_token_prob + mlm.random_token_prob = "
                               f"{mc.mask_token_prob + mc.random_token_prob:g} must be <= 1")
         sc = self.seq2seq
-        if self.task in ("seq2seq", "span") and sc.average_last > t.keep_checkpoints:
+        if registry.spec(self.task).model == "encoder_decoder" and sc.average_last > t.keep_checkpoints:
             raise ConfigError(f"config: seq2seq.average_last = {sc.average_last} needs train.keep_checkpoints >= "
                               f"{sc.average_last} (got {t.keep_checkpoints})")
         self._validate_loss()
 
     def _validate_loss(self) -> None:
         lc, defaults = self.loss, LossConfig()
-        allowed = TASK_LOSSES[self.task]
+        allowed = registry.spec(self.task).losses
         if allowed and lc.name not in allowed:
             raise ConfigError(f"config: loss.name = {lc.name}: the {self.task} task trains with {', '.join(allowed)}")
         for f in dataclasses.fields(LossConfig):
@@ -359,7 +359,7 @@ class Config:
                 takes = ", ".join(f"loss.{k}" for k in LOSS_OPTIONS[lc.name]) or "no options"
                 raise ConfigError(f"config: loss.{f.name} = {getattr(lc, f.name)!r} does not apply to "
                                   f"loss.name = {lc.name} (it takes {takes})")
-        if self.task in ("clm", "mlm", "sft") and lc.class_weights is not None:
+        if not registry.spec(self.task).class_weights and lc.class_weights is not None:
             raise ConfigError(f"config: loss.class_weights: the {self.task} task takes no class weights")
 
 
@@ -486,7 +486,7 @@ def _build(cls: type, data: dict, prefix: str, from_cli: set[str]):
         if f.name not in data:
             continue
         value = _coerce(path, tp, data[f.name], path in from_cli)
-        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        choices, check = choices_of(f), f.metadata.get("check")
         if choices and value not in choices:
             raise ConfigError(f"config: {path} = {value!r}: expected one of {', '.join(map(str, choices))}")
         if check and value is not None and not check[0](value):
@@ -568,6 +568,6 @@ def help_rows(base: dict | None = None):
         for key in path.split("."):
             node = node.get(key, dataclasses.MISSING) if isinstance(node, dict) else dataclasses.MISSING
         default = default if node is dataclasses.MISSING else node
-        extra = f" {{{','.join(map(str, f.metadata['choices']))}}}" if f.metadata.get("choices") else ""
+        extra = f" {{{','.join(map(str, choices_of(f)))}}}" if choices_of(f) else ""
         check = f" ({f.metadata['check'][1]})" if f.metadata.get("check") else ""
         yield f"--{path}", _type_name(tp).upper(), f"{f.metadata['doc']}{extra}{check} [default: {default}]"

@@ -29,8 +29,9 @@ def device_name() -> Check:
     return (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, mps, cuda or cuda:N")
 
 
-def opt(default: Any, doc: str, *, choices: tuple | None = None, check: Check | None = None):
-    """A config field with its one-line doc, its allowed choices and a value check."""
+def opt(default: Any, doc: str, *, choices: tuple | Callable[[], tuple] | None = None, check: Check | None = None):
+    """A config field with its one-line doc, its allowed choices and a value check. `choices` may be a
+    function, called when a value is checked: the task names come from a registry that can grow."""
     meta = {"doc": doc, "choices": choices, "check": check}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -39,3 +40,9 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, check: Check | 
 
 def section(cls: type, doc: str):
     return field(default_factory=cls, metadata={"doc": doc, "choices": None, "check": None})
+
+
+def choices_of(f) -> tuple | None:
+    """A field's allowed values (see opt), or None when any value of its type is allowed."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import load_config, read_yaml
+from lmforge.data.labelled import LabelMap
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
 from lmforge.hf.load import load_hf
@@ -26,6 +27,7 @@ from lmforge.train.checkpoint import (CKPT_DIR, checkpoint_model_state, is_shard
 from lmforge.train.distributed import Dist, full_weights
 
 WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
+LABELS_FILE = "labels.json"  # a fine-tuned run's label set, in the order of its head's outputs
 
 
 def run_model(cfg) -> torch.nn.Module:
@@ -44,6 +46,18 @@ def run_dir_of(path: Path) -> Path:
     return path.parent if (path.parent / "config.yaml").is_file() else path.parent.parent
 
 
+def check_labels(run_dir: Path, cfg) -> None:
+    """The head's outputs are in the order of labels.json, written when the run trained; config.yaml's
+    finetune.labels reordered or renamed since would silently relabel every prediction, so it is refused."""
+    path = run_dir / LABELS_FILE
+    if not path.is_file() or cfg.finetune.labels is None:
+        return
+    trained = LabelMap.load(path).labels
+    if list(cfg.finetune.labels) != trained:
+        raise UserError(f"{run_dir / 'config.yaml'}: finetune.labels = {cfg.finetune.labels} differs from {path} = "
+                        f"{trained}, the order the model's head was trained in; expected that list")
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu"):
     """A trained run (or one of its checkpoints, or an HF folder) -> (model in eval mode, tokenizer, config)."""
     p = Path(path)
@@ -57,6 +71,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
         raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run "
                         "wrote (lmforge runs lists those under runs/)")
     cfg = load_config(base=read_yaml(run_dir / "config.yaml"))
+    check_labels(run_dir, cfg)
     model = run_model(cfg)
     if p.is_file() and p.suffix == ".safetensors":
         load_weights(model, p)

@@ -37,19 +37,8 @@ from starlette.exceptions import HTTPException
 
 from lmforge import __version__
 from lmforge.data.labelled import Example
+from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
-
-ENDPOINTS = {"clm": "generate", "sft": "generate", "classify": "classify", "regress": "classify",
-             "multilabel": "classify", "tag": "tag", "seq2seq": "translate"}
-
-
-@dataclass
-class Limits:
-    max_input_tokens: int | None = None  # None: the model's context
-    max_new_tokens: int = 256
-    max_body_bytes: int = 1 << 20
-    max_batch: int = 64
-
 
 class RequestError(Exception):
     """A client mistake: answered with `status` and one line naming the field."""
@@ -108,23 +97,25 @@ class Engine:
     """A loaded run and the functions that answer a batch of inputs (called on the worker thread only)."""
 
     def __init__(self, run: str, device_name: str, limits: Limits):
-        from lmforge.tasks import make_task
         from lmforge.runs import load_run
+        from lmforge.tasks import make_task, registry
         from lmforge.train.loop import pick_device
 
         self.device = pick_device(device_name, "serve: --device")
         self.model, self.tok, self.cfg = load_run(run, self.device)
         self.run, self.limits = str(run), limits
-        self.endpoint = ENDPOINTS.get(self.cfg.task)
+        spec = registry.spec(self.cfg.task)
+        self.endpoint = spec.endpoint  # the registry says which request each task answers
         if self.endpoint is None:
+            served = [name for name, s in registry.TASKS.items() if s.endpoint]
             raise UserError(f"serve: {run} holds a {self.cfg.task} model, which answers no requests; expected a run "
-                            f"of task {', '.join(ENDPOINTS)} (fine-tune it first: lmforge finetune)")
+                            f"of task {', '.join(served)} (fine-tune it first: lmforge finetune)")
         self.task = None
-        if self.cfg.task not in ("clm", "seq2seq"):
+        if spec.finetune:  # labelled-example tasks encode and predict through their Task
             self.task = make_task(self.cfg)
             self.task.prepare_inference(self.tok)
         self.source_tok = self.tok
-        if self.cfg.task == "seq2seq":
+        if self.endpoint == "translate":
             from lmforge.tasks.seq2seq import source_tokenizer
 
             self.source_tok = source_tokenizer(Path(run)) or self.tok

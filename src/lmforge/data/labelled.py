@@ -26,17 +26,10 @@ from typing import Iterable, Iterator
 
 from lmforge.data.formats import decoded_lines
 from lmforge.errors import UserError
+from lmforge.tasks import registry
 
-TASKS = ("classify", "regress", "multilabel", "tag", "sft")
-FORMATS = ("sst", "csv", "tsv", "jsonl", "conll")
-# which formats each task can read
-TASK_FORMATS = {
-    "classify": ("sst", "csv", "tsv", "jsonl"),
-    "regress": ("sst", "csv", "tsv", "jsonl"),
-    "multilabel": ("sst", "csv", "tsv", "jsonl"),
-    "tag": ("conll", "jsonl"),
-    "sft": ("jsonl",),
-}
+FORMATS = ("sst", "csv", "tsv", "jsonl", "conll")  # which of them a task reads: its registry entry's `formats`
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".conll": "conll"}
 FORMAT_SHAPES = {
     "sst": "one `LABEL text` per line",
     "csv": "comma-separated rows",
@@ -44,6 +37,8 @@ FORMAT_SHAPES = {
     "jsonl": "one JSON object per line",
     "conll": "one `word ... tag` line per word and a blank line between sentences",
 }
+# the JSON object a JSONL line holds, by label kind (field names at their defaults)
+JSON_SHAPE, JSON_SHAPES = '{"text": ..., "label": ...}', {"response": '{"prompt": ..., "response": ...}'}
 SCHEME_PREFIXES = {"BIO": ("B", "I"), "IOBES": ("B", "I", "E", "S")}
 
 
@@ -51,8 +46,8 @@ SCHEME_PREFIXES = {"BIO": ("B", "I"), "IOBES": ("B", "I", "E", "S")}
 class Example:
     text: str | list[str]    # the sentence; for task "tag" the list of words; for "sft" the prompt
     pair: str | None = None  # the second sentence of a pair (with finetune.pair_field)
-    label: object = None     # classify: str; regress: float; multilabel: list[str]; tag: list[str]; sft: str;
-    #                          None when the file has no label (prediction inputs)
+    label: object = None     # by the task's label kind (tasks/registry.py): class: str; value: float; classes:
+    #                          list[str]; tags: list[str]; response: str; None when the file has no label
     line: int = 0            # 1-based line in the file (a CoNLL sentence: its first line)
 
 
@@ -62,22 +57,22 @@ class Example:
 
 def labelled_format(path: Path, fmt: str, task: str) -> str:
     """The format to read `path` with: `fmt` itself, or for auto the one its extension says (.csv, .tsv,
-    .jsonl/.json, .conll; .txt and anything else: conll for task tag, sst otherwise). Raises UserError
-    when the task cannot read that format (sft reads jsonl only; tag reads conll or jsonl)."""
-    if task not in TASK_FORMATS:
+    .jsonl/.json, .conll; .txt and anything else: the task's first format, sst or conll). Raises UserError
+    when the task cannot read that format (its registry entry's `formats`)."""
+    readable = registry.spec(task).formats
+    if not readable:
         raise ValueError(f"not a fine-tuning task: {task!r}")
     if fmt == "auto":
-        suffix = Path(path).suffix.lower()
-        fmt = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".conll": "conll"}.get(
-            suffix, "conll" if task == "tag" else "sst")
-        if task == "sft" and fmt != "jsonl":
-            raise UserError(f"{path}: task sft reads JSONL, one {{\"prompt\": ..., \"response\": ...}} per line; "
-                            "expected a .jsonl file (or finetune.format = jsonl)")
+        by_suffix = SUFFIX_FORMATS.get(Path(path).suffix.lower())
+        if readable == ("jsonl",) and by_suffix != "jsonl":  # a plain text file would fail at line 1 as bad JSON
+            raise UserError(f"{path}: task {task} reads JSONL, one {JSON_SHAPES.get(_kind(task), JSON_SHAPE)} per "
+                            "line; expected a .jsonl file (or finetune.format = jsonl)")
+        fmt = by_suffix or readable[0]
     if fmt not in FORMATS:
         raise UserError(f"{path}: finetune.format = {fmt}; expected one of auto, {', '.join(FORMATS)}")
-    if fmt not in TASK_FORMATS[task]:
+    if fmt not in readable:
         raise UserError(f"{path}: task {task} cannot read the {fmt} format; expected "
-                        f"{' or '.join(TASK_FORMATS[task])} (set finetune.format)")
+                        f"{' or '.join(readable)} (set finetune.format)")
     return fmt
 
 
@@ -92,14 +87,15 @@ def _check_file(path: Path, task: str, fmt: str) -> None:
 # labels
 
 
-def _label_what(task: str) -> str:
-    return {"classify": "a label", "regress": "a number", "multilabel": "labels", "tag": "tags",
-            "sft": "a response"}[task]
+def _kind(task: str) -> str:
+    """The task's kind of label (tasks/registry.py LABEL_KINDS): what the readers parse and check."""
+    return registry.spec(task).label
 
 
 def _parse_label(value, task: str, fc, where: str):
     """A label as read from a text cell (sst, csv, tsv) or a JSON value (jsonl). `where` = "PATH:LINE"."""
-    if task == "regress":
+    kind = _kind(task)
+    if kind == "value":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UserError(f"{where}: label {value!r} is not a number; expected a number")
         try:
@@ -109,7 +105,7 @@ def _parse_label(value, task: str, fc, where: str):
         if not math.isfinite(x):
             raise UserError(f"{where}: label {value!r} is not finite; expected a number")
         return x
-    if task == "multilabel":
+    if kind == "classes":
         if isinstance(value, str):
             parts = [p.strip() for p in value.split(fc.label_separator)] if value.strip() else []
         elif isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
@@ -121,7 +117,7 @@ def _parse_label(value, task: str, fc, where: str):
             raise UserError(f"{where}: an empty label in {value!r}; expected labels separated by "
                             f"{fc.label_separator!r}")
         return list(dict.fromkeys(parts))  # a label named twice counts once
-    # classify
+    # a class
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise UserError(f"{where}: label {value!r} is {type(value).__name__}; expected a string (or an integer)")
     label = str(value).strip()
@@ -245,15 +241,16 @@ def _read_table(path: Path, fmt: str, task: str, fc, require_labels: bool) -> It
         label = None
         if columns["label"] is not None:
             cell = row[columns["label"]]
-            if cell.strip() or task == "multilabel":
+            if cell.strip() or _kind(task) == "classes":  # an empty set of labels is a set
                 label = _parse_label(cell, task, fc, where)
             elif require_labels:
-                raise UserError(f"{where}: empty label in {what('label')}; expected {_label_what(task)}")
+                raise UserError(f"{where}: empty label in {what('label')}; expected {registry.LABEL_KINDS[_kind(task)]}")
         yield Example(text, pair=pair, label=label, line=lineno)
 
 
 def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Example]:
-    if task == "sft":
+    kind = _kind(task)
+    if kind == "response":
         text_name, label_name = fc.prompt_field, fc.response_field
     else:
         text_name, label_name = fc.text_field, fc.label_field
@@ -282,7 +279,7 @@ def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
                 raise UserError(f"{where}: field '{name}' is not a list of {what}; expected {expected}")
             return value
 
-        if task == "tag":
+        if kind == "tags":
             words = strings(text_name, "words", "a list of non-empty strings (or one string of words separated "
                                                 "by spaces)")
             if not words:
@@ -296,14 +293,14 @@ def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
             yield Example(list(words), label=tags, line=lineno)
             continue
 
-        text_setting = "prompt_field" if task == "sft" else "text_field"
+        text_setting = "prompt_field" if kind == "response" else "text_field"
         text = _text(field(text_name, text_setting), f"field '{text_name}'", where)
         pair = (_text(field(fc.pair_field, "pair_field"), f"field '{fc.pair_field}'", where)
-                if fc.pair_field and task != "sft" else None)
+                if fc.pair_field and kind != "response" else None)
         label = None
         if require_labels or label_name in record:
-            value = field(label_name, "response_field" if task == "sft" else "label_field")
-            if task == "sft":
+            value = field(label_name, "response_field" if kind == "response" else "label_field")
+            if kind == "response":
                 if not isinstance(value, str):
                     raise UserError(f"{where}: field '{label_name}' is {type(value).__name__}; expected a string")
                 label = value
@@ -412,7 +409,7 @@ def tag_scheme(tags: Iterable[str]) -> str:
 
 
 def _label_list(label, task: str) -> list:
-    return list(label) if task in ("multilabel", "tag") else [label]
+    return list(label) if _kind(task) in ("classes", "tags") else [label]
 
 
 class LabelMap:
@@ -441,10 +438,10 @@ class LabelMap:
               path: str | Path | None = None) -> LabelMap:
         """The sorted unique labels of `examples` (tag: the tags, multilabel: all labels), or `given` in its
         order, in which case an example with a label outside it is an error. `path` names the file in errors."""
-        if task not in ("classify", "multilabel", "tag"):
+        if _kind(task) not in ("class", "classes", "tags"):
             raise ValueError(f"task {task} has no label map")
         where = str(path) if path is not None else "training data"
-        noun = "tag" if task == "tag" else "label"
+        noun = "tag" if _kind(task) == "tags" else "label"
         seen: dict[str, Example] = {}
         for ex in examples:
             if ex.label is None:
@@ -466,11 +463,11 @@ class LabelMap:
             labels, source = sorted(seen), "the training data"
             if not labels:
                 raise UserError(f"{where}: no labels; expected labelled examples")
-            if task == "classify" and len(labels) < 2:
+            if _kind(task) == "class" and len(labels) < 2:
                 raise UserError(f"{where}: every example has the label {labels[0]!r}; expected at least two "
                                 "different labels")
         scheme = None
-        if task == "tag":
+        if _kind(task) == "tags":
             scheme = "IOBES" if any(t.startswith(("S-", "E-")) for t in labels) else "BIO"
             for label in labels:
                 problem = _tag_problem(label, scheme)
@@ -484,13 +481,13 @@ class LabelMap:
         i = self._index.get(label)
         if i is None:
             where = f"{path if path is not None else 'data'}:{example.line if example is not None else 0}"
-            noun = "tag" if self.task == "tag" else "label"
+            noun = "tag" if _kind(self.task) == "tags" else "label"
             raise UserError(f"{where}: unknown {noun} {label!r}; {self.source} has {', '.join(self.labels)}")
         return i
 
     def encode(self, example: Example, path: str | Path | None = None) -> int | list[int]:
         """classify: the label's index; multilabel and tag: the list of indices."""
-        if self.task in ("multilabel", "tag"):
+        if _kind(self.task) in ("classes", "tags"):
             return [self.index(label, example, path) for label in example.label]
         return self.index(example.label, example, path)
 

@@ -27,7 +27,7 @@ from lmforge.errors import UserError
 from lmforge.hf.load import load_hf
 from lmforge.peft import apply_peft
 from lmforge.runs import load_run
-from lmforge.tasks import Task
+from lmforge.tasks import Task, registry
 
 LABELS_FILE = "labels.json"
 REPORT_FILE = "dev_report.json"
@@ -128,10 +128,9 @@ class FinetuneTask(Task):
 
     def _adopt(self, base_cfg) -> torch.nn.Module:
         """Take the pretrained body's shape (cfg.model) and direction, resolve pooling, build the model."""
-        from lmforge.config import FINETUNE_TASKS
-
         fc = self.cfg.finetune
-        causal = base_cfg.task in ("clm", "sft") or (base_cfg.task in FINETUNE_TASKS and base_cfg.finetune.body == "decoder")
+        body = registry.spec(base_cfg.task).body
+        causal = (base_cfg.finetune.body if body == "pretrained" else body) == "decoder"
         fc.body = "decoder" if causal else "encoder"
         # the body's shape is the checkpoint's; only its dropout may differ for this run
         self.cfg.model = dataclasses.replace(base_cfg.model)
