@@ -145,7 +145,7 @@ def _finetuned_run(checkpoint: str, device_name: str, command: str):
     from lmforge.config import FINETUNE_TASKS
     from lmforge.tasks import make_task
     from lmforge.train.checkpoint import load_run
-    from lmforge.train.loop import pick_device
+    from lmforge.train.device import pick_device
 
     device = pick_device(device_name, f"{command}: --device")
     model, tok, cfg = load_run(checkpoint, device)
@@ -222,7 +222,7 @@ def cmd_translate(args) -> int:
     from lmforge.metrics import translation_scores
     from lmforge.tasks.seq2seq import source_tokenizer
     from lmforge.train.checkpoint import load_run
-    from lmforge.train.loop import pick_device
+    from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "translate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
@@ -276,7 +276,7 @@ def cmd_generate(args) -> int:
 
     from lmforge.generate import generate_text
     from lmforge.train.checkpoint import load_run
-    from lmforge.train.loop import pick_device
+    from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)

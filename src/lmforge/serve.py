@@ -110,7 +110,7 @@ class Engine:
     def __init__(self, run: str, device_name: str, limits: Limits):
         from lmforge.tasks import make_task
         from lmforge.train.checkpoint import load_run
-        from lmforge.train.loop import pick_device
+        from lmforge.train.device import pick_device
 
         self.device = pick_device(device_name, "serve: --device")
         self.model, self.tok, self.cfg = load_run(run, self.device)
