@@ -118,5 +118,15 @@ class BestKeeper:
         return bool(self.patience) and train_state.bad_evals >= self.patience
 
     def load_best(self, model) -> None:
-        if self.path.is_file():
+        """The best weights into every rank's model: whole (one process, DDP), or each rank's shards of
+        them (FSDP). Every rank calls it."""
+        if not distributed.from_main(self.d, self.path.is_file()):  # rank 0 has written its last by now
+            return
+        if self.d.parallel != "fsdp":
             load_weights(model, self.path)
+            return
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # every rank reads the whole file and keeps its shards; a tied weight, stored once, loads through its twin
+        set_model_state_dict(model, load_file(self.path), options=StateDictOptions(full_state_dict=True))

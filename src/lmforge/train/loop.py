@@ -218,7 +218,7 @@ class Trainer:
         (on every rank: they all take part in the forward passes)."""
         if self.adversary is not None:
             self.adversary.remove()
-        if self.task.report_best and not self.d.active:
+        if self.task.report_best:
             self.keeper.load_best(self.model)
         self.runner.eval()
         with torch.no_grad():
