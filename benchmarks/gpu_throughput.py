@@ -58,7 +58,7 @@ from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import GPT  # noqa: E402
 from lmforge.optim import build_optimizer  # noqa: E402
 from lmforge.tasks.clm import CausalLM  # noqa: E402
-from lmforge.train.loop import set_compiled  # noqa: E402
+from lmforge.train.device import set_compiled  # noqa: E402
 from lmforge.train.perf import peak_flops  # noqa: E402
 
 

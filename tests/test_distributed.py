@@ -7,6 +7,8 @@ process with torchrun's environment variables, which skips re-importing torch (s
 
 from __future__ import annotations
 
+import itertools
+import json
 import multiprocessing
 import os
 import shutil
@@ -22,7 +24,8 @@ import torch.distributed.fsdp  # noqa: F401
 import torch.nn.parallel  # noqa: F401
 from safetensors.torch import load_file
 
-from conftest import read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus, write_fixed_perf_cache
+from conftest import (classify_files, make_base, read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus,
+                      write_fixed_perf_cache)
 from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.errors import UserError
@@ -203,6 +206,45 @@ def test_one_process_checkpoint_resumes_on_two_ranks_with_fsdp(corpus2, tmp_path
     assert losses(run, "train") == pytest.approx(losses(one, "train"), abs=1e-5)
     final = load_checkpoint(one / "checkpoints" / f"step_{STEPS:08d}.pt")["model"]
     assert_same_weights(sharded_model_state(step_dir(run, STEPS)), final)
+
+
+def evaluate_report(checkpoint: Path, data: Path, out: Path) -> dict:
+    """`lmforge evaluate` of `checkpoint` (a run: its best weights, or a checkpoint) on `data`: the full report."""
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    del report["data"]
+    return report
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_final_report_is_made_on_the_best_weights_on_every_rank(tmp_path, monkeypatch, parallel):
+    """With several processes too, the end-of-run report (dev_report.json, confusion.png; a translation's beam
+    BLEU) is made on the best weights, not the last: the first of two evaluations is scripted to be the best,
+    and the report equals `lmforge evaluate` of model.safetensors, not of the last checkpoint."""
+    from lmforge.tasks.classify import ClassifyTask
+
+    base = make_base(tmp_path / "base", "mlm")
+    train_file, dev = classify_files(tmp_path)
+    real_evaluate, evals = ClassifyTask.evaluate, itertools.count(1)
+    monkeypatch.setattr(ClassifyTask, "evaluate", lambda self, model, to_device: {
+        **real_evaluate(self, model, to_device), "accuracy": 1 / next(evals)})  # every later evaluation is worse
+    run = tmp_path / "run"
+    # 160 examples in global batches of 2 x 8: 10 steps, evaluated at steps 5 and 10
+    forked(["finetune", "--task", "classify", "--finetune.init_from", str(base), "--finetune.train", str(train_file),
+            "--finetune.dev", str(dev), "--finetune.epochs", "1", "--finetune.evals_per_epoch", "2",
+            "--finetune.classifier_dropout", "0", "--train.batch_size", "8", "--train.lr", "3e-3",
+            "--train.warmup_steps", "1", "--train.device", "cpu", "--train.parallel", parallel,
+            "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false"])
+    assert [r["step"] for r in read_metrics(run, "val")] == [5, 10]
+
+    report = json.loads((run / "dev_report.json").read_text())
+    best = evaluate_report(run, dev, tmp_path / "best.json")
+    last = evaluate_report(step_dir(run, 10), dev, tmp_path / "last.json")
+    assert abs(best["loss"] - last["loss"]) > 1e-3  # the test can tell the two apart
+    assert report.keys() == best.keys()
+    for key, value in best.items():
+        assert report[key] == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value), key
+    assert (run / "confusion.png").is_file()
 
 
 def test_activation_checkpointing_recomputes_blocks_with_the_same_result(corpus, tmp_path, monkeypatch):

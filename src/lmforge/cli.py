@@ -152,7 +152,7 @@ def _finetuned_run(checkpoint: str, device_name: str, command: str):
     """(model, task ready for inference, config) of a fine-tuned run."""
     from lmforge.runs import load_run
     from lmforge.tasks import make_task, registry
-    from lmforge.train.loop import pick_device
+    from lmforge.train.device import pick_device
 
     device = pick_device(device_name, f"{command}: --device")
     model, tok, cfg = load_run(checkpoint, device)
@@ -232,7 +232,7 @@ def cmd_translate(args) -> int:
     from lmforge.runs import load_run
     from lmforge.tasks import registry
     from lmforge.tasks.seq2seq import source_tokenizer
-    from lmforge.train.loop import pick_device
+    from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "translate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
@@ -289,7 +289,7 @@ def cmd_generate(args) -> int:
     from lmforge.generate import generate_text
     from lmforge.runs import load_run
     from lmforge.tasks import registry
-    from lmforge.train.loop import pick_device
+    from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)

@@ -99,7 +99,7 @@ class Engine:
     def __init__(self, run: str, device_name: str, limits: Limits):
         from lmforge.runs import load_run
         from lmforge.tasks import make_task, registry
-        from lmforge.train.loop import pick_device
+        from lmforge.train.device import pick_device
 
         self.device = pick_device(device_name, "serve: --device")
         self.model, self.tok, self.cfg = load_run(run, self.device)

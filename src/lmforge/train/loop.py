@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import math
+import contextlib
 import random
 import time
 import warnings
@@ -15,15 +14,13 @@ import torch
 
 from lmforge.config import Config, save_config
 from lmforge.errors import UserError
-from lmforge.io import load_weights, save_weights
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
 from lmforge.tasks import make_task
 from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
-from lmforge.runs import WEIGHTS
-from lmforge.train.checkpoint import (load_training_state, rng_state, save_checkpoint, save_sharded_checkpoint,
-                                      set_rng_state)
+from lmforge.train.checkpointer import BestKeeper, Checkpointer, TrainState
+from lmforge.train.device import pick_device, set_compiled
 from lmforge.train.perf import peak_flops
 from lmforge.train.precision import Precision, resolve_precision, set_tf32
 from lmforge.train.tracking import NullTracker, Tracker
@@ -42,45 +39,6 @@ class RunResult:
     is_main: bool = True  # rank 0, or the only process: the one that reports
 
 
-def pick_device(name: str, where: str = "config: train.device") -> torch.device:
-    """auto | cpu | cuda | cuda:N | mps -> a device this machine has, or a one-line UserError
-    (torch would only fail deep inside the first .to())."""
-    from lmforge.fields import device_name
-
-    ok, accepted = device_name()
-    if not ok(name):
-        raise UserError(f"{where} = {name!r}: expected {accepted}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{where} = {name}: no CUDA device is available here; use auto or cpu")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise UserError(f"{where} = {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"{where} = mps: no MPS device is available here; use auto or cpu")
-    return torch.device(name)
-
-
-def set_compiled(model: torch.nn.Module, on: bool, checkpointed: bool = False) -> bool:
-    """Regional compilation: compile the forward of each repeated block (the Transformer layers), which
-    compiles faster than the whole model and leaves tasks free to call any model method. With
-    `checkpointed`, each block keeps only its input and recomputes the rest in the backward pass
-    (activation checkpointing). Returns `on`."""
-    from torch.utils.checkpoint import checkpoint
-
-    from lmforge.model.layers import Block
-
-    for module in model.modules():
-        if isinstance(module, Block):
-            vars(module).pop("forward", None)  # back to the class's eager forward
-            forward = torch.compile(module.forward) if on else module.forward
-            if checkpointed:
-                forward = functools.partial(checkpoint, forward, use_reentrant=False)
-            if on or checkpointed:
-                module.forward = forward
-    return on
-
-
 def new_run_dir(cfg: Config) -> Path:
     if cfg.log.run_dir:
         return Path(cfg.log.run_dir)
@@ -97,95 +55,144 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
     try:
         # every rank computes in rank 0's choice: `auto` on a CPU rests on a timing that could differ by rank
         precision = Precision(distributed.from_main(d, precision.name), d.device)
-        return _train(cfg, resume, d, precision)
+        return Trainer(cfg, resume, d, precision).train()
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist, precision: Precision) -> RunResult:
-    tc = cfg.train  # a fine-tuning task's setup sets max_steps from its epochs, in place
-    device = d.device
-    say = print if d.main else lambda *args, **kwargs: None
-    set_tf32(device, tc.tf32)
-    scaler = precision.grad_scaler()  # fp16 only
-    random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
+class Trainer:
+    """One run: `__init__` sets it up (resumed where asked), `train` runs the loop. The loop's owners:
+    TrainState (the counters), Checkpointer (when and how to save, and the resume), BestKeeper (the best
+    weights and early stopping), Throughput (tokens/s and MFU) and EagerFallback (around the step)."""
 
-    task = make_task(cfg)
-    task.shard = (d.rank, d.world)
-    with distributed.main_first(d):  # rank 0 fills the token cache, the others then read it
-        task.setup()  # bad data stops the run here, before anything is written
-    # the same initial weights on every rank (FSDP shards them as they are)
-    model = task.build_model(pretrained=resume is None).to(device)
-    runner = distributed.wrap(d, model, tc, precision.dtype)  # runner(fn, *args) = fn(model, *args)
-    if d.active:
-        torch.manual_seed(tc.seed + d.rank)  # but different dropout
-    optimizer = build_optimizer(model, tc)
-    batches = task.train_batches(tc.seed)
-    adversary = None
-    if cfg.robust.adversarial != "none":
+    def __init__(self, cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist, precision: Precision):
+        tc = cfg.train  # a fine-tuning task's setup sets max_steps from its epochs, in place
+        self.cfg, self.d, self.precision = cfg, d, precision
+        set_tf32(d.device, tc.tf32)
+        self.scaler = precision.grad_scaler()  # fp16 only
+        random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        self.task = make_task(cfg)
+        self.task.shard = (d.rank, d.world)
+        with distributed.main_first(d):  # rank 0 fills the token cache, the others then read it
+            self.task.setup()  # the task's one set-up; bad data stops the run here, before anything is written
+        self._build(pretrained=resume is None)
+        self.run_dir = new_run_dir(cfg)
+        self.keeper = BestKeeper(d, self.run_dir, self.task.selection(), cfg.eval.patience)
+        self.state = TrainState(best=self.keeper.worst)
+        self.checkpointer = Checkpointer(d, self.run_dir, tc, self.model, self.optimizer, self.batches, self.scaler)
+        self.checkpointer.resume(resume, self.state)
+        if d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.task.save_artifacts(self.run_dir)
+        self.meter = Throughput(self.task.flops_per_token(self.model), peak_flops(d.device, precision.dtype), d.world)
+        on = f"{d.world} x {d.device} ({d.parallel})" if d.active else str(d.device)
+        self.say(f"lmforge: {cfg.task} model, {parameter_summary(self.model)}, on {on} in {precision.name}; "
+                 f"run directory {self.run_dir}")
+        self.take_step = EagerFallback(self.train_step, self.model, self.optimizer, tc)
+
+    def _build(self, pretrained: bool) -> None:
+        """The model (wrapped for DDP or FSDP), its optimizer, the train batches and any adversary."""
+        cfg, tc, d = self.cfg, self.cfg.train, self.d
+        # the same initial weights on every rank (FSDP shards them as they are)
+        self.model = self.task.build_model(pretrained=pretrained).to(d.device)
+        self.runner = distributed.wrap(d, self.model, tc, self.precision.dtype)  # runner(fn, *args) = fn(model, *args)
         if d.active:
-            raise UserError("config: robust.adversarial runs in a single process (its extra forward passes do not "
-                            "fit DDP's and FSDP's gradient synchronisation yet)")
-        adversary = Adversary(model, cfg.robust)
+            torch.manual_seed(tc.seed + d.rank)  # but different dropout
+        self.optimizer = build_optimizer(self.model, tc)
+        self.batches = self.task.train_batches(tc.seed)
+        self.adversary = None
+        if cfg.robust.adversarial != "none":
+            if d.active:
+                raise UserError("config: robust.adversarial runs in a single process (its extra forward passes do not "
+                                "fit DDP's and FSDP's gradient synchronisation yet)")
+            self.adversary = Adversary(self.model, cfg.robust)
 
-    metric, higher_better = task.selection()
-    step, best, bad_evals, tokens_seen = 0, -math.inf if higher_better else math.inf, 0, 0
-    run_dir = new_run_dir(cfg)
-    if resume is not None:
-        ckpt_path, state = resume
-        load_training_state(d, ckpt_path, state, model, optimizer)
-        if scaler is not None and "scaler" in state:  # a run that was bf16 or fp32 before starts a fresh scale
-            scaler.load_state_dict(state["scaler"])
-        batches.load_state_dict(state["data"])  # the global position: the same at any world size
-        rng = state["rng"]  # a list (one per rank) from a distributed run
-        set_rng_state(rng[min(d.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
-        step, best, bad_evals, tokens_seen = state["step"], state["best"], state["bad_evals"], state["tokens"]
-        say(f"lmforge: resuming {run_dir} from {ckpt_path.name} (step {step})")
-    elif (run_dir / "checkpoints").is_dir():
-        raise UserError(f"log.run_dir: {run_dir} already holds a run; use --resume auto or another directory")
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        task.save_artifacts(run_dir)
+    def say(self, text: str) -> None:
+        if self.d.main:
+            print(text)
 
-    flops_per_token = task.flops_per_token(model)
-    peak = peak_flops(device, precision.dtype)
-    on = f"{d.world} x {device} ({d.parallel})" if d.active else str(device)
-    say(f"lmforge: {cfg.task} model, {parameter_summary(model)}, on {on} in {precision.name}; run directory {run_dir}")
+    def train(self) -> RunResult:
+        """Step and log; then, paused for throughput: evaluate, stop early or out of time, checkpoint."""
+        cfg, tc, d, state = self.cfg, self.cfg.train, self.d, self.state
+        tracker = Tracker(self.run_dir, cfg.log, tc.max_steps, state.step) if d.main else NullTracker()
+        self.runner.train()
+        last_val, stop_reason = {}, "max_steps"
+        self.meter.start()
+        while state.step < tc.max_steps:
+            micro_batches = [next(self.batches) for _ in range(tc.grad_accum)]
+            lr = lr_at(state.step, tc)
+            loss, grad_norm = self.take_step(micro_batches)
+            state.step += 1
+            n_tokens = sum(b["input"].numel() for b in micro_batches) * d.world
+            state.tokens += n_tokens
+            self.meter.count(n_tokens)
+            tracker.advance()
+            if state.step % cfg.log.every == 0 or state.step == tc.max_steps:
+                tracker.log(state.step, "train", {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                                  **self.meter.window(state.tokens)})
+            with self.meter.paused():  # evaluation and checkpoints are not counted in throughput
+                out_of_time = tc.max_time and distributed.any_rank(d, self.meter.elapsed() >= tc.max_time)
+                final = state.step == tc.max_steps or out_of_time
+                if (cfg.eval.every and state.step % cfg.eval.every == 0) or final:
+                    last_val = self.evaluate()
+                    self.keeper.observe(state, last_val, self.model)
+                    tracker.log(state.step, "val", last_val)
+                    if self.keeper.out_of_patience(state):
+                        final, stop_reason = True, f"early stop: no val improvement in {state.bad_evals} evaluations"
+                if out_of_time:
+                    stop_reason = f"time budget of {tc.max_time:.0f}s reached"
+                if self.checkpointer.due(state.step, final):
+                    self.checkpointer.save(state)
+            if final:
+                break
+        train_seconds = self.meter.train_seconds()
+        plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)], metric=self.keeper.metric)
+        self.say(f"lmforge: stopped at step {state.step} ({stop_reason}); best val {self.keeper.metric} {state.best:.4f}")
+        return RunResult(self.run_dir, state.step, state.best, self.keeper.metric, last_val, train_seconds, plot,
+                         self.finish(), d.main)
 
-    compiled = set_compiled(model, tc.compile, tc.activation_checkpointing)
-    to_device = lambda b: {k: v.to(device, non_blocking=True) for k, v in b.items()}  # noqa: E731
-
-    def for_backward(loss: torch.Tensor) -> torch.Tensor:  # fp16: times the loss scale, so small gradients survive
-        return scaler.scale(loss) if scaler is not None else loss
-
-    def train_step(micro_batches) -> tuple[float, float]:
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
+        """One optimizer step over the micro-batches; (mean loss per target, gradient norm before clipping)."""
         # Normalise by the real target tokens of all micro-batches of all ranks together, so k accumulated
         # micro-batches on n ranks give exactly the gradient of one batch k x n times larger (not a mean
         # of means). DDP and FSDP average gradients over ranks: dividing by count / world makes that a sum.
-        local = sum(task.count(b) for b in micro_batches)
+        d = self.d
+        local = sum(self.task.count(b) for b in micro_batches)
         n_targets = max(1, distributed.sum_over_ranks(d, local)[0])  # an all-ignored step adds no gradient
         total = 0.0
         for i, b in enumerate(micro_batches):
-            with distributed.no_sync(runner, skip=i < len(micro_batches) - 1):  # sync once, on the last
-                b = to_device(b)
+            with distributed.no_sync(self.runner, skip=i < len(micro_batches) - 1):  # sync once, on the last
+                total += self._forward_backward(self._to_device(b), n_targets / d.world)
+        grad_norm = self._optimizer_step()
+        return distributed.sum_over_ranks(d, total)[0] / n_targets, distributed.grad_norm_value(grad_norm)
 
-                def scaled_loss(b=b) -> torch.Tensor:
-                    with precision.autocast():
-                        return runner(task.loss, b) / (n_targets / d.world)
+    def _forward_backward(self, batch: dict, divisor: float) -> float:
+        """Backward of the batch's summed loss / divisor (plus any adversarial loss); returns the sum."""
+        def scaled_loss() -> torch.Tensor:
+            with self.precision.autocast():
+                return self.runner(self.task.loss, batch) / divisor
 
-                loss = scaled_loss()
-                for_backward(loss).backward()
-                if adversary is not None:  # adds the gradient at the perturbed embeddings
-                    adversary.attack(lambda: for_backward(scaled_loss()))
-            total += loss.item() * (n_targets / d.world)
+        loss = scaled_loss()
+        self._for_backward(loss).backward()
+        if self.adversary is not None:  # adds the gradient at the perturbed embeddings
+            self.adversary.attack(lambda: self._for_backward(scaled_loss()))
+        return loss.item() * divisor
+
+    def _for_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """fp16: the loss times the loss scale, so small gradients survive."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, set this step's learning rate and step; returns the gradient norm before clipping."""
+        tc, scaler, optimizer = self.cfg.train, self.scaler, self.optimizer
         parts = getattr(optimizer, "optimizers", (optimizer,))  # Muon + AdamW are stepped as one
         if scaler is not None:
             for part in parts:
                 scaler.unscale_(part)  # clip the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-        set_lr(optimizer, step, tc)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+        set_lr(optimizer, self.state.step, tc)
         if scaler is not None:
             for part in parts:
                 scaler.step(part)  # skipped when a gradient overflowed; then the scale halves
@@ -193,92 +200,90 @@ def _train(cfg: Config, resume: tuple[Path, dict] | None, d: distributed.Dist, p
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return distributed.sum_over_ranks(d, total)[0] / n_targets, distributed.grad_norm_value(grad_norm)
+        return grad_norm
 
-    def checkpoint() -> None:
-        extras = {"data": batches.state_dict(), "rng": rng_state(), "step": step, "best": best,
-                  "bad_evals": bad_evals, "tokens": tokens_seen}
-        if scaler is not None:
-            extras["scaler"] = scaler.state_dict()
-        if d.active:
-            extras["rng"] = distributed.gather_objects(d, extras["rng"])
-            save_sharded_checkpoint(d, run_dir, step, model, optimizer, extras, tc.keep_checkpoints)
-        else:
-            save_checkpoint(run_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extras},
-                            tc.keep_checkpoints)
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items()}
 
-    def evaluate() -> dict:
+    def evaluate(self) -> dict:
         # Every rank evaluates the whole val set (FSDP needs them all in each forward); rank 0's result counts.
-        nonlocal best, bad_evals
-        runner.eval()
-        with torch.no_grad(), precision.autocast():
-            metrics = distributed.from_main(d, runner(task.evaluate, to_device))
-        runner.train()
-        score = metrics[metric]
-        if score > best if higher_better else score < best:
-            best, bad_evals = score, 0
-            weights = distributed.full_weights(d, model)
-            if d.main:
-                save_weights(weights, run_dir / WEIGHTS, {"step": str(step), f"val_{metric}": f"{score:.6f}"})
-        else:
-            bad_evals += 1
+        self.runner.eval()
+        with torch.no_grad(), self.precision.autocast():
+            metrics = distributed.from_main(self.d, self.runner(self.task.evaluate, self._to_device))
+        self.runner.train()
         return metrics
 
-    tracker = Tracker(run_dir, cfg.log, tc.max_steps, step) if d.main else NullTracker()
-    runner.train()
-    last_val: dict = {}
-    started = window_start = time.perf_counter()
-    window_tokens, stop_reason, paused = 0, "max_steps", 0.0
-    while step < tc.max_steps:
-        micro_batches = [next(batches) for _ in range(tc.grad_accum)]
-        lr = lr_at(step, tc)
+    def finish(self) -> str:
+        """The task's end-of-run text and files, made on the best weights where the task reports on them
+        (on every rank: they all take part in the forward passes)."""
+        if self.adversary is not None:
+            self.adversary.remove()
+        if self.task.report_best:
+            self.keeper.load_best(self.model)
+        self.runner.eval()
+        with torch.no_grad():
+            return self.runner(self.task.finish, self.run_dir)
+
+
+class EagerFallback:
+    """The train step, with the model's blocks compiled when train.compile asks. torch.compile compiles
+    lazily and on some platforms fails only at the first call: then warn, go back to eager mode and
+    take that step again."""
+
+    def __init__(self, step, model: torch.nn.Module, optimizer, tc):
+        self.step, self.model, self.optimizer = step, model, optimizer
+        self.checkpointed = tc.activation_checkpointing
+        self.compiled = set_compiled(model, tc.compile, self.checkpointed)
+
+    def __call__(self, micro_batches: list[dict]) -> tuple[float, float]:
         try:
-            loss, grad_norm = train_step(micro_batches)
-        except Exception as e:  # torch.compile fails lazily, at the first call, on some platforms
-            if not compiled:
+            return self.step(micro_batches)
+        except Exception as e:
+            if not self.compiled:
                 raise
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "continuing in eager mode", stacklevel=1)
-            compiled = set_compiled(model, False, tc.activation_checkpointing)
-            optimizer.zero_grad(set_to_none=True)
-            loss, grad_norm = train_step(micro_batches)
-        step += 1
-        n_tokens = sum(b["input"].numel() for b in micro_batches) * d.world
-        tokens_seen += n_tokens
-        window_tokens += n_tokens
-        tracker.advance()
-        if step % cfg.log.every == 0 or step == tc.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tok_s = window_tokens / max(elapsed, 1e-9)
-            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s, "tokens": tokens_seen}
-            if peak:
-                metrics["mfu"] = flops_per_token * tok_s / (peak * d.world)  # tok_s counts every rank's tokens
-            tracker.log(step, "train", metrics)
-            window_start, window_tokens = time.perf_counter(), 0
-        pause = time.perf_counter()  # evaluation and checkpoints are not counted in throughput
-        out_of_time = tc.max_time and distributed.any_rank(d, time.perf_counter() - started >= tc.max_time)
-        final = step == tc.max_steps or out_of_time
-        if (cfg.eval.every and step % cfg.eval.every == 0) or final:
-            last_val = evaluate()
-            tracker.log(step, "val", last_val)
-            if cfg.eval.patience and bad_evals >= cfg.eval.patience:
-                final, stop_reason = True, f"early stop: no val improvement in {bad_evals} evaluations"
-        if out_of_time:
-            stop_reason = f"time budget of {tc.max_time:.0f}s reached"
-        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or final:
-            checkpoint()
-        now = time.perf_counter()
-        window_start, paused = window_start + now - pause, paused + now - pause
-        if final:
-            break
-    train_seconds = time.perf_counter() - started - paused
-    plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)], metric=metric)
-    say(f"lmforge: stopped at step {step} ({stop_reason}); best val {metric} {best:.4f}")
-    if adversary is not None:
-        adversary.remove()
-    if task.report_best and not d.active and (run_dir / WEIGHTS).is_file():
-        load_weights(model, run_dir / WEIGHTS)
-    runner.eval()
-    with torch.no_grad():
-        text = runner(task.finish, run_dir)
-    return RunResult(run_dir, step, best, metric, last_val, train_seconds, plot, text, d.main)
+            self.compiled = set_compiled(self.model, False, self.checkpointed)
+            self.optimizer.zero_grad(set_to_none=True)  # what the failed attempt accumulated
+            return self.step(micro_batches)
+
+
+class Throughput:
+    """Tokens per second and model FLOPs utilisation over each log window, and the seconds spent
+    training; time paused for evaluation and checkpoints counts in neither."""
+
+    def __init__(self, flops_per_token: float, peak: float | None, world: int):
+        self.flops_per_token, self.peak, self.world = flops_per_token, peak, world
+
+    def start(self) -> None:
+        self.started = self.window_start = time.perf_counter()
+        self.window_tokens, self.paused_seconds = 0, 0.0
+
+    def count(self, n_tokens: int) -> None:
+        self.window_tokens += n_tokens
+
+    def window(self, tokens: int) -> dict[str, float]:
+        """A train row's figures since the last call: tok_s, the run's `tokens` (passed through, so the row
+        keeps its order), and mfu where the device's peak is known; then a new window starts."""
+        tok_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        figures = {"tok_s": tok_s, "tokens": tokens}
+        if self.peak:
+            figures["mfu"] = self.flops_per_token * tok_s / (self.peak * self.world)  # tok_s counts every rank's tokens
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        return figures
+
+    @contextlib.contextmanager
+    def paused(self):
+        pause = time.perf_counter()
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self.window_start, self.paused_seconds = self.window_start + now - pause, self.paused_seconds + now - pause
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds since the start, pauses included (what train.max_time limits)."""
+        return time.perf_counter() - self.started
+
+    def train_seconds(self) -> float:
+        return self.elapsed() - self.paused_seconds

@@ -1,0 +1,134 @@
+"""What a run keeps on disk while it trains, and who decides when.
+
+`TrainState` holds the loop's counters. `Checkpointer` saves them with the model, optimizer, data
+sampler, RNG states and loss scale every `train.checkpoint_every` steps and at the last, and resumes all
+of it. `BestKeeper` writes model.safetensors whenever the selection metric improves, counts the
+evaluations without improvement for early stopping, and loads the best weights back at the end.
+The formats (one file or DCP shards, atomic writes, pruning) are train/checkpoint.py's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import UserError
+from lmforge.train import distributed
+from lmforge.io import load_weights, save_weights
+from lmforge.runs import WEIGHTS
+from lmforge.train.checkpoint import (CKPT_DIR, load_training_state, rng_state, save_checkpoint, save_sharded_checkpoint,
+                                      set_rng_state)
+
+
+@dataclass
+class TrainState:
+    """The loop's counters, saved in every checkpoint and restored on resume."""
+
+    step: int = 0
+    best: float = math.inf  # the best value of the selection metric so far (its direction: BestKeeper.worst)
+    bad_evals: int = 0  # evaluations since it last improved
+    tokens: int = 0  # input tokens trained on, all ranks together
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best": self.best, "bad_evals": self.bad_evals, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best, self.bad_evals, self.tokens = state["step"], state["best"], state["bad_evals"], state["tokens"]
+
+
+class Checkpointer:
+    """When a run saves (every `train.checkpoint_every` steps and at its last step), how (one file from
+    one process, DCP shards from several), how many it keeps, and how it resumes exactly."""
+
+    def __init__(self, d: distributed.Dist, run_dir: Path, tc, model, optimizer, batches, scaler):
+        self.d, self.run_dir = d, run_dir
+        self.every, self.keep = tc.checkpoint_every, tc.keep_checkpoints
+        self.model, self.optimizer, self.batches, self.scaler = model, optimizer, batches, scaler
+
+    def resume(self, resume: tuple[Path, dict] | None, train_state: TrainState) -> None:
+        """Continue from `resume` (a checkpoint and its loaded state, as the CLI found them); without one,
+        refuse a run directory that already holds a run rather than mix two runs' checkpoints."""
+        if resume is None:
+            if (self.run_dir / CKPT_DIR).is_dir():
+                raise UserError(f"log.run_dir: {self.run_dir} already holds a run; use --resume auto or another directory")
+            return
+        path, state = resume
+        load_training_state(self.d, path, state, self.model, self.optimizer)
+        self._load_extras(state, train_state)
+        if self.d.main:
+            print(f"lmforge: resuming {self.run_dir} from {path.name} (step {train_state.step})")
+
+    def due(self, step: int, final: bool) -> bool:
+        return bool(self.every and step % self.every == 0) or final
+
+    def save(self, train_state: TrainState) -> None:
+        """Every rank calls it: the sharded format has each rank write its own shards."""
+        extras, step = self._extras(train_state), train_state.step
+        if self.d.active:
+            save_sharded_checkpoint(self.d, self.run_dir, step, self.model, self.optimizer, extras, self.keep)
+        else:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **extras}
+            save_checkpoint(self.run_dir, step, state, self.keep)
+
+    # Everything but the model and optimizer is written and read back by these two alone. The keys are
+    # those of every earlier lmforge checkpoint ("data", "rng", "scaler" and TrainState's), so old runs resume.
+
+    def _extras(self, train_state: TrainState) -> dict:
+        extras = {"data": self.batches.state_dict(), "rng": rng_state(), **train_state.state_dict()}
+        if self.d.active:  # each rank draws its own dropout masks
+            extras["rng"] = distributed.gather_objects(self.d, extras["rng"])
+        if self.scaler is not None:
+            extras["scaler"] = self.scaler.state_dict()
+        return extras
+
+    def _load_extras(self, state: dict, train_state: TrainState) -> None:
+        if self.scaler is not None and "scaler" in state:  # a run that was bf16 or fp32 before starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data"])  # the global position: the same at any world size
+        rng = state["rng"]  # a list (one per rank) from a distributed run
+        set_rng_state(rng[min(self.d.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
+        train_state.load_state_dict(state)
+
+
+class BestKeeper:
+    """The weights that score best on the task's selection metric (model.safetensors, rewritten at each
+    improvement), and early stopping after `eval.patience` evaluations without one."""
+
+    def __init__(self, d: distributed.Dist, run_dir: Path, selection: tuple[str, bool], patience: int):
+        self.d, self.path, self.patience = d, run_dir / WEIGHTS, patience
+        self.metric, self.higher_better = selection
+
+    @property
+    def worst(self) -> float:
+        """The starting best, which any first score beats."""
+        return -math.inf if self.higher_better else math.inf
+
+    def observe(self, train_state: TrainState, metrics: dict, model) -> None:
+        """Count an evaluation's `metrics` (rank 0's, on every rank) and keep the weights when they are
+        the best so far. Every rank calls it: FSDP gathers the shards, rank 0 writes."""
+        score = metrics[self.metric]
+        if not (score > train_state.best if self.higher_better else score < train_state.best):
+            train_state.bad_evals += 1
+            return
+        train_state.best, train_state.bad_evals = score, 0
+        weights = distributed.full_weights(self.d, model)
+        if self.d.main:
+            save_weights(weights, self.path, {"step": str(train_state.step), f"val_{self.metric}": f"{score:.6f}"})
+
+    def out_of_patience(self, train_state: TrainState) -> bool:
+        return bool(self.patience) and train_state.bad_evals >= self.patience
+
+    def load_best(self, model) -> None:
+        """The best weights into every rank's model: whole (one process, DDP), or each rank's shards of
+        them (FSDP). Every rank calls it."""
+        if not distributed.from_main(self.d, self.path.is_file()):  # rank 0 has written its last by now
+            return
+        if self.d.parallel != "fsdp":
+            load_weights(model, self.path)
+            return
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # every rank reads the whole file and keeps its shards; a tied weight, stored once, loads through its twin
+        set_model_state_dict(model, load_file(self.path), options=StateDictOptions(full_state_dict=True))
