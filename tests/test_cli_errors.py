@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import synthetic_text
+from helpers import synthetic_text
 
 # a tiny model, so that a case that wrongly got past its error would still finish quickly
 TINY = ["--model.n_layer", "1", "--model.n_head", "2", "--model.d_model", "32", "--model.max_seq_len", "16",

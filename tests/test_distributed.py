@@ -22,7 +22,7 @@ import torch.distributed.fsdp  # noqa: F401
 import torch.nn.parallel  # noqa: F401
 from safetensors.torch import load_file
 
-from conftest import read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus, write_fixed_perf_cache
+from helpers import read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus, write_fixed_perf_cache
 from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.errors import UserError

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (SHARED_DATA, classify_files, conll_lines, finetune, make_base, read_metrics, sentences,
+from helpers import (SHARED_DATA, classify_files, conll_lines, finetune, make_base, read_metrics, sentences,
                       sentiment, write_lines)
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import shakespeare_text, synthetic_text, tiny_config, write_corpus
+from helpers import shakespeare_text, synthetic_text, tiny_config, write_corpus
 from lmforge.cli import main
 from lmforge.data.tokenizer import eos_id, train_tokenizer
 from lmforge.errors import UserError

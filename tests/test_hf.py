@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import synthetic_text, tiny_overrides
+from helpers import synthetic_text, tiny_overrides
 from lmforge.cli import main
 from lmforge.config import load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer

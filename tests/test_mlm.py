@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_metrics, shakespeare_text, synthetic_text, tiny_config, write_corpus
+from helpers import read_metrics, shakespeare_text, synthetic_text, tiny_config, write_corpus
 
 from lmforge.cli import main
 from lmforge.config import MLMConfig

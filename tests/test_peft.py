@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from conftest import synthetic_text
+from helpers import synthetic_text
 from lmforge import hf
 from lmforge.config import PeftConfig, load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer

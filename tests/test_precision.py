@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import read_metrics, shakespeare_text, tiny_config, write_corpus
+from helpers import read_metrics, shakespeare_text, tiny_config, write_corpus
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.train import loop, perf, precision

@@ -19,7 +19,7 @@ from PIL import Image
 
 from lmforge.cli import main
 from lmforge.report import format_runs, list_runs, write_report
-from conftest import SEQ2SEQ_TINY, classify_files, finetune, make_base, number_pairs, write_tsv
+from helpers import SEQ2SEQ_TINY, classify_files, finetune, make_base, number_pairs, write_tsv
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two line colours: train and val
 

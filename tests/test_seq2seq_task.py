@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SEQ2SEQ_TINY, number_pairs, write_tsv
+from helpers import SEQ2SEQ_TINY, number_pairs, write_tsv
 from lmforge.cli import main
 from lmforge.data.batches import ExampleBatches
 from lmforge.losses import IGNORE_INDEX

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from conftest import read_metrics, shakespeare_text, tiny_config, write_corpus
+from helpers import read_metrics, shakespeare_text, tiny_config, write_corpus
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml
 from lmforge.losses import IGNORE_INDEX
