@@ -128,6 +128,7 @@ def minilm_folder() -> Path:
     return Path(pkg.__file__).resolve().parent / "model"
 
 
+@pytest.mark.slow  # loads the real all-MiniLM-L6-v2 weights
 def test_real_minilm_hidden_states_equal_transformers():
     from tokenizers import Tokenizer
 
@@ -332,6 +333,7 @@ def test_cli_import_then_generate_from_the_run_and_from_the_hf_folder(hf_dirs, t
     assert from_run.startswith("the king") and len(from_run) > len("the king\n")
 
 
+@pytest.mark.slow  # trains a run through the CLI (and exports it): ~3 s here
 def test_cli_export_of_a_trained_run_and_of_a_sharded_checkpoint(tmp_path, capsys):
     import torch.distributed.checkpoint as dcp
 

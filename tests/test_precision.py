@@ -104,6 +104,7 @@ def test_tf32_switch_touches_cuda_only():
         matmul.fp32_precision = before
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaling_trains_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     """The loop's fp16 path (autocast + GradScaler: scale, unscale before clipping, a step skipped on
     overflow, update) on the CPU: the scale is saved with each checkpoint, and a run resumed from the
