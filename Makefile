@@ -9,7 +9,7 @@ UV := $(VENV)/bin/uv
 TORCH_PIN ?= torch==2.13.0
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 
-.PHONY: install run test test-gpu bench clean browser
+.PHONY: install run test test-fast test-gpu bench clean browser
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ run: install
 
 test: install browser
 	$(PY) -m pytest -q tests
+
+# The edit-loop tier: everything but the tests marked `slow` (end-to-end runs) or `gpu`, in under a minute.
+# Bytecode is cached under .cache/ (even where the environment turns caching off): without it every start
+# recompiles torch and transformers, ~20 s of CPU.
+test-fast: install
+	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=.cache/pycache $(PY) -m pytest -q -m "not slow and not gpu" tests
 
 # The GPU tier: every test marked `gpu` (tests/test_gpu.py and the CUDA cases elsewhere). Needs CUDA;
 # `make test` runs the same files and skips these, saying why, where there is none.

@@ -84,6 +84,7 @@ def test_kvcache_reorder_keeps_the_chosen_rows():
     assert c.length == 3
 
 
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_beam_size_one_is_greedy(model, nets):
     src, mask, limits = varied()
     greedy = greedy_decode(model, src, mask, BOS, EOS, limits)
@@ -92,6 +93,7 @@ def test_beam_size_one_is_greedy(model, nets):
         assert len(set(map(len, greedy))) > 2  # the rows stop at different steps
 
 
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_the_kv_cache_gives_the_same_output_as_refeeding_the_prefix(model):
     src, mask, limits = varied()
     assert beam_search(model, src, mask, BOS, EOS, limits, use_cache=True) == \
@@ -100,6 +102,7 @@ def test_the_kv_cache_gives_the_same_output_as_refeeding_the_prefix(model):
         greedy_decode(model, src, mask, BOS, EOS, limits, use_cache=False)
 
 
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_a_padded_batch_decodes_as_each_source_alone(model):
     src, mask, limits = varied(8)
     limits = torch.tensor([3, 12, 7, 12, 1, 9, 12, 5])  # per-row limits too: rows leave at different steps
@@ -120,6 +123,7 @@ def sequence_score(m, src, mask, hyp: list[int], limit: int, length_penalty: flo
 
 
 @pytest.mark.parametrize("name", ["half", "trained"])
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_beam_search_finds_a_sequence_at_least_as_good_as_greedy(nets, name):
     """Not a theorem (a source stops at beam_size ended hypotheses, and the untrained model's short ones
     lose to greedy's long one), but what beam search is for on a model that has learnt something."""
@@ -134,6 +138,7 @@ def test_beam_search_finds_a_sequence_at_least_as_good_as_greedy(nets, name):
         assert max(gains) > 1e-2  # and on the unsure model it finds better sequences than greedy
 
 
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_the_trained_model_reverses_held_out_sequences(trained):
     seqs, src, mask, _ = reversal_batch(100, seed=10_000)  # training used seeds 0..399
     limits = torch.full((100,), 20)
@@ -141,6 +146,7 @@ def test_the_trained_model_reverses_held_out_sequences(trained):
     assert sum(h == s[::-1] for h, s in zip(beam, seqs)) >= 90
 
 
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_max_lengths_bound_the_output(nets):
     untrained = nets["untrained"]
     src, mask, _ = varied(6)
@@ -187,6 +193,7 @@ def word_tokenizer(specials=("<pad>", "<unk>", "<s>", "</s>")) -> Tokenizer:
 
 
 @pytest.mark.parametrize("beam_size", [1, 5])
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_translate_keeps_the_input_order(trained, beam_size):
     texts = ["w5 w6 w7", "", "w9 w10 w11 w12 w13", "w4 w8", "  ", "w19 w18 w17 w16"]
     out = translate(trained, word_tokenizer(), texts, beam_size=beam_size, batch_size=2)
@@ -198,6 +205,7 @@ def test_translate_keeps_the_input_order(trained, beam_size):
     assert isinstance(out[1], str)
 
 
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_translate_does_not_run_the_model_on_empty_lines_and_restores_train_mode(trained, monkeypatch):
     monkeypatch.setattr(trained, "encode", lambda *a: pytest.fail("the model ran on an empty line"))
     trained.train()
@@ -208,6 +216,7 @@ def test_translate_does_not_run_the_model_on_empty_lines_and_restores_train_mode
         trained.eval()
 
 
+@pytest.mark.slow  # the module's nets: 400 training steps
 def test_translate_needs_an_encoder_decoder_tokenizer(trained):
     with pytest.raises(UserError, match="no <s> token; expected an encoder-decoder"):
         translate(trained, word_tokenizer(("<pad>", "<unk>", "</s>")), ["w5 w6"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lmforge.data.store as store
-from conftest import shakespeare_text, synthetic_text, write_corpus
+from helpers import shakespeare_text, synthetic_text, write_corpus
 from lmforge.config import load_config
 from lmforge.data.batches import RandomWindows, eval_windows
 from lmforge.losses import IGNORE_INDEX

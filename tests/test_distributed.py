@@ -24,8 +24,8 @@ import torch.distributed.fsdp  # noqa: F401
 import torch.nn.parallel  # noqa: F401
 from safetensors.torch import load_file
 
-from conftest import (classify_files, make_base, read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus,
-                      write_fixed_perf_cache)
+from helpers import (classify_files, make_base, read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus,
+                     write_fixed_perf_cache)
 from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.errors import UserError
@@ -120,6 +120,7 @@ def step_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step_{step:08d}"
 
 
+@pytest.mark.slow  # the module's ddp_run: a torchrun run
 def test_ddp_equals_one_process_with_the_same_global_batch(ddp_run, corpus2, tmp_path):
     one = train(tiny_config(tmp_path, corpus2, train__batch_size=2 * PER_RANK, **COMMON)).run_dir
     assert [r["step"] for r in read_metrics(ddp_run, "train")] == list(range(1, STEPS + 1))
@@ -142,6 +143,7 @@ def test_ddp_equals_one_process_with_the_same_global_batch(ddp_run, corpus2, tmp
     assert_same_weights(best, load_file(one / "model.safetensors"))
 
 
+@pytest.mark.slow  # the module's ddp_run: a torchrun run
 def test_fsdp_equals_ddp(ddp_run, corpus2, tmp_path):
     forked(cli(overrides(tmp_path, corpus2, train__batch_size=PER_RANK, train__parallel="fsdp")))
     fsdp = tmp_path / "run"
@@ -151,6 +153,7 @@ def test_fsdp_equals_ddp(ddp_run, corpus2, tmp_path):
     assert_same_weights(load_file(fsdp / "model.safetensors"), load_file(ddp_run / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_fsdp_on_one_process_under_torchrun_equals_plain(corpus2, tmp_path, capfd):
     """torchrun with one process and train.parallel = fsdp really shards (over a group of one: what CPU
     offload on one GPU needs), writes DCP checkpoints, and trains exactly as the plain loop does."""
@@ -165,6 +168,7 @@ def test_fsdp_on_one_process_under_torchrun_equals_plain(corpus2, tmp_path, capf
     assert_same_weights(sharded_model_state(step_dir(sharded, STEPS)), final)
 
 
+@pytest.mark.slow  # the module's ddp_run: a torchrun run
 def test_ranks_compute_in_rank_zeros_precision(ddp_run, corpus2, tmp_path, monkeypatch):
     """`auto` on a CPU rests on a timing each process makes: were rank 1 to measure a bf16 gain rank 0 did
     not, it must still compute in fp32 like rank 0, so two ranks still equal one fp32 process."""
@@ -175,6 +179,7 @@ def test_ranks_compute_in_rank_zeros_precision(ddp_run, corpus2, tmp_path, monke
     assert losses(tmp_path / "run", "train") == pytest.approx(losses(ddp_run, "train"), abs=1e-5)
 
 
+@pytest.mark.slow  # the module's ddp_run: a torchrun run
 def test_two_rank_checkpoint_resumes_in_one_process(ddp_run, tmp_path, capsys):
     """Damage the DDP run's last checkpoint and go on in one process with the same global batch: it
     resumes from step 2's sharded checkpoint and the rest of the run is the uninterrupted one's."""
@@ -194,6 +199,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(ddp_run, tmp_path, capsys):
     assert_same_weights(resumed, sharded_model_state(step_dir(ddp_run, STEPS)))
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_ranks_with_fsdp(corpus2, tmp_path, capfd):
     one = train(tiny_config(tmp_path, corpus2, train__batch_size=2 * PER_RANK, **COMMON)).run_dir
     run = tmp_path / "cut"
@@ -216,6 +222,7 @@ def evaluate_report(checkpoint: Path, data: Path, out: Path) -> dict:
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_final_report_is_made_on_the_best_weights_on_every_rank(tmp_path, monkeypatch, parallel):
     """With several processes too, the end-of-run report (dev_report.json, confusion.png; a translation's beam
@@ -247,6 +254,7 @@ def test_final_report_is_made_on_the_best_weights_on_every_rank(tmp_path, monkey
     assert (run / "confusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_blocks_with_the_same_result(corpus, tmp_path, monkeypatch):
     import torch.utils.checkpoint as tuc
 
@@ -292,6 +300,7 @@ def test_ranks_take_disjoint_slices_of_one_global_batch():
     assert torch.equal(ranks[1].state_dict()["generator"], whole.state_dict()["generator"])  # one global position
 
 
+@pytest.mark.slow  # a DDP forward imports torch._dynamo: ~2.5 s here unless an earlier test did
 def test_gradients_are_reduced_once_per_accumulated_step(corpus, tmp_path):
     """distributed.no_sync skips DDP's all-reduce on every micro-batch but the last (a 1-process gloo group)."""
     import torch.distributed as dist
@@ -323,6 +332,7 @@ def test_gradients_are_reduced_once_per_accumulated_step(corpus, tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_masked_lm_with_nsp_on_two_ranks_equals_one_process(corpus2, tmp_path):
     """The mlm task's batches (masking and NSP draws included) and loss split across ranks exactly as
     the causal LM's do: FSDP on 2 ranks gives the losses of one process with the whole global batch."""

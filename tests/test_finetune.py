@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (SHARED_DATA, classify_files, conll_lines, finetune, make_base, read_metrics, sentences,
+from helpers import (SHARED_DATA, classify_files, conll_lines, finetune, make_base, read_metrics, sentences,
                       sentiment, write_lines)
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml
@@ -42,6 +42,7 @@ def evaluate(capsys, run: Path, data: Path) -> dict[str, float]:
 # -- the tasks learn ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_classification_learns_and_reports(tmp_path, encoder, capsys):
     train, dev = classify_files(tmp_path)
     run = finetune(tmp_path, encoder, train, dev, "classify")
@@ -65,6 +66,7 @@ def test_classification_learns_and_reports(tmp_path, encoder, capsys):
     assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in records)
 
 
+@pytest.mark.slow
 def test_sentence_pairs_read_the_second_sentence(tmp_path, encoder, capsys):
     # the label is a property of the second sentence only: a model that ignored it would be at chance
     rows = ["a,b,label"] + [f"{' '.join(a)},{' '.join(b)},{sentiment(b)}" for a, b in zip(sentences(200, 3), sentences(200, 4))]
@@ -81,6 +83,7 @@ def test_sentence_pairs_read_the_second_sentence(tmp_path, encoder, capsys):
     assert row.segments == [0] * (n_a + 2) + [1] * (len(row.ids) - n_a - 2)
 
 
+@pytest.mark.slow
 def test_regression_fits_a_number_read_from_the_text(tmp_path, encoder, capsys):
     data = [{"text": " ".join(w), "label": len(w) - 6.5} for w in sentences(200, 6)]
     train = write_lines(tmp_path / "reg.jsonl", [json.dumps(d) for d in data])
@@ -89,6 +92,7 @@ def test_regression_fits_a_number_read_from_the_text(tmp_path, encoder, capsys):
     assert result["pearson"] >= 0.8 and result["mse"] < 1.0, result  # the variance of the lengths is 2.9
 
 
+@pytest.mark.slow
 def test_multilabel_with_thresholds(tmp_path, encoder, capsys):
     data = [{"text": " ".join(w), "label": [x for x in ("king", "night") if x in w]} for w in sentences(240, 7)]
     train = write_lines(tmp_path / "ml.jsonl", [json.dumps(d) for d in data])
@@ -104,6 +108,7 @@ def test_multilabel_with_thresholds(tmp_path, encoder, capsys):
     assert record["labels"] == [k for k, p in record["probs"].items() if p >= 0.5]
 
 
+@pytest.mark.slow
 def test_token_classification_learns_entities(tmp_path, encoder, capsys):
     train = write_lines(tmp_path / "train.conll", conll_lines(200, 8))
     dev = write_lines(tmp_path / "dev.conll", conll_lines(40, 9))
@@ -117,6 +122,7 @@ def test_token_classification_learns_entities(tmp_path, encoder, capsys):
     assert record == {"words": ["the", "king", "of", "rome"], "tags": ["O", "B-PER", "O", "B-LOC"]}
 
 
+@pytest.mark.slow
 def test_sft_masks_the_prompt_and_learns_the_response(tmp_path, decoder, capsys):
     rng = random.Random(10)
     data = []
@@ -141,6 +147,7 @@ def test_sft_masks_the_prompt_and_learns_the_response(tmp_path, decoder, capsys)
 # -- runs ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resumed_finetune_equals_uninterrupted(tmp_path, encoder):
     train, dev = classify_files(tmp_path)
     common = ("--finetune.epochs", "2", "--train.checkpoint_every", "5", "--robust.augment", "delete,swap",
@@ -197,6 +204,7 @@ def test_decoder_classifier_pools_the_last_real_token(tmp_path, decoder):
         torch.testing.assert_close(task.outputs(model, alone)[0], together[i], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_lora_run_trains_few_parameters_and_keeps_the_base(tmp_path, encoder, capsys):
     train, dev = classify_files(tmp_path)
     run = finetune(tmp_path, encoder, train, dev, "classify", "--peft.method", "lora", "--peft.lora_rank", "4")
@@ -210,6 +218,7 @@ def test_lora_run_trains_few_parameters_and_keeps_the_base(tmp_path, encoder, ca
     assert tuned_state["blocks.0.attn.qkv.lora_B"].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_fgm_and_pgd_runs_train(tmp_path, encoder):
     train, dev = classify_files(tmp_path)
     for method in ("fgm", "pgd"):
@@ -264,6 +273,7 @@ def minilm() -> Path:
     return Path(pkg.__file__).resolve().parent / "model"
 
 
+@pytest.mark.slow
 def test_minilm_learns_sst2_in_a_few_steps(tmp_path, capsys):
     sst = SHARED_DATA / "sst2"
     if not sst.is_dir():
@@ -335,6 +345,7 @@ def test_adversary_perturbs_only_the_embedding_output_and_restores_it(tmp_path, 
 
 
 @pytest.mark.parametrize("task", ["classify", "tag"])
+@pytest.mark.slow
 def test_finetuned_model_exports_to_transformers_with_equal_outputs(tmp_path, encoder, task):
     transformers = pytest.importorskip("transformers")
     from lmforge.hf.export import export_hf
@@ -366,6 +377,7 @@ def test_finetuned_model_exports_to_transformers_with_equal_outputs(tmp_path, en
     torch.testing.assert_close(ours[mask], out[mask], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_lora_sft_run_exports_a_peft_adapter_that_gives_our_outputs(tmp_path, decoder):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import shakespeare_text, synthetic_text, tiny_config, write_corpus
+from helpers import shakespeare_text, synthetic_text, tiny_config, write_corpus
 from lmforge.cli import main
 from lmforge.data.tokenizer import eos_id, train_tokenizer
 from lmforge.errors import UserError
@@ -279,6 +279,7 @@ def trained_run(tmp_path_factory):
     return train(cfg).run_dir
 
 
+@pytest.mark.slow  # the module's trained_run: 40 training steps
 def test_trained_model_cache_equals_no_cache(trained_run):
     model, tok, cfg = load_run(trained_run)
     assert cfg.model.pos == "rope" and not model.training
@@ -289,6 +290,7 @@ def test_trained_model_cache_equals_no_cache(trained_run):
         assert a == b
 
 
+@pytest.mark.slow  # the module's trained_run: 40 training steps
 def test_cli_generate_prints_a_continuation(trained_run, capsys):
     model, tok, _ = load_run(trained_run)
     expected = generate_text(model, tok, "ROMEO:", 40, temperature=0.0)
@@ -312,6 +314,7 @@ def test_cli_generate_prints_a_continuation(trained_run, capsys):
     assert out.count("--- sample") == 2 and out.count("KING") >= 2
 
 
+@pytest.mark.slow  # the module's trained_run: 40 training steps
 def test_cli_generate_reports_bad_settings_in_one_line(trained_run, capsys):
     assert main(["generate", "--checkpoint", str(trained_run), "--top-p", "0"]) == 2
     out = capsys.readouterr()
@@ -321,6 +324,7 @@ def test_cli_generate_reports_bad_settings_in_one_line(trained_run, capsys):
     assert capsys.readouterr().err.startswith("lmforge: error: generate: the prompt has 64 tokens")
 
 
+@pytest.mark.slow  # the module's trained_run: 40 training steps
 def test_cli_generate_with_damaged_weights_is_one_line(trained_run, tmp_path, capsys):
     import shutil
 

@@ -30,7 +30,7 @@ from statistics import mean
 import pytest
 import torch
 
-from conftest import (GPU_TEST_DEVICE, SEQ2SEQ_TINY, classify_files, conll_lines, finetune, make_base,
+from helpers import (GPU_TEST_DEVICE, SEQ2SEQ_TINY, classify_files, conll_lines, finetune, make_base,
                       number_pairs, read_metrics, sentences, server, synthetic_text, tiny_config, tiny_overrides,
                       write_corpus, write_fixed_perf_cache, write_lines, write_tsv)
 from lmforge.cli import main
@@ -111,7 +111,7 @@ def assert_same_records(got: list[dict], want: list[dict], atol: float = 1e-4) -
 # -- the training runs: every task on the device -----------------------------------------------------
 
 FINETUNE_EPOCHS = "4"
-# name -> (task, extra options); fine-tuning runs start from a tiny random base (conftest.make_base)
+# name -> (task, extra options); fine-tuning runs start from a tiny random base (helpers.make_base)
 FAST = ("--train.lr", "1e-2")  # where the default 3e-3 learns too little in 40 steps
 CASES = {
     "clm": ("clm", ()),

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import synthetic_text, tiny_overrides
+from helpers import synthetic_text, tiny_overrides
 from lmforge.cli import main
 from lmforge.config import load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer
@@ -130,6 +130,7 @@ def minilm_folder() -> Path:
     return Path(pkg.__file__).resolve().parent / "model"
 
 
+@pytest.mark.slow  # loads the real all-MiniLM-L6-v2 weights
 def test_real_minilm_hidden_states_equal_transformers():
     from tokenizers import Tokenizer
 
@@ -334,6 +335,7 @@ def test_cli_import_then_generate_from_the_run_and_from_the_hf_folder(hf_dirs, t
     assert from_run.startswith("the king") and len(from_run) > len("the king\n")
 
 
+@pytest.mark.slow  # trains a run through the CLI (and exports it): ~3 s here
 def test_cli_export_of_a_trained_run_and_of_a_sharded_checkpoint(tmp_path, capsys):
     import torch.distributed.checkpoint as dcp
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_metrics, shakespeare_text, synthetic_text, tiny_config, write_corpus
+from helpers import read_metrics, shakespeare_text, synthetic_text, tiny_config, write_corpus
 
 from lmforge.cli import main
 from lmforge.config import MLMConfig
@@ -186,6 +186,7 @@ def test_loss_is_mlm_plus_nsp_weighted_by_the_expected_masked_count(tmp_path):
     assert n / len(batch["input"]) == pytest.approx(per_sequence, rel=0.5)
 
 
+@pytest.mark.slow
 def test_tiny_encoder_learns_from_context(tmp_path):
     """Masked characters of pseudo-English lines: a model without context can do no better than always
     predicting the most frequent target (the unigram accuracy, about 0.14 for ' '); 0.1 above it needs
@@ -204,6 +205,7 @@ def test_tiny_encoder_learns_from_context(tmp_path):
     assert read_metrics(result.run_dir, "val")[-1]["acc"] == val["acc"]
 
 
+@pytest.mark.slow
 def test_mlm_resume_equals_uninterrupted(tmp_path, capsys):
     n = 4
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))

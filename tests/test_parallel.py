@@ -70,6 +70,7 @@ def test_keep_by_length_drops_long_and_lopsided_pairs():
 
 
 @pytest.mark.skipif(not (SHARED / "multi30k").is_dir(), reason="../shared/data/multi30k not present")
+@pytest.mark.slow  # reads 29k + 18k real sentence pairs
 def test_real_multi30k_and_en_zh():
     pairs = read_parallel(SHARED / "multi30k" / "train.en", SHARED / "multi30k" / "train.de")
     assert len(pairs) == 29000 and pairs[-1].line == 29000

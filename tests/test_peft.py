@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from conftest import synthetic_text
+from helpers import synthetic_text
 from lmforge.hf import arch as hf_arch
 from lmforge.hf.export import export_hf, write_peft_adapter
 from lmforge.config import PeftConfig, load_config, save_config

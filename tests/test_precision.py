@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import read_metrics, shakespeare_text, tiny_config, write_corpus
+from helpers import read_metrics, shakespeare_text, tiny_config, write_corpus
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.train import loop, perf, precision
@@ -104,6 +104,7 @@ def test_tf32_switch_touches_cuda_only():
         matmul.fp32_precision = before
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaling_trains_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     """The loop's fp16 path (autocast + GradScaler: scale, unscale before clipping, a step skipped on
     overflow, update) on the CPU: the scale is saved with each checkpoint, and a run resumed from the

@@ -19,7 +19,7 @@ from PIL import Image
 
 from lmforge.cli import main
 from lmforge.report import format_runs, list_runs, write_report
-from conftest import SEQ2SEQ_TINY, classify_files, finetune, make_base, number_pairs, write_tsv
+from helpers import SEQ2SEQ_TINY, classify_files, finetune, make_base, number_pairs, write_tsv
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two line colours: train and val
 
@@ -58,6 +58,7 @@ def colour_pixels(image: Image.Image, colour: tuple[int, int, int], tol: int = 1
     return int((np.abs(rgb - colour).max(axis=-1) <= tol).sum())
 
 
+@pytest.mark.slow  # the module's classify_run: a fine-tuning run
 def test_classification_report_is_one_self_contained_page(classify_run, tmp_path, capsys):
     out = tmp_path / "page" / "r.html"
     assert main(["report", str(classify_run), "--out", str(out)]) == 0
@@ -75,6 +76,7 @@ def test_classification_report_is_one_self_contained_page(classify_run, tmp_path
     assert write_report(classify_run) == classify_run / "report.html" and (classify_run / "report.html").is_file()
 
 
+@pytest.mark.slow  # the module's translation_run: 20 steps
 def test_translation_report_shows_scores_and_samples_and_survives_lost_data(translation_run, tmp_path):
     page = write_report(translation_run, tmp_path / "a.html").read_text(encoding="utf-8")
     assert "nrefs:1|case:mixed|eff:no|tok:13a" in page and "<th>hypothesis</th>" in page
@@ -140,6 +142,7 @@ def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed (Debian: apt-get install chromium)")
+@pytest.mark.slow  # a headless browser, and classify_run
 def test_chromium_renders_the_plots_and_tables(classify_run, tmp_path):
     url = write_report(classify_run, tmp_path / "r.html").resolve().as_uri()
     shot = tmp_path / "shot.png"

@@ -93,6 +93,7 @@ def test_the_loss_trains_encoder_and_cross_attention():
         assert m.get_parameter(name).grad.abs().sum() > 0, name
 
 
+@pytest.mark.slow
 def test_a_copy_task_is_learned():
     """Reversing short digit strings: an untrained model is at chance (ln 12 = 2.48 nats per token);
     with cross-attention working it falls far below that within a few hundred steps."""

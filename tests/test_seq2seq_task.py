@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SEQ2SEQ_TINY, number_pairs, write_tsv
+from helpers import SEQ2SEQ_TINY, number_pairs, write_tsv
 from lmforge.cli import main
 from lmforge.data.batches import ExampleBatches
 from lmforge.losses import IGNORE_INDEX
@@ -93,6 +93,7 @@ def test_average_checkpoints_is_the_elementwise_mean(tmp_path):
 
 # -- whole runs ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_translation_run_learns_a_toy_language_pair_end_to_end(tmp_path, capsys):
     train = write_tsv(tmp_path / "train.tsv", number_pairs(3000, 0))
     dev = write_tsv(tmp_path / "dev.tsv", number_pairs(60, 1))
@@ -131,6 +132,7 @@ def test_translation_run_learns_a_toy_language_pair_end_to_end(tmp_path, capsys)
     assert a.read_text() == b.read_text()
 
 
+@pytest.mark.slow
 def test_translate_refuses_bad_input_with_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     train = write_tsv(tmp_path / "train.tsv", number_pairs(200, 0))
@@ -169,6 +171,7 @@ def test_translation_needs_dev_pairs(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not MULTI30K.is_dir(), reason="needs ../shared/data/multi30k")
+@pytest.mark.slow
 def test_span_corruption_loss_falls_and_initialises_translation(tmp_path, capsys):
     corpus = tmp_path / "mono"
     corpus.mkdir()
@@ -196,6 +199,7 @@ def test_span_corruption_loss_falls_and_initialises_translation(tmp_path, capsys
                  "--seq2seq.train", str(train), "--seq2seq.dev", str(train)]) == 2
 
 
+@pytest.mark.slow
 def test_separate_vocabularies_give_the_encoder_its_own_embedding(tmp_path, capsys):
     train = write_tsv(tmp_path / "train.tsv", number_pairs(300, 0))
     run = tmp_path / "run"

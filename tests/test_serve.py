@@ -13,9 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import (SEQ2SEQ_TINY, classify_files, conll_lines, finetune, free_port, make_base, number_pairs,
+from helpers import (SEQ2SEQ_TINY, classify_files, conll_lines, finetune, free_port, make_base, number_pairs,
                       server, synthetic_text, tiny_overrides, write_corpus, write_lines, write_tsv)
 from lmforge.cli import main
+
+# every test here starts a server process, trains a run or loads the server's stack: all slow
+pytestmark = pytest.mark.slow
 
 
 def cli_records(capsys, argv: list[str]) -> list[dict]:

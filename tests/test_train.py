@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from conftest import read_metrics, shakespeare_text, tiny_config, write_corpus
+from helpers import read_metrics, shakespeare_text, tiny_config, write_corpus
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml
 from lmforge.losses import IGNORE_INDEX
@@ -35,6 +35,7 @@ def unigram_entropy(ids) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_shakespeare(tmp_path):
     """A 2-layer char model trained for 150 steps beats every model that ignores context.
 
@@ -70,6 +71,7 @@ def test_tiny_model_learns_shakespeare(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("muon", "wsd")])
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, capsys, optimizer, schedule):
     n = 6
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
@@ -102,6 +104,7 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, optimizer, schedule):
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.slow
 def test_resume_can_extend_max_steps(tmp_path):
     """--resume with a longer train.max_steps continues the saved run (its own warmup_steps, not the
     default 100, is what max_steps is checked against)."""
@@ -135,6 +138,7 @@ class FixedBatches:
         self.i = state["i"]
 
 
+@pytest.mark.slow
 def test_accumulation_equals_big_batch(tmp_path, monkeypatch):
     """k micro-batches with different numbers of ignored targets give the gradient of one batch k times
     larger, averaged over its real targets - not the mean of the k per-micro-batch means."""
@@ -206,6 +210,7 @@ def test_accumulation_equals_big_batch(tmp_path, monkeypatch):
     assert moved > 1e-3  # the step really moved the weights
 
 
+@pytest.mark.slow
 def test_chunked_loss_in_a_run_equals_unchunked(tmp_path, monkeypatch):
     """The loop through the fused chunked loss (forced to 8-row chunks) with label smoothing, z-loss and
     soft-capping trains exactly like the plain logits + cross-entropy."""
@@ -233,6 +238,7 @@ def test_chunked_loss_in_a_run_equals_unchunked(tmp_path, monkeypatch):
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_damaged_checkpoint(tmp_path, capsys):
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
     run = tmp_path / "run"
@@ -266,6 +272,7 @@ def test_resume_auto_skips_damaged_checkpoint(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("lmforge: error: checkpoint: none of the 2 checkpoints")
 
 
+@pytest.mark.slow
 def test_early_stopping_on_patience(tmp_path, monkeypatch):
     # scripted val losses: improvements at evals 1, 2, 4; evals 3, 5, 6 do not improve -> with
     # patience 2 the run stops after eval 6 (the counter resets at eval 4)
@@ -282,6 +289,7 @@ def test_early_stopping_on_patience(tmp_path, monkeypatch):
         assert f.metadata()["step"] == "4"  # the best weights, not the last
 
 
+@pytest.mark.slow
 def test_max_time_stops_with_checkpoint_and_resumes(tmp_path, capsys):
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
     run = tmp_path / "run"
@@ -294,6 +302,7 @@ def test_max_time_stops_with_checkpoint_and_resumes(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_run_directory_and_repeat_from_resolved_config(tmp_path):
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
     run = tmp_path / "run"
@@ -324,6 +333,7 @@ def test_run_directory_and_repeat_from_resolved_config(tmp_path):
     assert (tmp_path / "again" / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
 
 
+@pytest.mark.slow
 def test_compile_failure_falls_back_to_eager(tmp_path, corpus, monkeypatch):
     """A torch.compile that fails at the first call gives a warning and the same run as eager."""
     import warnings
@@ -368,6 +378,7 @@ def test_bf16_on_cpu_without_native_support_warns(monkeypatch):
     assert not caught
 
 
+@pytest.mark.slow
 def test_resume_from_another_architecture_is_one_line_error(tmp_path, corpus):
     """A checkpoint whose weights do not fit the configured model names the first bad key and both shapes."""
     from lmforge.errors import UserError
@@ -382,6 +393,7 @@ def test_resume_from_another_architecture_is_one_line_error(tmp_path, corpus):
     assert not (tmp_path / "b" / "run").exists()
 
 
+@pytest.mark.slow
 def test_default_job_runs_on_the_embedded_corpus(tmp_path):
     """`lmforge pretrain` with no options (what `make run` does), cut to 3 steps: the embedded King James
     Bible is found, a BPE tokenizer of the default size is trained, and the run directory is complete."""
