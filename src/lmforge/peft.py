@@ -104,6 +104,12 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where model.get_submodule(name) was (the parent keeps the child's place and name)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def _matches(name: str, patterns) -> bool:
     # fnmatch's * needs at least the dot in "*.head": matching ".head" too lets "*." stand for no prefix
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase("." + name, p) for p in patterns)
@@ -137,9 +143,7 @@ def _inject_lora(model: nn.Module, pc) -> None:
             others = [t for t in tied if t != f"{name}.weight"]
             raise UserError(f"peft.lora_targets: {name} shares its weight with {others[0]} (tie_embeddings); "
                             f"leave it out of the targets")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                LoRALinear.from_linear(linear, pc.lora_rank, pc.lora_alpha, pc.lora_dropout))
+        _replace(model, name, LoRALinear.from_linear(linear, pc.lora_rank, pc.lora_alpha, pc.lora_dropout))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -209,13 +213,57 @@ def _remove_adapters(model: nn.Module) -> None:
 # -- prefix tuning (Li & Liang 2021) ----------------------------------------------------------------
 
 
+class PrefixAttention(Attention):
+    """Attention whose queries also see a learned prefix: keys and values `prefix` [2 (keys, values),
+    n_kv_head, P, head_dim], put before the sequence's own after RoPE and the KV cache, so they have no
+    position and are never cached."""
+
+    @classmethod
+    def around(cls, attn: Attention, length: int) -> PrefixAttention:
+        """`attn` with a prefix of `length` positions; its layers (LoRA'd or not) are the same objects."""
+        new = _as_class(attn, cls)
+        w = attn.qkv.weight
+        new.prefix = nn.Parameter(torch.empty(2, attn.n_kv_head, length, attn.head_dim, device=w.device,
+                                              dtype=w.dtype).normal_(std=PREFIX_STD))
+        return new
+
+    @property
+    def extra_keys(self) -> int:
+        return self.prefix.shape[2]
+
+    def extend_keys(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+        """P leading True columns on the mask: every query may attend to every prefix position."""
+        prefix = self.prefix.to(k.dtype)  # under autocast k is bf16 while the parameter stays fp32
+        B, P = k.shape[0], prefix.shape[2]
+        k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
+        return k, v, mask
+
+    def plain(self) -> Attention:
+        """The same layer without its prefix."""
+        return _as_class(self, Attention)
+
+
+def _as_class(layer: Attention, cls: type) -> Attention:
+    """`layer` as another Attention class, without running its __init__ (which would draw new weights):
+    the settings (head counts, causal, dropout) and the child modules, the same objects, carried over."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, value in vars(layer).items():
+        if not name.startswith("_") and name != "training":
+            setattr(new, name, value)
+    for name, child in layer.named_children():
+        setattr(new, name, child)
+    new.train(layer.training)
+    return new
+
+
 def _inject_prefix(model: nn.Module, pc) -> None:
-    for m in model.modules():
-        if isinstance(m, Attention) and m.prefix is None:
-            w = m.qkv.weight
-            # layers.Attention prepends these keys/values after RoPE and after the KV cache
-            m.prefix = nn.Parameter(torch.empty(2, m.n_kv_head, pc.prefix_length, m.head_dim, device=w.device,
-                                                dtype=w.dtype).normal_(std=PREFIX_STD))
+    for name, m in list(model.named_modules()):
+        if type(m) is Attention:  # once: a PrefixAttention already has its prefix
+            _replace(model, name, PrefixAttention.around(m, pc.prefix_length))
 
 
 # -- structure and trainability ---------------------------------------------------------------------
@@ -244,7 +292,7 @@ def peft_parameter_names(model: nn.Module) -> list[str]:
             names += [pre + "lora_A", pre + "lora_B"]
         elif isinstance(m, Adapter):
             names += [pre + n for n, _ in m.named_parameters()]
-        elif isinstance(m, Attention) and m.prefix is not None:
+        elif isinstance(m, PrefixAttention):
             names.append(pre + "prefix")
     return names
 
@@ -256,7 +304,7 @@ def peft_method(model: nn.Module) -> str:
             return "lora"
         if isinstance(m, Adapter):
             return "adapter"
-        if isinstance(m, Attention) and m.prefix is not None:
+        if isinstance(m, PrefixAttention):
             return "prefix"
     return "none"
 
@@ -372,11 +420,10 @@ def strip_peft(model: nn.Module, merge: bool = False, inplace: bool = False) -> 
         if hasattr(m, "residual_out"):
             linear.residual_out = m.residual_out
         linear.train(m.training)
-        parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent) if parent else plain, child, linear)
+        _replace(plain, name, linear)
     if hasattr(plain, "blocks"):
         _remove_adapters(plain)
-    for m in plain.modules():
-        if isinstance(m, Attention):
-            m.prefix = None
+    for name, m in list(plain.named_modules()):
+        if isinstance(m, PrefixAttention):
+            _replace(plain, name, m.plain())
     return plain

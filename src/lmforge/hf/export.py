@@ -19,8 +19,7 @@ from lmforge.hf import keymap
 from lmforge.hf.load import Imported, load_hf
 from lmforge.hf.tokenizer import special_tokens
 from lmforge.io import atomic_dir, save_weights, write_safetensors
-from lmforge.peft import Adapter, lora_layers, peft_method, strip_peft
-from lmforge.model.layers import Attention
+from lmforge.peft import Adapter, PrefixAttention, lora_layers, peft_method, strip_peft
 from lmforge.runs import WEIGHTS, load_run
 from lmforge.tasks import registry
 from lmforge.train.distributed import Dist, full_weights
@@ -201,7 +200,7 @@ def write_peft_adapter(model: nn.Module, arch, out_dir: str | Path, base_model_p
     if not layers:
         raise UserError("export: the model has no LoRA layers; a Hugging Face peft adapter is written for "
                         "peft.method lora")
-    if any(isinstance(m, Adapter) or (isinstance(m, Attention) and m.prefix is not None) for m in model.modules()):
+    if any(isinstance(m, (Adapter, PrefixAttention)) for m in model.modules()):
         raise UserError("export: the model has bottleneck adapters or a prefix, which lmforge cannot write as a "
                         "Hugging Face peft adapter; only LoRA is exported")
     settings = {(m.rank, m.alpha, getattr(m.lora_dropout, "p", 0.0)) for m in layers.values()}

@@ -65,7 +65,12 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query heads through F.scaled_dot_product_attention."""
+    """Multi-head attention with grouped-query heads through F.scaled_dot_product_attention.
+
+    `extend_keys` is the one hook for keys and values every query sees besides the sequence's own (peft's
+    prefix tuning overrides it); `extra_keys` says how many it adds."""
+
+    extra_keys = 0
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
@@ -76,9 +81,6 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True  # depth-scaled init
         self.resid_drop = nn.Dropout(cfg.dropout)
-        # prefix tuning (peft.py sets it): learned keys and values [2, n_kv_head, P, head_dim] that every
-        # query attends to; they have no position (no RoPE) and are never stored in a KV cache
-        self.register_parameter("prefix", None)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,29 +97,22 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.append(k, v)
-        if self.causal and T > 1 and (past > 0 or mask is not None or self.prefix is not None):
+        if self.causal and T > 1 and (past > 0 or mask is not None or self.extra_keys):
             # an explicit causal mask, offset by the cached positions: a chunk after a cache, a padding
-            # mask (which must not lift causality) or a prefix (its columns come first)
+            # mask (which must not lift causality) or extra keys (their columns come first)
             causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             mask = causal if mask is None else mask & causal
         is_causal = self.causal and mask is None and past == 0 and T > 1
-        if self.prefix is not None:
-            k, v, mask = self._prepend_prefix(k, v, mask)
+        k, v, mask = self.extend_keys(k, v, mask)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.proj(y))
 
-    def _prepend_prefix(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-        """The learned prefix before the keys and values (after RoPE and the cache), and P leading
-        True columns on the mask: every query may attend to every prefix position."""
-        prefix = self.prefix.to(k.dtype)  # under autocast k is bf16 while the parameter stays fp32
-        B, P = k.shape[0], prefix.shape[2]
-        k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
-        if mask is not None:
-            mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
+    def extend_keys(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+        """Keys [B, kv_heads, S, D], values and the mask [.., T, S] after RoPE and the KV cache, with any
+        extra positions put first (`extra_keys` of them); none here."""
         return k, v, mask
 
 
