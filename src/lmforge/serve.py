@@ -39,6 +39,11 @@ from lmforge import __version__
 from lmforge.data.labelled import Example
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
+from lmforge.generate import generate_texts, prompt_ids, translate
+from lmforge.runs import load_run
+from lmforge.tasks import make_task, registry
+from lmforge.tasks.seq2seq import source_tokenizer
+from lmforge.train.device import pick_device
 
 class RequestError(Exception):
     """A client mistake: answered with `status` and one line naming the field."""
@@ -97,10 +102,6 @@ class Engine:
     """A loaded run and the functions that answer a batch of inputs (called on the worker thread only)."""
 
     def __init__(self, run: str, device_name: str, limits: Limits):
-        from lmforge.runs import load_run
-        from lmforge.tasks import make_task, registry
-        from lmforge.train.device import pick_device
-
         self.device = pick_device(device_name, "serve: --device")
         self.model, self.tok, self.cfg = load_run(run, self.device)
         self.run, self.limits = str(run), limits
@@ -116,8 +117,6 @@ class Engine:
             self.task.prepare_inference(self.tok)
         self.source_tok = self.tok
         if self.endpoint == "translate":
-            from lmforge.tasks.seq2seq import source_tokenizer
-
             self.source_tok = source_tokenizer(Path(run)) or self.tok
         context = self.cfg.model.max_seq_len
         self.max_input_tokens = min(limits.max_input_tokens or context, context - (self.endpoint == "generate"))
@@ -142,8 +141,6 @@ class Engine:
         return self.task.predict(self.model, examples, "request")
 
     def translate(self, texts: list[str], beam: int, length_penalty: float) -> list[dict]:
-        from lmforge.generate import translate
-
         sc = self.cfg.seq2seq
         out = translate(self.model, self.tok, texts, beam_size=beam, length_penalty=length_penalty,
                         max_length_ratio=sc.max_length_ratio, source_tokenizer=self.source_tok)
@@ -152,8 +149,6 @@ class Engine:
     def generate(self, items: list[tuple[list[int], int]], req: GenerateRequest, on_text=None) -> list[str]:
         """items: (prompt ids, seed) of requests that share req's other settings; each row samples from a
         generator seeded with its own request's seed, as `lmforge generate --seed` does."""
-        from lmforge.generate import generate_texts
-
         generators = [torch.Generator(device=self.device).manual_seed(seed) for _, seed in items] \
             if req.temperature > 0 else None
         return generate_texts(self.model, self.tok, [ids for ids, _ in items], req.max_new_tokens, req.temperature,
@@ -416,8 +411,6 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                   "sends server-sent events: data: {\"text\": new text} ..., then data: {\"done\": true, \"text\": "
                   "the whole text}")
         async def generate(req: GenerateRequest, request: Request):
-            from lmforge.generate import prompt_ids
-
             if req.max_new_tokens is None:
                 req.max_new_tokens = limits.max_new_tokens
             if req.max_new_tokens > limits.max_new_tokens:

@@ -20,8 +20,10 @@ from lmforge.data.batches import ExampleBatches, pad_batch
 from lmforge.data.parallel import keep_by_length, read_parallel
 from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, load_tokenizer, seq2seq_special_ids, train_tokenizer
 from lmforge.errors import UserError
+from lmforge.generate import translate
 from lmforge.io import atomic_write, save_weights
 from lmforge.losses import IGNORE_INDEX, linear_cross_entropy, loss_options
+from lmforge.metrics import translation_scores
 from lmforge.model.seq2seq import EncoderDecoder
 from lmforge.runs import WEIGHTS, load_run
 from lmforge.tasks import Task
@@ -171,16 +173,12 @@ class Seq2SeqTask(Task):
         return ("bleu", True) if self.cfg.seq2seq.eval_bleu else ("loss", False)
 
     def translate(self, model, beam_size: int) -> list[str]:
-        from lmforge.generate import translate
-
         sc = self.cfg.seq2seq
         return translate(model, self.tok, [p.source for p in self.dev], beam_size=beam_size,
                          length_penalty=sc.length_penalty, max_length_ratio=sc.max_length_ratio,
                          source_tokenizer=self.src_tok)
 
     def scores(self, hypotheses: list[str]) -> tuple[dict, dict]:
-        from lmforge.metrics import translation_scores
-
         return translation_scores(hypotheses, [p.target for p in self.dev], self.cfg.seq2seq.bleu_tokenize)
 
     @torch.no_grad()

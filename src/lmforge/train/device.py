@@ -8,13 +8,13 @@ import functools
 import torch
 
 from lmforge.errors import UserError
+from lmforge.fields import device_name
+from lmforge.model.layers import Block
 
 
 def pick_device(name: str, where: str = "config: train.device") -> torch.device:
     """auto | cpu | cuda | cuda:N | mps -> a device this machine has, or a one-line UserError
     (torch would only fail deep inside the first .to())."""
-    from lmforge.fields import device_name
-
     ok, accepted = device_name()
     if not ok(name):
         raise UserError(f"{where} = {name!r}: expected {accepted}")
@@ -35,8 +35,6 @@ def set_compiled(model: torch.nn.Module, on: bool, checkpointed: bool = False) -
     `checkpointed`, each block keeps only its input and recomputes the rest in the backward pass
     (activation checkpointing). Returns `on`."""
     from torch.utils.checkpoint import checkpoint
-
-    from lmforge.model.layers import Block
 
     for module in model.modules():
         if isinstance(module, Block):
