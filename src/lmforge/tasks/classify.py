@@ -57,6 +57,8 @@ class SequenceTask(FinetuneTask):
         return {"label": self.label_tensor(examples)}
 
     def label_tensor(self, examples: list[Example]) -> torch.Tensor:
+        """The batch's gold values as the loss takes them: class indices here, numbers (regress), 0/1 rows
+        (multilabel)."""
         path = self.fc_path("train")
         if examples[0].label is None:
             return torch.zeros(len(examples), dtype=torch.long, device="cpu")  # prediction inputs without labels

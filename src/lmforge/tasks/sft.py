@@ -91,6 +91,7 @@ class SFTTask(FinetuneTask):
         metrics.update(next_tokens(hidden[scored], head), batch["target"][scored])
 
     def measure(self, model, device, rows, examples):
+        # ppl is the mean loss's, which the metrics object does not see
         scalars, metrics = super().measure(model, device, rows, examples)
         scalars["ppl"] = math.exp(min(scalars["loss"], 50.0))
         return scalars, metrics
@@ -102,6 +103,7 @@ class SFTTask(FinetuneTask):
             return [{"prompt": e.text, "response": self.respond(model, e.text)} for e in examples]
 
     def respond(self, model, prompt_text: str) -> str:
+        """The greedy response (at most max_length tokens) to the prompt's last max_length / 2 tokens."""
         prompt = self.tokenizer.encode(prompt_text, add_special_tokens=False).ids[-(self.max_length // 2):]
         room = self.cfg.model.max_seq_len - len(prompt)
         return generate_text(model, self.tokenizer, prompt, max_new_tokens=min(room, self.max_length), temperature=0.0)
