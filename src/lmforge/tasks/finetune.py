@@ -154,12 +154,12 @@ class FinetuneTask(Task):
             raise UserError(f"config: task {self.name} needs a causal language model; finetune.init_from = "
                             f"{fc.init_from} holds a {base_cfg.task} encoder")
         # the body's shape is the checkpoint's; only its dropout may differ for this run
-        model = dataclasses.replace(base_cfg.model)
+        shape = dataclasses.replace(base_cfg.model)
         if fc.dropout is not None:
-            model.dropout = fc.dropout
+            shape.dropout = fc.dropout
         pooling = fc.pooling if fc.pooling != "auto" else "last" if causal else "pooler"
         labels = list(self.labels.labels) if self.labels is not None else fc.labels
-        self.built = dataclasses.replace(self.cfg, model=model, finetune=dataclasses.replace(
+        self.built = dataclasses.replace(self.cfg, model=shape, finetune=dataclasses.replace(
             fc, body="decoder" if causal else "encoder", pooling=pooling, labels=labels))
         return self.head_model(self.built)
 
