@@ -30,7 +30,7 @@ test: install browser
 # Bytecode is cached under .cache/ (even where the environment turns caching off): without it every start
 # recompiles torch and transformers, ~20 s of CPU.
 test-fast: install
-	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=.cache/pycache $(PY) -m pytest -q -m "not slow and not gpu" tests
+	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(CURDIR)/.cache/pycache $(PY) -m pytest -q -m "not slow and not gpu" tests
 
 # The GPU tier: every test marked `gpu` (tests/test_gpu.py and the CUDA cases elsewhere). Needs CUDA;
 # `make test` runs the same files and skips these, saying why, where there is none.

@@ -204,6 +204,37 @@ def test_decoder_classifier_pools_the_last_real_token(tmp_path, decoder):
         torch.testing.assert_close(task.outputs(model, alone)[0], together[i], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["classify", "sft"])
+def test_evaluation_runs_the_body_once_per_batch(tmp_path, encoder, decoder, monkeypatch, kind):
+    if kind == "classify":
+        base, (train, dev) = encoder, classify_files(tmp_path)
+    else:
+        data = [{"prompt": " ".join(w) + " =>", "response": " " + " ".join(w[:2])} for w in sentences(60, 12)]
+        base, train, dev = decoder, write_lines(tmp_path / "sft.jsonl", [json.dumps(d) for d in data]), None
+    cfg = load_config(base={"task": kind, "finetune": {"init_from": str(base), "train": str(train), "dev": dev and str(dev)},
+                            "train": {"warmup_steps": 0}, "eval": {"batch_size": 4}})
+    task = make_task(cfg)
+    task.setup()
+    model = task.build_model(pretrained=True).eval()
+    monkeypatch.setattr("lmforge.losses.MIN_CHUNK_ROWS", 4)  # sft: its token accuracy reads the logits in chunks
+    monkeypatch.setattr("lmforge.losses.CHUNK_ELEMENTS", {"cpu": 4 * cfg.model.vocab_size})
+    passes = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+    scalars, metrics = task.measure(model, torch.device("cpu"), task.dev_rows, task.dev_examples)
+    hook.remove()
+    batches = [batch for _, batch in task.batches_in_order(task.dev_rows, task.dev_examples)]
+    assert passes == [len(b["input"]) for b in batches] and len(batches) > 1  # the loss and the metrics share it
+    with torch.no_grad():  # the numbers are those of separate passes for the loss and the metrics
+        assert scalars["loss"] == pytest.approx(sum(float(task.loss(model, b)) for b in batches) /
+                                                sum(task.count(b) for b in batches), rel=1e-6)
+        if kind == "sft":  # the argmax of the full logits, at the response tokens
+            hits = [(model(b["input"]).argmax(-1) == b["target"])[b["target"] != IGNORE_INDEX] for b in batches]
+            assert scalars["token_accuracy"] == float(torch.cat(hits).float().mean())
+        else:
+            pred = torch.cat([task.outputs(model, b).argmax(-1) == b["label"] for b in batches])
+            assert scalars["accuracy"] == pytest.approx(float(pred.float().mean()))
+
+
 @pytest.mark.slow
 def test_lora_run_trains_few_parameters_and_keeps_the_base(tmp_path, encoder, capsys):
     train, dev = classify_files(tmp_path)

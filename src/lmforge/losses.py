@@ -149,6 +149,12 @@ def _chunk_math(device: torch.device, compiled: bool | None):
     return _compiled_or_eager
 
 
+def rows_per_chunk(device: torch.device, vocab: int) -> int:
+    """How many rows of [N, vocab] logits one chunk holds on `device` (CHUNK_ELEMENTS logits, at least
+    MIN_CHUNK_ROWS rows)."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"]) // vocab)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """`cross_entropy(hidden @ weight.T + bias, targets, ...)` over row chunks, without ever holding the
     [N, V] logits. Each chunk's gradient with respect to its logits is formed in the forward pass,
@@ -244,7 +250,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     vocab, width = weight.shape
     hidden, targets = hidden.reshape(-1, width), targets.reshape(-1)
     device = hidden.device.type
-    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cpu"]) // vocab)
+    rows = chunk_rows or rows_per_chunk(hidden.device, vocab)
     if not chunked or targets.numel() <= rows:
         return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=ignore_index,
                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,

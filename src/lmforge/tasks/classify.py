@@ -14,13 +14,13 @@ from lmforge.tasks.finetune import Encoded, FinetuneTask
 
 
 class SequenceTask(FinetuneTask):
-    def n_outputs(self) -> int:
-        return len(self.cfg.finetune.labels)
+    def n_outputs(self, cfg) -> int:
+        """The head's outputs: one per label."""
+        return len(cfg.finetune.labels)
 
-    def head_model(self) -> SequenceClassifier:
-        fc = self.cfg.finetune
-        return SequenceClassifier(self.cfg.model, self.n_outputs(), fc.pooling, fc.body == "decoder",
-                                  fc.classifier_dropout)
+    def head_model(self, cfg) -> SequenceClassifier:
+        fc = cfg.finetune
+        return SequenceClassifier(cfg.model, self.n_outputs(cfg), fc.pooling, fc.body == "decoder", fc.classifier_dropout)
 
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
         """[CLS] a [SEP] (b [SEP]) for an encoder, a (eos b) eos for a decoder, cut longest-first to
@@ -57,18 +57,16 @@ class SequenceTask(FinetuneTask):
         return {"label": self.label_tensor(examples)}
 
     def label_tensor(self, examples: list[Example]) -> torch.Tensor:
+        """The batch's gold values as the loss takes them: class indices here, numbers (regress), 0/1 rows
+        (multilabel)."""
         path = self.fc_path("train")
         if examples[0].label is None:
             return torch.zeros(len(examples), dtype=torch.long, device="cpu")  # prediction inputs without labels
         return torch.tensor([self.labels.index(e.label, e, path) for e in examples], device="cpu")
 
-    def outputs(self, model, batch) -> torch.Tensor:
-        return model(batch["input"], segments=batch.get("segments"), pad_mask=batch["pad_mask"]).float()
-
-    def loss(self, model, batch) -> torch.Tensor:
+    def loss_from(self, outputs, batch) -> torch.Tensor:
         fn = LOSSES[self.cfg.loss.name]
-        out = self.outputs(model, batch)
-        return fn(out, batch["label"], reduction="sum", **loss_options(self.cfg.loss, out.device))
+        return fn(outputs, batch["label"], reduction="sum", **loss_options(self.cfg.loss, outputs.device))
 
     def count(self, batch) -> int:
         return int(batch["label"].shape[0])
@@ -87,11 +85,11 @@ class ClassifyTask(SequenceTask):
     def new_metrics(self):
         return ClassificationMetrics(self.labels.labels)
 
-    def update_metrics(self, metrics, model, batch, rows, examples) -> None:
-        metrics.update(self.outputs(model, batch).argmax(-1).cpu(), batch["label"].cpu())
+    def update_metrics(self, metrics, outputs, batch, rows, examples) -> None:
+        metrics.update(outputs.argmax(-1).cpu(), batch["label"].cpu())
 
-    def predictions(self, model, batch, rows, examples) -> list[dict]:
-        probs = self.outputs(model, batch).softmax(-1).cpu()
+    def predictions(self, outputs, batch, rows, examples) -> list[dict]:
+        probs = outputs.softmax(-1).cpu()
         names = self.labels.labels
         return [{"text": e.text, **({"pair": e.pair} if e.pair is not None else {}), "label": names[int(p.argmax())],
                  "probs": {n: round(float(q), 6) for n, q in zip(names, p)}} for e, p in zip(examples, probs)]
@@ -101,10 +99,10 @@ class RegressTask(SequenceTask):
     name = "regress"
     default_metric = "pearson"
 
-    def n_outputs(self) -> int:
+    def n_outputs(self, cfg) -> int:
         return 1
 
-    def _label_map(self, train, dev):
+    def label_map(self, train, dev):
         return None
 
     def label_tensor(self, examples):
@@ -122,11 +120,11 @@ class RegressTask(SequenceTask):
     def new_metrics(self):
         return RegressionMetrics()
 
-    def update_metrics(self, metrics, model, batch, rows, examples) -> None:
-        metrics.update(self.outputs(model, batch).cpu(), batch["label"].cpu())
+    def update_metrics(self, metrics, outputs, batch, rows, examples) -> None:
+        metrics.update(outputs.cpu(), batch["label"].cpu())
 
-    def predictions(self, model, batch, rows, examples) -> list[dict]:
-        values = self.outputs(model, batch).cpu()
+    def predictions(self, outputs, batch, rows, examples) -> list[dict]:
+        values = outputs.cpu()
         return [{"text": e.text, **({"pair": e.pair} if e.pair is not None else {}), "value": float(v)}
                 for e, v in zip(examples, values)]
 
@@ -159,12 +157,12 @@ class MultiLabelTask(SequenceTask):
     def new_metrics(self):
         return MultiLabelMetrics(self.labels.labels)
 
-    def update_metrics(self, metrics, model, batch, rows, examples) -> None:
-        probs = self.outputs(model, batch).sigmoid()
+    def update_metrics(self, metrics, outputs, batch, rows, examples) -> None:
+        probs = outputs.sigmoid()
         metrics.update((probs >= self.thresholds(probs.device)).cpu(), batch["label"].bool().cpu())
 
-    def predictions(self, model, batch, rows, examples) -> list[dict]:
-        probs = self.outputs(model, batch).sigmoid()
+    def predictions(self, outputs, batch, rows, examples) -> list[dict]:
+        probs = outputs.sigmoid()
         chosen = (probs >= self.thresholds(probs.device)).cpu()
         names = self.labels.labels
         return [{"text": e.text, **({"pair": e.pair} if e.pair is not None else {}),

@@ -1,20 +1,28 @@
-"""Causal language modelling: predict each next token of raw text."""
+"""Causal language modelling: predict each next token of raw text. `next_token_loss` is the loss of
+every task whose model predicts tokens through an output layer (clm, sft, seq2seq, span)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lmforge.data.batches import RandomWindows, eval_windows
 from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import eos_id
-from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.losses import linear_cross_entropy, loss_options
 from lmforge.model.transformer import GPT
-from lmforge.tasks import Task
+from lmforge.tasks.base import Task, follow_tokenizer
+
+
+def next_token_loss(hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, loss_cfg) -> torch.Tensor:
+    """The summed cross-entropy of the targets over the logits head(hidden), the output layer fused
+    with the loss in chunks where the logits would be large (losses.linear_cross_entropy), with the
+    options of the config's loss section."""
+    return linear_cross_entropy(hidden, head.weight, target, head.bias, reduction="sum", chunked=loss_cfg.chunked,
+                                **loss_options(loss_cfg, hidden.device))
 
 
 class CausalLM(Task):
@@ -22,12 +30,12 @@ class CausalLM(Task):
 
     def setup(self) -> None:
         self.data = prepare_tokens(self.cfg.data, self.cfg.model.max_seq_len)
-        vocab = self.data.tokenizer.get_vocab_size()
-        if self.cfg.model.vocab_size == 0:
-            self.cfg.model = dataclasses.replace(self.cfg.model, vocab_size=vocab)
-        elif self.cfg.model.vocab_size < vocab:
-            raise UserError(f"config: model.vocab_size = {self.cfg.model.vocab_size} is smaller than the "
-                            f"tokenizer's vocabulary of {vocab}; set it to 0 to follow the tokenizer")
+        self.resolve()
+
+    def resolve(self):
+        """model.vocab_size: the tokenizer's where it is 0."""
+        self.cfg.model = follow_tokenizer(self.cfg.model, self.data.tokenizer.get_vocab_size())
+        return self.cfg
 
     def build_model(self, pretrained: bool = False) -> GPT:
         return GPT(self.cfg.model)
@@ -40,9 +48,7 @@ class CausalLM(Task):
         return eval_windows(self.data.val, self.cfg.model.max_seq_len, ec.batch_size, ec.batches)
 
     def loss(self, model, batch) -> torch.Tensor:
-        hidden = model.features(batch["input"])
-        return linear_cross_entropy(hidden, model.head.weight, batch["target"], model.head.bias, reduction="sum",
-                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss, hidden.device))
+        return next_token_loss(model.features(batch["input"]), model.head, batch["target"], self.cfg.loss)
 
     def save_artifacts(self, run_dir: Path) -> None:
         self.data.tokenizer.save(str(run_dir / "tokenizer.json"))

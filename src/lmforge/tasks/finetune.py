@@ -2,9 +2,13 @@
 Hugging Face folder, epochs of length-grouped, dynamically padded batches, the whole dev set evaluated
 with the task's metrics, and a report (JSON + text) on the best weights.
 
-A subclass says how an example becomes token ids (`encode`), how a batch becomes a summed loss
-(`loss`), how model outputs become metric updates and predictions (`_outputs`, `_predictions`) and which
-model it trains (`head_model`).
+setup() reads the files and the pretrained body; resolve() writes what they decide into the config (the
+label set, the body's shape and direction, the pooling, the steps of the epochs). A subclass fills the
+hooks FinetuneTask declares: its model (`head_model`), its labels (`label_map`), how examples become token
+ids (`encode_all`) and a batch's gold tensors (`targets`), and its metrics (`new_metrics`, `metric_names`,
+`default_metric`, `result_metrics`). A batch goes through the model once (`outputs`); the summed loss
+(`loss_from`; training's `loss` is loss_from(outputs(...))), the metric updates (`update_metrics`) and the
+records of `lmforge predict` (`predictions`) are all computed from those outputs.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from lmforge.errors import UserError
 from lmforge.hf.load import load_hf
 from lmforge.peft import apply_peft
 from lmforge.runs import load_run
-from lmforge.tasks import Task, registry
+from lmforge.tasks import registry
+from lmforge.tasks.base import Task
 
 LABELS_FILE = "labels.json"
 REPORT_FILE = "dev_report.json"
@@ -49,10 +54,13 @@ class Encoded:
 
 class FinetuneTask(Task):
     report_best = True  # the loop reloads the best weights before finish()
+    default_metric = ""  # the dev metric of finetune.metric = auto: one of metric_names()
+    needs_decoder = False  # the task trains a causal LM's own head (sft): an encoder to start from is a user error
 
     # -- set-up -------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Read the labelled files and the pretrained body, resolve() the config, encode the examples."""
         cfg, fc = self.cfg, self.cfg.finetune
         if not fc.init_from:
             raise UserError("config: finetune.init_from: expected the pretrained model to start from (a run "
@@ -65,13 +73,13 @@ class FinetuneTask(Task):
             dev = read_examples(fc.dev, self.name, fc)
         else:
             train, dev = split_dev(train, fc.dev_fraction, cfg.train.seed)
-        self.labels = self._label_map(train, dev)
-        self.start, tok = self._pretrained()
-        self.use_tokenizer(tok)
         self.train_examples, self.dev_examples = train, dev
+        self.labels = self.label_map(train, dev)
+        self.start, tok = self._pretrained()
+        self.resolve()
+        self.use_tokenizer(tok)
         self.train_rows = self.encode_all(train, self.fc_path("train"))
         self.dev_rows = self.encode_all(dev, fc.dev or fc.train)
-        self._schedule(len(train))
         if fc.metric != "auto" and fc.metric not in self.metric_names():
             raise UserError(f"config: finetune.metric = {fc.metric!r}: the {self.name} evaluation reports "
                             f"{', '.join(self.metric_names())}")
@@ -79,20 +87,25 @@ class FinetuneTask(Task):
     def fc_path(self, split: str) -> str:
         return getattr(self.cfg.finetune, split) or self.cfg.finetune.train
 
-    def _label_map(self, train: list[Example], dev: list[Example]) -> LabelMap | None:
+    def label_map(self, train: list[Example], dev: list[Example]) -> LabelMap | None:
+        """The label set: the training file's labels sorted, or finetune.labels in its order; None for a
+        task without labels."""
         fc = self.cfg.finetune
         labels = LabelMap.build(train, self.name, fc.labels, path=fc.train)
         for e in dev:  # an unknown dev label stops the run now, not at the first evaluation
             for label in (e.label if isinstance(e.label, list) else [e.label]):
                 labels.index(label, e, fc.dev or fc.train)
-        fc.labels = list(labels.labels)  # recorded in config.yaml: the run rebuilds its head from it
         return labels
 
-    def _schedule(self, n_train: int) -> None:
-        """finetune.epochs -> train.max_steps; finetune.evals_per_epoch -> eval.every."""
-        cfg, fc, tc = self.cfg, self.cfg.finetune, self.cfg.train
+    def resolve(self):
+        """The label set (recorded in config.yaml: the run rebuilds its head from it), the pretrained
+        body's shape, direction and pooling as the model was built on it (self.built), and
+        finetune.epochs -> train.max_steps, finetune.evals_per_epoch -> eval.every."""
+        cfg, fc, tc, built = self.cfg, self.cfg.finetune, self.cfg.train, self.built
+        cfg.model = built.model
+        fc.labels, fc.body, fc.pooling = built.finetune.labels, built.finetune.body, built.finetune.pooling
         world = self.shard[1]
-        steps_per_epoch = max(1, math.ceil(n_train / (tc.batch_size * world)) // tc.grad_accum)
+        steps_per_epoch = max(1, math.ceil(len(self.train_examples) / (tc.batch_size * world)) // tc.grad_accum)
         if fc.epochs:
             tc.max_steps = max(1, math.ceil(fc.epochs * steps_per_epoch))
         if fc.evals_per_epoch:
@@ -100,10 +113,11 @@ class FinetuneTask(Task):
         if tc.warmup_steps >= tc.max_steps:
             raise UserError(f"config: train.warmup_steps = {tc.warmup_steps} must be < train.max_steps = "
                             f"{tc.max_steps} ({fc.epochs:g} epochs of {steps_per_epoch} steps)")
+        return cfg
 
     def _pretrained(self) -> tuple[torch.nn.Module, Tokenizer]:
-        """The plain task model with the pretrained body's weights (the head fresh), and the tokenizer.
-        Fills cfg.model and finetune.pooling from what was found."""
+        """The plain task model with the pretrained body's weights (the head fresh), and the tokenizer;
+        self.built is the config it was built from."""
         cfg, fc = self.cfg, self.cfg.finetune
         path = Path(fc.init_from)
         if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
@@ -122,24 +136,31 @@ class FinetuneTask(Task):
             fresh = sorted({k.rsplit(".", 1)[0] for k in missing})
             if fresh:
                 print(f"lmforge: note: not in {path}, so trained from a fresh start: {', '.join(fresh)}")
-        if getattr(model, "pooling", None) == "pooler" and self._pooling_was_auto and "pooler" in fresh:
-            model.pooling, model.pooler, fc.pooling = "cls", None, "cls"  # an encoder without a trained pooler
+        if getattr(model, "pooling", None) == "pooler" and fc.pooling == "auto" and "pooler" in fresh:
+            # an encoder without a trained pooler: pool its first token instead
+            model.pooling, model.pooler, self.built.finetune.pooling = "cls", None, "cls"
         return model.train(), tok
 
     def _adopt(self, base_cfg) -> torch.nn.Module:
-        """Take the pretrained body's shape (cfg.model) and direction, resolve pooling, build the model."""
+        """The task model on the pretrained body that base_cfg describes (load_run's and load_hf's build):
+        the body's shape and direction, pooling auto chosen for it (pooler for an encoder, until its
+        checkpoint turns out to have none), the label set found. The config it is built from, the run's
+        with those, is kept as self.built for resolve()."""
         fc = self.cfg.finetune
         body = registry.spec(base_cfg.task).body
         causal = (base_cfg.finetune.body if body == "pretrained" else body) == "decoder"
-        fc.body = "decoder" if causal else "encoder"
+        if self.needs_decoder and not causal:
+            raise UserError(f"config: task {self.name} needs a causal language model; finetune.init_from = "
+                            f"{fc.init_from} holds a {base_cfg.task} encoder")
         # the body's shape is the checkpoint's; only its dropout may differ for this run
-        self.cfg.model = dataclasses.replace(base_cfg.model)
+        shape = dataclasses.replace(base_cfg.model)
         if fc.dropout is not None:
-            self.cfg.model.dropout = fc.dropout
-        self._pooling_was_auto = fc.pooling == "auto"
-        if fc.pooling == "auto":
-            fc.pooling = "last" if causal else "pooler"
-        return self.head_model()
+            shape.dropout = fc.dropout
+        pooling = fc.pooling if fc.pooling != "auto" else "last" if causal else "pooler"
+        labels = list(self.labels.labels) if self.labels is not None else fc.labels
+        self.built = dataclasses.replace(self.cfg, model=shape, finetune=dataclasses.replace(
+            fc, body="decoder" if causal else "encoder", pooling=pooling, labels=labels))
+        return self.head_model(self.built)
 
     def use_tokenizer(self, tok: Tokenizer) -> None:
         """Special ids from the tokenizer; its own truncation and padding settings are turned off (an
@@ -164,19 +185,21 @@ class FinetuneTask(Task):
 
     # -- model ---------------------------------------------------------------------------------------
 
-    def head_model(self) -> torch.nn.Module:
+    def head_model(self, cfg) -> torch.nn.Module:
+        """The task's model (the body and the task's head) as `cfg` describes it, with fresh weights."""
         raise NotImplementedError
 
     def build_model(self, pretrained: bool = False) -> torch.nn.Module:
         """The task model with its PEFT modules; pretrained: start from init_from's weights (setup loaded
         them), else fresh weights that a run's saved state will fill."""
-        model = self.start if pretrained else self.head_model()
+        model = self.start if pretrained else self.head_model(self.cfg)
         apply_peft(model, self.cfg.peft)
         return model
 
     # -- batches -------------------------------------------------------------------------------------
 
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
+        """Each example's token ids (and segments, per-token targets); `path` names the file in errors."""
         raise NotImplementedError
 
     def augmented(self, examples: list[Example], rng: random.Random) -> list[Example]:
@@ -205,6 +228,7 @@ class FinetuneTask(Task):
         return batch
 
     def targets(self, rows: list[Encoded], examples: list[Example]) -> dict[str, torch.Tensor]:
+        """The batch's gold tensors (on the CPU), beside its input, e.g. {"label": ...} or {"target": ...}."""
         raise NotImplementedError
 
     def train_batches(self, seed: int) -> ExampleBatches:
@@ -244,9 +268,32 @@ class FinetuneTask(Task):
     def eval_batches(self):
         return (batch for _, batch in self.batches_in_order(self.dev_rows, self.dev_examples))
 
+    # -- the forward pass and what is computed from it -----------------------------------------------
+
+    def outputs(self, model, batch: dict):
+        """The batch's one pass through the model: everything below is computed from what it returns.
+        By default the model's output (logits) in fp32."""
+        return model(batch["input"], segments=batch.get("segments"), pad_mask=batch["pad_mask"]).float()
+
+    def loss_from(self, outputs, batch: dict) -> torch.Tensor:
+        """The loss summed over the batch's targets (see count()), from its outputs."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return self.loss_from(self.outputs(model, batch), batch)
+
+    def update_metrics(self, metrics, outputs, batch: dict, rows: list[Encoded], examples: list[Example]) -> None:
+        """Add the batch's predictions, read from its outputs, and gold values to `metrics` (new_metrics())."""
+        raise NotImplementedError
+
+    def predictions(self, outputs, batch: dict, rows: list[Encoded], examples: list[Example]) -> list[dict]:
+        """One JSON-ready record per example of the batch, from its outputs (`lmforge predict`, the server)."""
+        raise NotImplementedError
+
     # -- evaluation ----------------------------------------------------------------------------------
 
     def metric_names(self) -> list[str]:
+        """The dev metrics the evaluation reports, "loss" among them: the choices of finetune.metric."""
         raise NotImplementedError
 
     def selection(self) -> tuple[str, bool]:
@@ -256,17 +303,19 @@ class FinetuneTask(Task):
         return metric, metric not in ("loss", "mse", "mae", "rmse")
 
     def new_metrics(self):
+        """An empty metrics object: update_metrics() fills it, its result() gives the numbers (lmforge.metrics)."""
         raise NotImplementedError
 
     def measure(self, model, device, rows: list[Encoded], examples: list[Example]) -> tuple[dict, object]:
-        """(scalar metrics with the mean loss, the metrics object) over all rows."""
+        """(scalar metrics with the mean loss, the metrics object) over all rows, one forward pass a batch."""
         metrics, loss_sum, n = self.new_metrics(), 0.0, 0
         with torch.no_grad():
             for chosen, batch in self.batches_in_order(rows, examples):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss_sum += float(self.loss(model, batch))
+                outputs = self.outputs(model, batch)
+                loss_sum += float(self.loss_from(outputs, batch))
                 n += self.count(batch)
-                self.update_metrics(metrics, model, batch, [rows[j] for j in chosen], [examples[j] for j in chosen])
+                self.update_metrics(metrics, outputs, batch, [rows[j] for j in chosen], [examples[j] for j in chosen])
         scalars = {k: float(v) for k, v in metrics.result().items() if isinstance(v, (int, float, np.floating))}
         return {"loss": loss_sum / max(n, 1), **scalars}, metrics
 
@@ -311,10 +360,8 @@ class FinetuneTask(Task):
         with torch.no_grad():
             for chosen, batch in self.batches_in_order(rows, examples):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                for j, record in zip(chosen, self.predictions(model, batch, [rows[j] for j in chosen],
-                                                              [examples[j] for j in chosen])):
+                records = self.predictions(self.outputs(model, batch), batch, [rows[j] for j in chosen],
+                                           [examples[j] for j in chosen])
+                for j, record in zip(chosen, records):
                     out[j] = record
         return out
-
-    def predictions(self, model, batch: dict, rows: list[Encoded], examples: list[Example]) -> list[dict]:
-        raise NotImplementedError

@@ -3,7 +3,6 @@ next-sentence prediction. The examples and the masking are in data/masking.py.""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from lmforge.data.store import prepare_tokens
 from lmforge.errors import UserError
 from lmforge.losses import IGNORE_INDEX, linear_cross_entropy, loss_options
 from lmforge.model.transformer import MaskedLM
-from lmforge.tasks import Task
+from lmforge.tasks.base import Task, follow_tokenizer
 
 EVAL_MASK_SEED = 1234  # the val set is masked the same way at every evaluation
 
@@ -27,13 +26,9 @@ class MaskedLMTask(Task):
     def setup(self) -> None:
         cfg = self.cfg
         self.data = prepare_tokens(cfg.data, cfg.model.max_seq_len)
+        self.resolve()
         tok = self.data.tokenizer
         vocab = tok.get_vocab_size()
-        if cfg.model.vocab_size == 0:
-            cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
-        elif cfg.model.vocab_size < vocab:
-            raise UserError(f"config: model.vocab_size = {cfg.model.vocab_size} is smaller than the "
-                            f"tokenizer's vocabulary of {vocab}; set it to 0 to follow the tokenizer")
         if cfg.mlm.nsp and cfg.model.type_vocab_size < 2:
             raise UserError(f"config: mlm.nsp = true needs model.type_vocab_size >= 2 (got "
                             f"{cfg.model.type_vocab_size}) for the segments of sentences A and B")
@@ -47,6 +42,11 @@ class MaskedLMTask(Task):
         counts = np.bincount(self.data.train, minlength=vocab)[:vocab]
         counts[self.masker.special.numpy()[:vocab]] = 0
         self.most_frequent = int(counts.argmax())
+
+    def resolve(self):
+        """model.vocab_size: the tokenizer's where it is 0."""
+        self.cfg.model = follow_tokenizer(self.cfg.model, self.data.tokenizer.get_vocab_size())
+        return self.cfg
 
     def build_model(self, pretrained: bool = False) -> MaskedLM:
         return MaskedLM(self.cfg.model, nsp=self.cfg.mlm.nsp)

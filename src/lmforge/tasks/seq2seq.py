@@ -8,7 +8,6 @@ so the encoder and decoder share one embedding, tied to the output projection.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -16,17 +15,19 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from lmforge.config import Config
 from lmforge.data.batches import ExampleBatches, pad_batch
 from lmforge.data.parallel import keep_by_length, read_parallel
 from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, load_tokenizer, seq2seq_special_ids, train_tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import translate
 from lmforge.io import atomic_write, save_weights
-from lmforge.losses import IGNORE_INDEX, linear_cross_entropy, loss_options
+from lmforge.losses import IGNORE_INDEX
 from lmforge.metrics import translation_scores
 from lmforge.model.seq2seq import EncoderDecoder
 from lmforge.runs import WEIGHTS, load_run
-from lmforge.tasks import Task
+from lmforge.tasks.base import Task, at_least_vocab
+from lmforge.tasks.clm import next_token_loss
 from lmforge.train.checkpoint import CKPT_DIR, average_checkpoints, checkpoints
 from lmforge.train.distributed import Dist, full_weights
 
@@ -43,13 +44,11 @@ def collate(sources: list[list[int]], targets: list[list[int]], pad: int, bos: i
             "target": pad_batch(targets, pad, fill=IGNORE_INDEX)}
 
 
-def seq2seq_loss(model: EncoderDecoder, batch: dict, loss_cfg, chunked: bool) -> torch.Tensor:
-    """Summed (label-smoothed) cross-entropy of the targets; the output projection and the loss are fused
-    in chunks when the logits would be large (losses.linear_cross_entropy)."""
+def seq2seq_loss(model: EncoderDecoder, batch: dict, loss_cfg) -> torch.Tensor:
+    """Summed (label-smoothed) cross-entropy of the targets: the decoder's next-token loss."""
     memory = model.encode(batch["input"], batch["source_mask"])
     hidden = model.decoder.features(batch["decoder_input"], memory=memory)
-    return linear_cross_entropy(hidden, model.head.weight, batch["target"], None, reduction="sum", chunked=chunked,
-                                **loss_options(loss_cfg, hidden.device))
+    return next_token_loss(hidden, model.head, batch["target"], loss_cfg)
 
 
 SOURCE_TOKENIZER = "source_tokenizer.json"
@@ -68,16 +67,13 @@ def source_tokenizer(run_dir: Path) -> Tokenizer | None:
     return load_tokenizer(path / SOURCE_TOKENIZER) if (path / SOURCE_TOKENIZER).is_file() else None
 
 
-def load_init(cfg, path: str) -> tuple[EncoderDecoder, Tokenizer]:
-    """The model and tokenizer of an earlier seq2seq or span run; cfg takes its model shape."""
+def load_init(path: str) -> tuple[EncoderDecoder, Tokenizer, Config]:
+    """The model, tokenizer and config of an earlier seq2seq or span run."""
     model, tok, init_cfg = load_run(path)
     if init_cfg.task not in ("seq2seq", "span"):
         raise UserError(f"config: seq2seq.init_from = {path}: a {init_cfg.task} run; expected an encoder-decoder "
                         "(a seq2seq or span run)")
-    cfg.model = init_cfg.model
-    cfg.seq2seq.decoder_layers = init_cfg.seq2seq.decoder_layers
-    cfg.seq2seq.source_vocab_size = init_cfg.seq2seq.source_vocab_size
-    return model, tok
+    return model, tok, init_cfg
 
 
 class Seq2SeqTask(Task):
@@ -92,19 +88,20 @@ class Seq2SeqTask(Task):
                                 f"seq2seq.{key}_target)")
         train = read_parallel(sc.train, sc.train_target)
         self.dev = read_parallel(sc.dev, sc.dev_target)
-        self.init = None
+        self.init = self.init_cfg = None
         tc = self.cfg.data.tokenizer
         run_dir = Path(self.cfg.log.run_dir) if self.cfg.log.run_dir else None
         # a run continued in its own directory (--resume) keeps the tokenizer it was trained with
         given = str(run_dir) if run_dir and (run_dir / "tokenizer.json").is_file() else tc.path
         if sc.init_from or given:
             if sc.init_from:
-                self.init, self.tok = load_init(self.cfg, sc.init_from)
+                self.init, self.tok, self.init_cfg = load_init(sc.init_from)
             else:
                 self.tok = load_tokenizer(given)
             self.src_tok = source_tokenizer(sc.init_from or given)
-            if (self.src_tok is not None) != bool(sc.source_vocab_size):
-                raise UserError(f"config: seq2seq.source_vocab_size = {sc.source_vocab_size} but "
+            declared = (self.init_cfg or self.cfg).seq2seq.source_vocab_size  # the run started from decides
+            if (self.src_tok is not None) != bool(declared):
+                raise UserError(f"config: seq2seq.source_vocab_size = {declared} but "
                                 f"{sc.init_from or given} has {'a' if self.src_tok is not None else 'no'} {SOURCE_TOKENIZER}")
         elif sc.source_vocab_size:  # a BPE per side
             self.src_tok = train_tokenizer([p.source for p in train], tc.kind, sc.source_vocab_size, SEQ2SEQ_SPECIALS,
@@ -114,14 +111,11 @@ class Seq2SeqTask(Task):
             texts = [p.source for p in train] + [p.target for p in train]
             self.tok, self.src_tok = train_tokenizer(texts, tc.kind, tc.vocab_size, SEQ2SEQ_SPECIALS, tc.lowercase), None
         self.pad, self.bos, self.eos = seq2seq_special_ids(self.tok)
-        if self.src_tok is not None:
-            if seq2seq_special_ids(self.src_tok) != (self.pad, self.bos, self.eos):  # one padding and end id per batch
-                raise UserError("tokenizer: the source tokenizer's <pad> <s> </s> ids differ from the target's; "
-                                "expected the same ids on both sides")
-            sc.source_vocab_size = max(sc.source_vocab_size, self.src_tok.get_vocab_size())
-        vocab = self.tok.get_vocab_size()
-        if self.cfg.model.vocab_size < vocab:
-            self.cfg.model = dataclasses.replace(self.cfg.model, vocab_size=vocab)
+        if self.src_tok is not None and seq2seq_special_ids(self.src_tok) != (self.pad, self.bos, self.eos):
+            # one padding and end id per batch
+            raise UserError("tokenizer: the source tokenizer's <pad> <s> </s> ids differ from the target's; "
+                            "expected the same ids on both sides")
+        self.resolve()
         limit = min(sc.max_length, self.cfg.model.max_seq_len)
         src, tgt = self._encode([p.source for p in train], self.src_tok), self._encode([p.target for p in train])
         keep = keep_by_length([len(s) for s in src], [len(t) for t in tgt], limit, sc.max_ratio)
@@ -134,6 +128,18 @@ class Seq2SeqTask(Task):
         self.train_src, self.train_tgt = [src[i] for i in keep], [tgt[i] for i in keep]
         self.dev_src = [s[:limit - 1] + [self.eos] for s in self._encode([p.source for p in self.dev], self.src_tok)]
         self.dev_tgt = [t[:limit - 1] + [self.eos] for t in self._encode([p.target for p in self.dev])]
+
+    def resolve(self):
+        """The model shape and vocabularies of the run started from (seq2seq.init_from), and vocabulary
+        sizes at least the tokenizers'."""
+        cfg, sc = self.cfg, self.cfg.seq2seq
+        if self.init_cfg is not None:
+            cfg.model, init = self.init_cfg.model, self.init_cfg.seq2seq
+            sc.decoder_layers, sc.source_vocab_size = init.decoder_layers, init.source_vocab_size
+        if self.src_tok is not None:
+            sc.source_vocab_size = max(sc.source_vocab_size, self.src_tok.get_vocab_size())
+        cfg.model = at_least_vocab(cfg.model, self.tok.get_vocab_size())
+        return cfg
 
     def _encode(self, texts: list[str], tok: Tokenizer | None = None) -> list[list[int]]:
         return [e.ids + [self.eos] for e in (tok or self.tok).encode_batch(texts, add_special_tokens=False)]
@@ -167,7 +173,7 @@ class Seq2SeqTask(Task):
             start = end
 
     def loss(self, model, batch) -> torch.Tensor:
-        return seq2seq_loss(model, batch, self.cfg.loss, self.cfg.loss.chunked)
+        return seq2seq_loss(model, batch, self.cfg.loss)
 
     def selection(self) -> tuple[str, bool]:
         return ("bleu", True) if self.cfg.seq2seq.eval_bleu else ("loss", False)

@@ -1,19 +1,21 @@
 """Supervised fine-tuning of a causal LM on prompt/response pairs: the model reads prompt + response
 and is trained to predict the response (and the end-of-text token after it) only; prompt tokens carry
-no loss."""
+no loss. The logits are never formed for the whole batch: the loss fuses the output layer with the
+cross-entropy in chunks, and the token accuracy reads the predictions at the response tokens only."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import nn
 
 from lmforge.data.batches import pad_batch
 from lmforge.data.labelled import Example
-from lmforge.errors import UserError
 from lmforge.generate import generate_text
-from lmforge.losses import IGNORE_INDEX, linear_cross_entropy, loss_options
+from lmforge.losses import IGNORE_INDEX, rows_per_chunk
 from lmforge.model.transformer import GPT
+from lmforge.tasks.clm import next_token_loss
 from lmforge.tasks.finetune import Encoded, FinetuneTask
 
 
@@ -23,26 +25,31 @@ class _TokenMetrics:
     def __init__(self):
         self.correct = self.n = 0
 
+    def update(self, pred: torch.Tensor, gold: torch.Tensor) -> None:
+        self.correct += int((pred == gold).sum())
+        self.n += len(gold)
+
     def result(self) -> dict:
         return {"token_accuracy": self.correct / max(self.n, 1), "tokens": self.n}
+
+
+def next_tokens(hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """The most likely token after each of the rows of hidden states [M, d]: argmax of head(hidden), a
+    chunk of rows at a time, so the [M, V] logits are never held at once."""
+    rows = rows_per_chunk(hidden.device, head.out_features)
+    return torch.cat([head(h).argmax(-1) for h in hidden.split(rows)])
 
 
 class SFTTask(FinetuneTask):
     name = "sft"
     default_metric = "loss"
+    needs_decoder = True
 
-    def _label_map(self, train, dev):
+    def label_map(self, train, dev):
         return None
 
-    def _adopt(self, base_cfg):
-        model = super()._adopt(base_cfg)
-        if self.cfg.finetune.body != "decoder":
-            raise UserError(f"config: task sft needs a causal language model; finetune.init_from = "
-                            f"{self.cfg.finetune.init_from} holds a {base_cfg.task} encoder")
-        return model
-
-    def head_model(self) -> GPT:
-        return GPT(self.cfg.model)
+    def head_model(self, cfg) -> GPT:
+        return GPT(cfg.model)
 
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
         tok = self.tokenizer
@@ -61,10 +68,13 @@ class SFTTask(FinetuneTask):
     def targets(self, rows, examples) -> dict[str, torch.Tensor]:
         return {"target": pad_batch([r.target for r in rows], IGNORE_INDEX)}
 
-    def loss(self, model, batch) -> torch.Tensor:
-        hidden = model.features(batch["input"])
-        return linear_cross_entropy(hidden, model.head.weight, batch["target"], model.head.bias, reduction="sum",
-                                    chunked=self.cfg.loss.chunked, **loss_options(self.cfg.loss, hidden.device))
+    def outputs(self, model, batch) -> tuple[torch.Tensor, nn.Linear]:
+        """(the last hidden states [B, T, d], the output layer): the logits are left to the loss's chunks."""
+        return model.features(batch["input"]), model.head
+
+    def loss_from(self, outputs, batch) -> torch.Tensor:
+        hidden, head = outputs
+        return next_token_loss(hidden, head, batch["target"], self.cfg.loss)
 
     def metric_names(self):
         return ["loss", "ppl", "token_accuracy"]
@@ -75,24 +85,25 @@ class SFTTask(FinetuneTask):
     def new_metrics(self):
         return _TokenMetrics()
 
-    def update_metrics(self, metrics, model, batch, rows, examples) -> None:
-        target = batch["target"]
-        scored = target != IGNORE_INDEX
-        pred = model(batch["input"]).argmax(-1)
-        metrics.correct += int((pred[scored] == target[scored]).sum())
-        metrics.n += int(scored.sum())
+    def update_metrics(self, metrics, outputs, batch, rows, examples) -> None:
+        hidden, head = outputs
+        scored = batch["target"] != IGNORE_INDEX
+        metrics.update(next_tokens(hidden[scored], head), batch["target"][scored])
 
     def measure(self, model, device, rows, examples):
+        # ppl is the mean loss's, which the metrics object does not see
         scalars, metrics = super().measure(model, device, rows, examples)
         scalars["ppl"] = math.exp(min(scalars["loss"], 50.0))
         return scalars, metrics
 
-    def predictions(self, model, batch, rows, examples) -> list[dict]:
-        out = []
-        for e, r in zip(examples, rows):
-            prompt = self.tokenizer.encode(e.text, add_special_tokens=False).ids[-(self.max_length // 2):]
-            room = self.cfg.model.max_seq_len - len(prompt)
-            text = generate_text(model, self.tokenizer, prompt, max_new_tokens=min(room, self.max_length),
-                                 temperature=0.0)
-            out.append({"prompt": e.text, "response": text})
-        return out
+    def predict(self, model, examples, path) -> list[dict]:
+        """Each prompt's greedy response: generated one example at a time, so there is no batch forward
+        pass to share (and predictions() is not used)."""
+        with torch.no_grad():
+            return [{"prompt": e.text, "response": self.respond(model, e.text)} for e in examples]
+
+    def respond(self, model, prompt_text: str) -> str:
+        """The greedy response (at most max_length tokens) to the prompt's last max_length / 2 tokens."""
+        prompt = self.tokenizer.encode(prompt_text, add_special_tokens=False).ids[-(self.max_length // 2):]
+        room = self.cfg.model.max_seq_len - len(prompt)
+        return generate_text(model, self.tokenizer, prompt, max_new_tokens=min(room, self.max_length), temperature=0.0)

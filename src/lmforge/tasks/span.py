@@ -8,6 +8,7 @@ The model and its tokenizer can then start a translation run (seq2seq.init_from)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from lmforge.data.batches import RandomWindows, eval_windows
 from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, sentinel, seq2seq_special_ids
 from lmforge.errors import UserError
-from lmforge.tasks import Task
+from lmforge.tasks.base import Task, at_least_vocab
 from lmforge.tasks.seq2seq import build_encoder_decoder, collate, seq2seq_loss
 
 
@@ -63,9 +64,9 @@ class SpanCorruption(Task):
             raise UserError(f"config: model.max_seq_len = {mc.max_seq_len} is too short for span corruption with "
                             f"span.noise_density = {sc.noise_density:g}; expected a longer window")
         tc = self.cfg.data.tokenizer
-        if not tc.path:  # the tokenizer trained here needs the encoder-decoder's tokens and the sentinels
-            tc.special_tokens = SEQ2SEQ_SPECIALS + [sentinel(i) for i in range(spans)]
-        self.data = prepare_tokens(self.cfg.data, mc.max_seq_len)
+        # the tokenizer trained here needs the encoder-decoder's tokens and the sentinels
+        self.special_tokens = None if tc.path else SEQ2SEQ_SPECIALS + [sentinel(i) for i in range(spans)]
+        self.data = prepare_tokens(self._data_config(), mc.max_seq_len)
         tok = self.data.tokenizer
         self.pad, self.bos, self.eos = seq2seq_special_ids(tok)
         self.sentinels = [tok.token_to_id(sentinel(i)) for i in range(spans)]
@@ -73,8 +74,22 @@ class SpanCorruption(Task):
             raise UserError(f"tokenizer: {tc.path}: has no {sentinel(self.sentinels.index(None))} token; span "
                             f"corruption of {mc.max_seq_len}-token windows needs <extra_id_0> .. "
                             f"<extra_id_{spans - 1}>")
-        if mc.vocab_size < tok.get_vocab_size():
-            mc.vocab_size = tok.get_vocab_size()
+        self.resolve()
+
+    def _data_config(self):
+        """The data section with the special tokens a tokenizer trained here needs."""
+        dc = self.cfg.data
+        if self.special_tokens is None:
+            return dc
+        return dataclasses.replace(dc, tokenizer=dataclasses.replace(dc.tokenizer, special_tokens=self.special_tokens))
+
+    def resolve(self):
+        """The special tokens of the tokenizer trained here (config.yaml records them), and
+        model.vocab_size at least the tokenizer's."""
+        if self.special_tokens is not None:
+            self.cfg.data.tokenizer.special_tokens = self.special_tokens
+        self.cfg.model = at_least_vocab(self.cfg.model, self.data.tokenizer.get_vocab_size())
+        return self.cfg
 
     def build_model(self, pretrained: bool = False):
         return build_encoder_decoder(self.cfg)
@@ -97,7 +112,7 @@ class SpanCorruption(Task):
             yield self._examples(_whole_windows(b), np.random.default_rng([0, i]))
 
     def loss(self, model, batch) -> torch.Tensor:
-        return seq2seq_loss(model, batch, self.cfg.loss, self.cfg.loss.chunked)
+        return seq2seq_loss(model, batch, self.cfg.loss)
 
     def flops_per_token(self, model) -> float:
         n = self.cfg.model.max_seq_len

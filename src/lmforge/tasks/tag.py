@@ -19,9 +19,9 @@ class TagTask(FinetuneTask):
     name = "tag"
     default_metric = "entity_f1"
 
-    def head_model(self) -> TokenTagger:
-        fc = self.cfg.finetune
-        return TokenTagger(self.cfg.model, len(fc.labels), fc.body == "decoder", fc.classifier_dropout)
+    def head_model(self, cfg) -> TokenTagger:
+        fc = cfg.finetune
+        return TokenTagger(cfg.model, len(fc.labels), fc.body == "decoder", fc.classifier_dropout)
 
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
         rows = []
@@ -35,13 +35,9 @@ class TagTask(FinetuneTask):
     def targets(self, rows, examples) -> dict[str, torch.Tensor]:
         return {"target": pad_batch([r.target for r in rows], IGNORE_INDEX)}
 
-    def outputs(self, model, batch) -> torch.Tensor:
-        return model(batch["input"], segments=batch.get("segments"), pad_mask=batch["pad_mask"]).float()
-
-    def loss(self, model, batch) -> torch.Tensor:
-        logits = self.outputs(model, batch)
-        return LOSSES[self.cfg.loss.name](logits.flatten(0, 1), batch["target"].flatten(), reduction="sum",
-                                          **loss_options(self.cfg.loss, logits.device))
+    def loss_from(self, outputs, batch) -> torch.Tensor:
+        return LOSSES[self.cfg.loss.name](outputs.flatten(0, 1), batch["target"].flatten(), reduction="sum",
+                                          **loss_options(self.cfg.loss, outputs.device))
 
     def metric_names(self):
         return ["loss", "entity_f1", "entity_precision", "entity_recall", "token_accuracy"]
@@ -52,16 +48,16 @@ class TagTask(FinetuneTask):
     def new_metrics(self):
         return EntityMetrics(self.labels.scheme)
 
-    def word_tags(self, model, batch, rows: list[Encoded]) -> list[list[str]]:
+    def word_tags(self, logits: torch.Tensor, rows: list[Encoded]) -> list[list[str]]:
         """Each example's predicted tag per word ('O' for a word cut off by max_length)."""
-        pred = self.outputs(model, batch).argmax(-1).cpu()
+        pred = logits.argmax(-1).cpu()
         names = self.labels.labels
         return [[names[int(pred[i, s])] if s >= 0 else "O" for s in r.word_starts] for i, r in enumerate(rows)]
 
-    def update_metrics(self, metrics, model, batch, rows, examples) -> None:
+    def update_metrics(self, metrics, outputs, batch, rows, examples) -> None:
         # whole sentences: a word cut off by max_length is predicted 'O' and still scored
-        metrics.update(self.word_tags(model, batch, rows), [e.label for e in examples])
+        metrics.update(self.word_tags(outputs, rows), [e.label for e in examples])
 
-    def predictions(self, model, batch, rows, examples) -> list[dict]:
-        return [{"words": e.text, "tags": tags} for e, tags in zip(examples, self.word_tags(model, batch, rows))]
+    def predictions(self, outputs, batch, rows, examples) -> list[dict]:
+        return [{"words": e.text, "tags": tags} for e, tags in zip(examples, self.word_tags(outputs, rows))]
 
