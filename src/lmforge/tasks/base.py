@@ -20,6 +20,7 @@ from torch import nn
 from lmforge.config import Config
 from lmforge.errors import UserError
 from lmforge.losses import IGNORE_INDEX
+from lmforge.model.build import build_model
 from lmforge.model.config import ModelConfig
 
 
@@ -44,8 +45,9 @@ class Task:
         return self.cfg
 
     def build_model(self, pretrained: bool = False) -> nn.Module:
-        """The task's model; pretrained: with the weights the run starts from (fine-tuning), else fresh."""
-        raise NotImplementedError
+        """The task's model; pretrained: with the weights the run starts from (fine-tuning, a translation
+        from a span run), else fresh. By default the registry's model kind, fresh (model/build.py)."""
+        return build_model(self.cfg)
 
     def train_batches(self, seed: int) -> Iterator[dict]:
         """An endless iterator with state_dict()/load_state_dict() for exact resume; with several

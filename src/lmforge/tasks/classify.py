@@ -9,19 +9,10 @@ import torch
 from lmforge.data.labelled import Example
 from lmforge.losses import LOSSES, loss_options
 from lmforge.metrics import ClassificationMetrics, MultiLabelMetrics, RegressionMetrics
-from lmforge.model.transformer import SequenceClassifier
 from lmforge.tasks.finetune import Encoded, FinetuneTask
 
 
 class SequenceTask(FinetuneTask):
-    def n_outputs(self, cfg) -> int:
-        """The head's outputs: one per label."""
-        return len(cfg.finetune.labels)
-
-    def head_model(self, cfg) -> SequenceClassifier:
-        fc = cfg.finetune
-        return SequenceClassifier(cfg.model, self.n_outputs(cfg), fc.pooling, fc.body == "decoder", fc.classifier_dropout)
-
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
         """[CLS] a [SEP] (b [SEP]) for an encoder, a (eos b) eos for a decoder, cut longest-first to
         max_length; segment 1 marks b."""
@@ -98,9 +89,6 @@ class ClassifyTask(SequenceTask):
 class RegressTask(SequenceTask):
     name = "regress"
     default_metric = "pearson"
-
-    def n_outputs(self, cfg) -> int:
-        return 1
 
     def label_map(self, train, dev):
         return None

@@ -13,7 +13,6 @@ from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import eos_id
 from lmforge.generate import generate_text
 from lmforge.losses import linear_cross_entropy, loss_options
-from lmforge.model.transformer import GPT
 from lmforge.tasks.base import Task, follow_tokenizer
 
 
@@ -36,9 +35,6 @@ class CausalLM(Task):
         """model.vocab_size: the tokenizer's where it is 0."""
         self.cfg.model = follow_tokenizer(self.cfg.model, self.data.tokenizer.get_vocab_size())
         return self.cfg
-
-    def build_model(self, pretrained: bool = False) -> GPT:
-        return GPT(self.cfg.model)
 
     def train_batches(self, seed: int) -> RandomWindows:
         return RandomWindows(self.data.train, self.cfg.model.max_seq_len, self.cfg.train.batch_size, seed, self.shard)

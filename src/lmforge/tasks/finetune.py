@@ -3,10 +3,10 @@ Hugging Face folder, epochs of length-grouped, dynamically padded batches, the w
 with the task's metrics, and a report (JSON + text) on the best weights.
 
 setup() reads the files and the pretrained body; resolve() writes what they decide into the config (the
-label set, the body's shape and direction, the pooling, the steps of the epochs). A subclass fills the
-hooks FinetuneTask declares: its model (`head_model`), its labels (`label_map`), how examples become token
-ids (`encode_all`) and a batch's gold tensors (`targets`), and its metrics (`new_metrics`, `metric_names`,
-`default_metric`, `result_metrics`). A batch goes through the model once (`outputs`); the summed loss
+label set, the body's shape and direction, the pooling, the steps of the epochs). The model is the
+registry entry's model kind (model/build.py). A subclass fills the hooks FinetuneTask declares: its labels
+(`label_map`), how examples become token ids (`encode_all`) and a batch's gold tensors (`targets`), and
+its metrics (`new_metrics`, `metric_names`, `default_metric`, `result_metrics`). A batch goes through the model once (`outputs`); the summed loss
 (`loss_from`; training's `loss` is loss_from(outputs(...))), the metric updates (`update_metrics`) and the
 records of `lmforge predict` (`predictions`) are all computed from those outputs.
 """
@@ -29,6 +29,7 @@ from lmforge.data.labelled import Example, LabelMap, read_examples, split_dev, t
 from lmforge.data.tokenizer import eos_id
 from lmforge.errors import UserError
 from lmforge.hf.load import load_hf
+from lmforge.model.build import build_model
 from lmforge.peft import apply_peft
 from lmforge.runs import load_run
 from lmforge.tasks import registry
@@ -160,7 +161,7 @@ class FinetuneTask(Task):
         labels = list(self.labels.labels) if self.labels is not None else fc.labels
         self.built = dataclasses.replace(self.cfg, model=shape, finetune=dataclasses.replace(
             fc, body="decoder" if causal else "encoder", pooling=pooling, labels=labels))
-        return self.head_model(self.built)
+        return build_model(self.built)
 
     def use_tokenizer(self, tok: Tokenizer) -> None:
         """Special ids from the tokenizer; its own truncation and padding settings are turned off (an
@@ -185,14 +186,10 @@ class FinetuneTask(Task):
 
     # -- model ---------------------------------------------------------------------------------------
 
-    def head_model(self, cfg) -> torch.nn.Module:
-        """The task's model (the body and the task's head) as `cfg` describes it, with fresh weights."""
-        raise NotImplementedError
-
     def build_model(self, pretrained: bool = False) -> torch.nn.Module:
         """The task model with its PEFT modules; pretrained: start from init_from's weights (setup loaded
         them), else fresh weights that a run's saved state will fill."""
-        model = self.start if pretrained else self.head_model(self.cfg)
+        model = self.start if pretrained else build_model(self.cfg)
         apply_peft(model, self.cfg.peft)
         return model
 

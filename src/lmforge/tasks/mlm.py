@@ -14,7 +14,6 @@ from lmforge.data.masking import Masker, MLMBatches, MLMExamples, mlm_eval_batch
 from lmforge.data.store import prepare_tokens
 from lmforge.errors import UserError
 from lmforge.losses import IGNORE_INDEX, linear_cross_entropy, loss_options
-from lmforge.model.transformer import MaskedLM
 from lmforge.tasks.base import Task, follow_tokenizer
 
 EVAL_MASK_SEED = 1234  # the val set is masked the same way at every evaluation
@@ -47,9 +46,6 @@ class MaskedLMTask(Task):
         """model.vocab_size: the tokenizer's where it is 0."""
         self.cfg.model = follow_tokenizer(self.cfg.model, self.data.tokenizer.get_vocab_size())
         return self.cfg
-
-    def build_model(self, pretrained: bool = False) -> MaskedLM:
-        return MaskedLM(self.cfg.model, nsp=self.cfg.mlm.nsp)
 
     def train_batches(self, seed: int) -> MLMBatches:
         return MLMBatches(self.train_examples, self.cfg.train.batch_size, seed, self.shard)

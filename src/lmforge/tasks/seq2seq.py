@@ -54,12 +54,6 @@ def seq2seq_loss(model: EncoderDecoder, batch: dict, loss_cfg) -> torch.Tensor:
 SOURCE_TOKENIZER = "source_tokenizer.json"
 
 
-def build_encoder_decoder(cfg) -> EncoderDecoder:
-    sc = cfg.seq2seq
-    return EncoderDecoder(cfg.model, decoder_layers=sc.decoder_layers or None,
-                          source_vocab_size=sc.source_vocab_size or None)
-
-
 def source_tokenizer(run_dir: Path) -> Tokenizer | None:
     """The source side's own tokenizer of a run with separate vocabularies; None for a joint one."""
     path = Path(run_dir)
@@ -145,7 +139,7 @@ class Seq2SeqTask(Task):
         return [e.ids + [self.eos] for e in (tok or self.tok).encode_batch(texts, add_special_tokens=False)]
 
     def build_model(self, pretrained: bool = False) -> EncoderDecoder:
-        model = build_encoder_decoder(self.cfg)
+        model = super().build_model()
         if pretrained and getattr(self, "init", None) is not None:
             model.load_state_dict(self.init.state_dict())
         return model

@@ -14,7 +14,6 @@ from lmforge.data.batches import pad_batch
 from lmforge.data.labelled import Example
 from lmforge.generate import generate_text
 from lmforge.losses import IGNORE_INDEX, rows_per_chunk
-from lmforge.model.transformer import GPT
 from lmforge.tasks.clm import next_token_loss
 from lmforge.tasks.finetune import Encoded, FinetuneTask
 
@@ -47,9 +46,6 @@ class SFTTask(FinetuneTask):
 
     def label_map(self, train, dev):
         return None
-
-    def head_model(self, cfg) -> GPT:
-        return GPT(cfg.model)
 
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
         tok = self.tokenizer

@@ -19,7 +19,7 @@ from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, sentinel, seq2seq_special_ids
 from lmforge.errors import UserError
 from lmforge.tasks.base import Task, at_least_vocab
-from lmforge.tasks.seq2seq import build_encoder_decoder, collate, seq2seq_loss
+from lmforge.tasks.seq2seq import collate, seq2seq_loss
 
 
 def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -90,9 +90,6 @@ class SpanCorruption(Task):
             self.cfg.data.tokenizer.special_tokens = self.special_tokens
         self.cfg.model = at_least_vocab(self.cfg.model, self.data.tokenizer.get_vocab_size())
         return self.cfg
-
-    def build_model(self, pretrained: bool = False):
-        return build_encoder_decoder(self.cfg)
 
     def _examples(self, windows: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         sc = self.cfg.span

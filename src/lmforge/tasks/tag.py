@@ -11,17 +11,12 @@ from lmforge.data.batches import pad_batch
 from lmforge.data.labelled import Example, align_words
 from lmforge.losses import IGNORE_INDEX, LOSSES, loss_options
 from lmforge.metrics import EntityMetrics
-from lmforge.model.transformer import TokenTagger
 from lmforge.tasks.finetune import Encoded, FinetuneTask
 
 
 class TagTask(FinetuneTask):
     name = "tag"
     default_metric = "entity_f1"
-
-    def head_model(self, cfg) -> TokenTagger:
-        fc = cfg.finetune
-        return TokenTagger(cfg.model, len(fc.labels), fc.body == "decoder", fc.classifier_dropout)
 
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
         rows = []
