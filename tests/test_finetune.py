@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import (SHARED_DATA, classify_files, conll_lines, finetune, make_base, read_metrics, sentences,
                       sentiment, write_lines)
@@ -269,6 +270,28 @@ def one_line_error(capsys, argv: list[str], *expected: str) -> str:
     for text in expected:
         assert text in err[0], err[0]
     return err[0]
+
+
+@pytest.mark.slow  # a fine-tuning run
+def test_inference_keeps_what_the_run_recorded(tmp_path, encoder, capsys):
+    """`evaluate --confusion` draws beside its own report, not over the run's dev matrix (report.html shows
+    that one under the dev heading); a label order changed in config.yaml after training is refused, where
+    it would silently swap every predicted label."""
+    train, dev = classify_files(tmp_path)
+    run = finetune(tmp_path, encoder, train, dev, "classify", "--finetune.epochs", "2")
+    dev_matrix = (run / "confusion.png").read_bytes()
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(train), "--confusion", "--device", "cpu"]) == 0
+    assert (run / "confusion.png").read_bytes() == dev_matrix
+    assert (run / "eval_train_confusion.png").stat().st_size > 1000
+    assert f"confusion matrix: {run / 'eval_train_confusion.png'}" in capsys.readouterr().out
+
+    cfg = read_yaml(run / "config.yaml")
+    cfg["finetune"]["labels"] = ["pos", "neg"]  # the head's outputs are neg, pos (labels.json)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    for command in (["predict", "--input", str(dev)], ["evaluate", "--data", str(dev)]):
+        one_line_error(capsys, [command[0], "--checkpoint", str(run), *command[1:], "--device", "cpu"],
+                       "config.yaml: finetune.labels = ['pos', 'neg']", "labels.json = ['neg', 'pos']")
 
 
 def test_bad_inputs_are_one_line_and_write_no_run(tmp_path, encoder, decoder, capsys):

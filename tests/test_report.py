@@ -93,6 +93,9 @@ def fake_run(root: Path, name: str, task: str, report: dict | None = None, val: 
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"task": task, "finetune": {"metric": "auto"}}))
+    # what the training loop writes: the selection metric of the task (classify: accuracy) and its report file
+    selection = (["accuracy", True, "dev_report.json"] if task == "classify" else ["loss", False, None])
+    (run / "selection.json").write_text(json.dumps(dict(zip(["metric", "higher_is_better", "final_report"], selection))))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * (i + 1), "split": "val", **r}) + "\n"
                                                for i, r in enumerate(val or [])))
     if report is not None:

@@ -179,11 +179,15 @@ def cmd_evaluate(args) -> int:
             for label in (e.label if isinstance(e.label, list) else [e.label]):
                 task.labels.index(label, e, args.data)
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.data).stem}.json"
-    full, text = task.report(model, examples, args.data, out.parent if args.confusion else None)
+    # beside the report, never the run's own confusion.png: report.html shows that one as the dev set's
+    confusion = out.with_name(f"{out.stem}_confusion.png") if args.confusion else None
     out.parent.mkdir(parents=True, exist_ok=True)
+    full, text = task.report(model, examples, args.data, confusion)
     out.write_text(json.dumps({"data": str(args.data), **full}, indent=2, default=float) + "\n", encoding="utf-8")
     print(text)
     print(f"report: {out}")
+    if confusion is not None and confusion.is_file():
+        print(f"confusion matrix: {confusion}")
     print("RESULT " + " ".join(f"{k}={full[k]:.4f}" for k in task.result_metrics()))
     return 0
 
@@ -404,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="FILE", help="a labelled file, in the same format as the run's "
                    "training data")
     p.add_argument("--out", metavar="FILE", help="where to write the JSON report [default: RUN/eval_<data name>.json]")
-    p.add_argument("--confusion", action="store_true", help="also draw confusion.png beside the report (classify)")
+    p.add_argument("--confusion", action="store_true", help="also draw the confusion matrix beside the report, as OUT_confusion.png (classify)")
     _device(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -18,12 +18,12 @@ import math
 import os
 import struct
 from pathlib import Path
-from types import SimpleNamespace
 
 import yaml
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_write
+from lmforge.runs import read_selection
 from lmforge.train.tracking import METRICS, read_metrics
 
 EXPECTED = "expected a run directory with config.yaml and metrics.jsonl"
@@ -61,27 +61,16 @@ def _date(stamp: float) -> str:
     return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M") if stamp else "-"
 
 
-def _selection(cfg: dict) -> tuple[str, bool]:
-    """The run's own task.selection() on a stand-in config: the same rule that picked its best weights."""
-    from lmforge.tasks import make_task
-
-    section = lambda name: SimpleNamespace(**(cfg.get(name) or {}))  # noqa: E731
-    try:
-        return make_task(SimpleNamespace(task=cfg.get("task"), finetune=section("finetune"),
-                                         seq2seq=section("seq2seq"))).selection()
-    except (KeyError, AttributeError):  # an unknown task or an older config: fall back to the loss
-        return "loss", False
-
-
 def run_info(run: Path, cfg: dict | None = None, rows: list[dict] | None = None) -> RunInfo:
     cfg = _read(run / "config.yaml", yaml.safe_load) if cfg is None else cfg
     rows = read_metrics(run / METRICS) if rows is None else rows
     task = str(cfg.get("task", "?"))
     steps = max((r["step"] for r in rows), default=0)
     modified = max((p.stat().st_mtime for p in (run / METRICS, run / "config.yaml") if p.exists()), default=0)
-    metric, higher = ("bleu", True) if task == "seq2seq" else _selection(cfg)
+    selection = read_selection(run)  # what picked the best weights, written by the run itself
+    metric, higher = selection["metric"], selection["higher_is_better"]
     # the final report on the best weights wins over the val rows; the loss stands in when the metric is absent
-    summary = _read(run / ("dev_scores.json" if task == "seq2seq" else "dev_report.json"))
+    summary = _read(run / selection["final_report"]) if selection["final_report"] else {}
     for name, up in ((metric, higher), ("loss", False)):
         val = [v for r in rows if r["split"] == "val" and (v := _number(r.get(name))) is not None]
         value = _number(summary.get(name))

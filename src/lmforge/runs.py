@@ -8,6 +8,7 @@ them. The model is built by `model.build_model` from the run's config, with its 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from lmforge.data.labelled import LabelMap
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
 from lmforge.hf.load import load_hf
-from lmforge.io import load_weights, save_weights
+from lmforge.io import atomic_write, load_weights, read_json, save_weights
 from lmforge.model.build import build_model
 from lmforge.peft import apply_peft
 from lmforge.tasks import registry
@@ -28,6 +29,22 @@ from lmforge.train.distributed import Dist, full_weights
 
 WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
 LABELS_FILE = "labels.json"  # a fine-tuned run's label set, in the order of its head's outputs
+SELECTION_FILE = "selection.json"  # the metric that picked WEIGHTS, its direction, the final report's file
+
+
+def write_selection(run_dir: Path, metric: str, higher_is_better: bool, final_report: str | None) -> None:
+    """What picked the run's best weights, so that `lmforge runs` and `report` rank and show a run without
+    knowing its task: the val metric, its direction, and the file its final report on those weights is in."""
+    record = {"metric": metric, "higher_is_better": higher_is_better, "final_report": final_report}
+    atomic_write(run_dir / SELECTION_FILE, lambda tmp: tmp.write_text(json.dumps(record) + "\n", encoding="utf-8"))
+
+
+def read_selection(run_dir: Path) -> dict:
+    """write_selection's record; a run written before there was one is ranked by its val loss."""
+    path = run_dir / SELECTION_FILE
+    if not path.is_file():
+        return {"metric": "loss", "higher_is_better": False, "final_report": None}
+    return read_json(path, str(run_dir))
 
 
 def run_model(cfg) -> torch.nn.Module:

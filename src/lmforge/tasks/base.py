@@ -27,10 +27,17 @@ from lmforge.model.config import ModelConfig
 class Task:
     name = ""
     shard = (0, 1)  # (rank, world size) of this process; the loop sets it before train_batches()
-    report_best = False  # the loop reloads the best weights before finish()
+    # the file finish() writes its report into; with one, the loop reloads the best weights before finish()
+    final_report: str | None = None
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 or the only process: the one that writes files (finish() runs on every rank, since the
+        forward passes of a sharded model need them all)."""
+        return self.shard[0] == 0
 
     def setup(self) -> None:
         """Read and check the data (raising UserError on bad input) and find what the config leaves

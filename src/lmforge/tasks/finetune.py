@@ -31,12 +31,12 @@ from lmforge.errors import UserError
 from lmforge.hf.load import load_hf
 from lmforge.model.build import build_model
 from lmforge.peft import apply_peft
-from lmforge.runs import load_run
+from lmforge.io import atomic_write
+from lmforge.runs import LABELS_FILE, load_run
 from lmforge.tasks import registry
 from lmforge.tasks.base import Task
 
-LABELS_FILE = "labels.json"
-REPORT_FILE = "dev_report.json"
+DEV_CONFUSION = "confusion.png"  # the dev set's confusion matrix (report.html shows it under the dev report)
 PADDING_SHARE = 0.2  # an inference batch ends before padding passes this share of its tokens
 CLS_NAMES, SEP_NAMES, PAD_NAMES, MASK_NAMES = ("[CLS]", "<s>"), ("[SEP]", "</s>"), ("[PAD]", "<pad>"), ("[MASK]", "<mask>")
 
@@ -54,7 +54,7 @@ class Encoded:
 
 
 class FinetuneTask(Task):
-    report_best = True  # the loop reloads the best weights before finish()
+    final_report = "dev_report.json"
     default_metric = ""  # the dev metric of finetune.metric = auto: one of metric_names()
     needs_decoder = False  # the task trains a causal LM's own head (sft): an encoder to start from is a user error
 
@@ -320,16 +320,16 @@ class FinetuneTask(Task):
         device = next(model.parameters()).device
         return self.measure(model, device, self.dev_rows, self.dev_examples)[0]
 
-    def report(self, model, examples: list[Example], path: str, out_dir: Path | None = None) -> tuple[dict, str]:
-        """The full evaluation of `examples` (JSON-ready dict, text to print); with out_dir also the
-        pictures (a confusion matrix)."""
+    def report(self, model, examples: list[Example], path: str, confusion: Path | None = None) -> tuple[dict, str]:
+        """The full evaluation of `examples` (JSON-ready dict, text to print); with `confusion` also the
+        confusion matrix drawn there, where the task has one."""
         device = next(model.parameters()).device
         rows = self.encode_all(examples, path)
         scalars, metrics = self.measure(model, device, rows, examples)
         full = {**metrics.result(), **scalars, "examples": len(examples)}
         text = full.get("report", "")
-        if out_dir is not None and hasattr(metrics, "confusion_png"):
-            metrics.confusion_png(out_dir / "confusion.png")
+        if confusion is not None and hasattr(metrics, "confusion_png"):
+            metrics.confusion_png(confusion)
         shown = {k: v for k, v in scalars.items() if k in self.result_metrics()}
         return full, text + "\n" + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
 
@@ -343,8 +343,10 @@ class FinetuneTask(Task):
             self.labels.save(run_dir / LABELS_FILE)
 
     def finish(self, model, run_dir: Path) -> str:
-        full, text = self.report(model, self.dev_examples, self.fc_path("dev"), run_dir)
-        (run_dir / REPORT_FILE).write_text(json.dumps(full, indent=2, default=float) + "\n", encoding="utf-8")
+        full, text = self.report(model, self.dev_examples, self.fc_path("dev"), run_dir / DEV_CONFUSION if self.main else None)
+        if self.main:
+            report = json.dumps(full, indent=2, default=float) + "\n"
+            atomic_write(run_dir / self.final_report, lambda tmp: tmp.write_text(report, encoding="utf-8"))
         return f"dev set ({len(self.dev_examples)} examples), best weights:\n{text}"
 
     # -- prediction ----------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def load_init(path: str) -> tuple[EncoderDecoder, Tokenizer, Config]:
 
 class Seq2SeqTask(Task):
     name = "seq2seq"
-    report_best = True
+    final_report = "dev_scores.json"
 
     def setup(self) -> None:
         sc = self.cfg.seq2seq
@@ -205,10 +205,11 @@ class Seq2SeqTask(Task):
             lines.append(self._keep_average(model, run_dir))
         hypotheses = self.translate(model, sc.beam_size)
         scores, signatures = self.scores(hypotheses)
-        text = "".join(h + "\n" for h in hypotheses)
-        atomic_write(run_dir / "dev.translations.txt", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        report = json.dumps({**scores, "beam_size": sc.beam_size, "signatures": signatures}, indent=2) + "\n"
-        atomic_write(run_dir / "dev_scores.json", lambda tmp: tmp.write_text(report))
+        if self.main:
+            text = "".join(h + "\n" for h in hypotheses)
+            atomic_write(run_dir / "dev.translations.txt", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            report = json.dumps({**scores, "beam_size": sc.beam_size, "signatures": signatures}, indent=2) + "\n"
+            atomic_write(run_dir / self.final_report, lambda tmp: tmp.write_text(report))
         for i in np.linspace(0, len(self.dev) - 1, min(sc.samples, len(self.dev))).round().astype(int):
             lines += [f"--- dev line {self.dev[i].line} ---", f"source:     {self.dev[i].source}",
                       f"reference:  {self.dev[i].target}", f"hypothesis: {hypotheses[i]}"]
@@ -229,7 +230,9 @@ class Seq2SeqTask(Task):
         averaged = self.scores(self.translate(model, beam_size=1))[0]["bleu"]
         names = f"{found[0].name} .. {found[-1].name}"
         if averaged > best:
-            save_weights(full_weights(Dist(), model), run_dir / WEIGHTS, {"averaged": names, "val_bleu": f"{averaged:.6f}"})
+            if self.main:
+                save_weights(full_weights(Dist(), model), run_dir / WEIGHTS,
+                             {"averaged": names, "val_bleu": f"{averaged:.6f}"})
             return f"checkpoint averaging: {len(found)} checkpoints ({names}) greedy dev BLEU {averaged:.2f} > best " \
                    f"single {best:.2f}: kept the average"
         model.load_state_dict(best_state)

@@ -16,6 +16,7 @@ from lmforge.config import Config, save_config
 from lmforge.errors import UserError
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
+from lmforge.runs import write_selection
 from lmforge.tasks import make_task
 from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
@@ -85,6 +86,7 @@ class Trainer:
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            write_selection(self.run_dir, *self.task.selection(), self.task.final_report)
             self.task.save_artifacts(self.run_dir)
         self.meter = Throughput(self.task.flops_per_token(self.model), peak_flops(d.device, precision.dtype), d.world)
         on = f"{d.world} x {d.device} ({d.parallel})" if d.active else str(d.device)
@@ -218,7 +220,7 @@ class Trainer:
         (on every rank: they all take part in the forward passes)."""
         if self.adversary is not None:
             self.adversary.remove()
-        if self.task.report_best:
+        if self.task.final_report:  # the report is on the best weights
             self.keeper.load_best(self.model)
         self.runner.eval()
         with torch.no_grad():
