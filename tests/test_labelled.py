@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import FinetuneConfig
-from lmforge.data.labelled import (Example, LabelMap, align_words, labelled_format, read_examples, split_dev,
-                                   tag_scheme)
+from lmforge.data.labelled import Example, LabelMap, labelled_format, read_examples, split_dev, tag_scheme
 from lmforge.errors import UserError
+from lmforge.tasks.tag import align_words
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,4 +1,4 @@
-"""Readers for labelled fine-tuning data, the label map, the dev split and sub-word alignment of tags.
+"""Readers for labelled fine-tuning data, the label map, the dev split and the tagging scheme.
 
 Formats (`finetune.format`; auto picks by extension, see `labelled_format`):
 
@@ -510,61 +510,3 @@ class LabelMap:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise UserError(f"{path}: no list of strings under 'labels'; expected {{\"labels\": [...]}}")
         return cls(labels, data.get("task", "classify"), data.get("scheme"), f"{path}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sub-word alignment for token classification
-
-_PLAIN: dict[int, tuple[object, object]] = {}  # id(tokenizer) -> (tokenizer, copy without padding/truncation)
-
-
-def _plain(tok):
-    """The tokenizer itself, or (when it pads or truncates on its own, like many tokenizer.json files from
-    the hub) a cached copy that does neither; the caller's tokenizer is never changed."""
-    if tok.padding is None and tok.truncation is None:
-        return tok
-    hit = _PLAIN.get(id(tok))
-    if hit is None or hit[0] is not tok:
-        from tokenizers import Tokenizer
-        copy = Tokenizer.from_str(tok.to_str())
-        copy.no_padding()
-        copy.no_truncation()
-        hit = _PLAIN[id(tok)] = (tok, copy)
-    return hit[1]
-
-
-def align_words(tok, words: list[str], tags: list[int] | None, max_length: int, cls_id: int | None,
-                sep_id: int | None, ignore_index: int = -100) -> tuple[list[int], list[int], list[int]]:
-    """Token ids for a pre-split sentence, with word-level tags moved onto sub-tokens.
-
-    Returns (ids, targets, word_starts): ids = [CLS] + sub-tokens + [SEP] (each special only when its id is
-    not None), at most `max_length` in all; targets[i] = the word's tag index at the first sub-token of each
-    word, `ignore_index` elsewhere (later sub-tokens, specials, everything when `tags` is None);
-    word_starts[j] = the position of word j's first sub-token, or -1 when truncation cut the word off or
-    the word produced no tokens."""
-    if tags is not None and len(tags) != len(words):
-        raise ValueError(f"{len(words)} words but {len(tags)} tags")
-    n_special = (cls_id is not None) + (sep_id is not None)
-    budget = max_length - n_special
-    if budget < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for tokens beside the special tokens")
-    word_starts = [-1] * len(words)
-    ids: list[int] = [] if cls_id is None else [cls_id]
-    targets: list[int] = [] if cls_id is None else [ignore_index]
-    if words:
-        enc = _plain(tok).encode(words, is_pretokenized=True, add_special_tokens=False)
-        for token_id, w in zip(enc.ids, enc.word_ids):
-            if w is None:
-                continue
-            if len(ids) - (cls_id is not None) >= budget:
-                break
-            if word_starts[w] == -1:
-                word_starts[w] = len(ids)
-                targets.append(ignore_index if tags is None else tags[w])
-            else:
-                targets.append(ignore_index)
-            ids.append(token_id)
-    if sep_id is not None:
-        ids.append(sep_id)
-        targets.append(ignore_index)
-    return ids, targets, word_starts

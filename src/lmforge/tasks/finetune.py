@@ -182,7 +182,8 @@ class FinetuneTask(Task):
         """For a trained run (evaluate, predict): the tokenizer and the label map from its config."""
         self.use_tokenizer(tok)
         labels = self.cfg.finetune.labels
-        self.labels = LabelMap(labels, self.name, tag_scheme(labels) if self.name == "tag" else None) if labels else None
+        tags = registry.spec(self.name).label == "tags"
+        self.labels = LabelMap(labels, self.name, tag_scheme(labels) if tags else None) if labels else None
 
     # -- model ---------------------------------------------------------------------------------------
 
