@@ -411,7 +411,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def strip_peft(model: nn.Module, merge: bool = False, inplace: bool = False) -> nn.Module:
     """The model without peft modules: each LoRALinear becomes an nn.Linear holding the base weight
     (with merge=True: the base weight plus the LoRA update, an equivalent plain model), adapters and
-    prefixes are removed. A copy unless inplace. hf.export_hf maps this model."""
+    prefixes are removed. A copy unless inplace. hf/export.py maps this model."""
     plain = model if inplace else copy.deepcopy(model)
     for name, m in lora_layers(plain).items():
         m.merge() if merge else m.unmerge()

@@ -3,7 +3,7 @@ model, MaskedLM, the BERT-style bidirectional encoder with its masked-LM (and ne
 the fine-tuning models: SequenceClassifier (classification, regression, multi-label) and TokenTagger.
 
 Parameter names are flat (tok_emb, blocks.3.attn.qkv, norm, head, ...) in both, so optimizer groups
-and the Hugging Face key maps in hf.py see one naming scheme.
+and the Hugging Face key maps in hf/keymap.py see one naming scheme.
 """
 
 from __future__ import annotations
