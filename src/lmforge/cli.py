@@ -314,14 +314,14 @@ def cmd_generate(args) -> int:
 
 def cmd_import(args) -> int:
     from lmforge.hf.export import import_hf
+    from lmforge.tasks import registry
 
     imported = import_hf(args.hf_dir, args.out)
     print(f"imported {args.hf_dir}: {imported.summary()}")
     for note in imported.notes:
         print(f"note: {note}")
     print(f"run directory: {args.out}")
-    if imported.config.task == "clm":
-        print(f"generate:      lmforge generate --checkpoint {args.out} --prompt \"...\"")
+    _print_next_steps(registry.spec(imported.config.task), Path(args.out))
     return 0
 
 
