@@ -326,7 +326,10 @@ def test_cli_import_then_generate_from_the_run_and_from_the_hf_folder(hf_dirs, t
     assert main(["import", str(folder), str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "LlamaForCausalLM as an lmforge clm model: 2 layers" in out and f"run directory: {tmp_path / 'run'}" in out
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.yaml", "generation_config.json", "model.safetensors", "source_config.json", "tokenizer.json"]
+    # the source's generation settings (its end tokens) come along as they were
+    assert (tmp_path / "run" / "generation_config.json").read_text() == (folder / "generation_config.json").read_text()
     argv = ["generate", "--prompt", "the king", "--max-new-tokens", "8", "--temperature", "0", "--checkpoint"]
     assert main(argv + [str(tmp_path / "run")]) == 0
     from_run = capsys.readouterr().out

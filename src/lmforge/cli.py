@@ -291,21 +291,23 @@ def cmd_generate(args) -> int:
     import torch
 
     from lmforge.generate import generate_text
-    from lmforge.runs import load_run
+    from lmforge.runs import end_token_ids, load_run
     from lmforge.tasks import registry
     from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
+    end_ids = end_token_ids(args.checkpoint)  # an imported chat model's own end of turn
     spec = registry.spec(cfg.task)
     if spec.endpoint != "generate":
         other = "lmforge translate" if spec.endpoint == "translate" else "lmforge predict" if spec.finetune else ""
         raise UserError(f"generate: {args.checkpoint} holds a model of task {cfg.task}; generating text needs a "
-                        f"causal language model (task clm){f'; for this run use {other}' if other else ''}")
+                        f"causal language model (task clm) or one fine-tuned from it (task sft)"
+                        f"{f'; for this run use {other}' if other else ''}")
     for i in range(args.num_samples):
         gen = torch.Generator(device=device).manual_seed(args.seed + i)
         text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                             stop=args.stop, generator=gen, use_cache=not args.no_cache)
+                             stop=args.stop, generator=gen, use_cache=not args.no_cache, end_ids=end_ids)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + text)

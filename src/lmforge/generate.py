@@ -96,24 +96,36 @@ def prompt_ids(tok: Tokenizer, prompt: str | list[int]) -> list[int]:
 def generate_text(model, tok: Tokenizer, prompt: str | list[int], max_new_tokens: int = 200,
                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
                   stop_at_eos: bool = True, generator: torch.Generator | None = None, use_cache: bool = True,
-                  on_text=None) -> str:
+                  on_text=None, end_ids: set[int] | None = None) -> str:
     """Generate a continuation of one prompt and return it as text, cut before the first stop string.
     End-of-text tokens inside the output show as line breaks when generation runs past them.
-    on_text(text so far) is called after each new token (streaming)."""
+    on_text(text so far) is called after each new token (streaming). end_ids: the model's own end tokens
+    (an imported chat model's eos ids, runs.end_token_ids), where generation stops besides lmforge's."""
     stream = (lambda texts: on_text(texts[0])) if on_text is not None else None
     return generate_texts(model, tok, [prompt_ids(tok, prompt)], max_new_tokens, temperature, top_k, top_p, stop,
-                          stop_at_eos, generator, use_cache, stream)[0]
+                          stop_at_eos, generator, use_cache, stream, end_ids)[0]
+
+
+def stop_token_ids(tok: Tokenizer, stop: list[str] | None) -> set[int]:
+    """The stop strings that are special tokens (`--stop "<|im_end|>"`), as ids: the decoded text never
+    shows a special token, so such a stop string could never match it."""
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    return {tok.token_to_id(s) for s in stop or [] if s in special}
 
 
 def generate_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int = 200,
                    temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
                    stop_at_eos: bool = True, generator: torch.Generator | list[torch.Generator] | None = None,
-                   use_cache: bool = True, on_text=None) -> list[str]:
+                   use_cache: bool = True, on_text=None, end_ids: set[int] | None = None) -> list[str]:
     """generate_text for several prompts at once, left-padded to the longest (one forward pass a step; the
     server batches concurrent requests this way). on_text(texts so far) is called after each step and may
     return True to stop."""
     device = next(model.parameters()).device
     eos = eos_id(tok)
+    # where a row ends: the end-of-text token and the model's own end tokens (unless told to run past
+    # them), and any stop string that is a special token
+    ends = ({eos} | set(end_ids or ()) if stop_at_eos else set()) | stop_token_ids(tok, stop)
+    ends.discard(None)
     width = max(len(p) for p in prompts)
     pads = [width - len(p) for p in prompts]
     batch = torch.tensor([[p[0]] * n + p for p, n in zip(prompts, pads)], device=device)
@@ -131,8 +143,7 @@ def generate_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_toke
         return "\n".join(pieces)
 
     def finished(tokens: list[int]) -> str:
-        if stop_at_eos and eos in tokens:
-            tokens = tokens[:tokens.index(eos)]
+        tokens = tokens[:next((i for i, t in enumerate(tokens) if t in ends), len(tokens))]
         text = decoded(tokens)
         for s in stop or []:
             text = text.split(s)[0]
@@ -146,7 +157,7 @@ def generate_texts(model, tok: Tokenizer, prompts: list[list[int]], max_new_toke
         return bool(stop) and all(any(s in decoded(row) for s in stop) for row in new)
 
     generate(model, batch, max_new_tokens, temperature, top_k, top_p,
-             stop_ids={eos} if stop_at_eos and eos is not None else None, use_cache=use_cache,
+             stop_ids=ends or None, use_cache=use_cache,
              generator=generator, on_token=step, left_pad=left_pad)
     return [finished(row) for row in new]
 

@@ -30,6 +30,11 @@ from lmforge.train.distributed import Dist, full_weights
 WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
 LABELS_FILE = "labels.json"  # a fine-tuned run's label set, in the order of its head's outputs
 SELECTION_FILE = "selection.json"  # the metric that picked WEIGHTS, its direction, the final report's file
+# Hugging Face files a run keeps as its source had them, so that an export carries them back unchanged: the
+# chat template and special tokens, and the generation settings with the model's own end tokens.
+HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
+                 "source_config.json")  # the last: the source config.json's token ids, which export writes back
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def write_selection(run_dir: Path, metric: str, higher_is_better: bool, final_report: str | None) -> None:
@@ -45,6 +50,48 @@ def read_selection(run_dir: Path) -> dict:
     if not path.is_file():
         return {"metric": "loss", "higher_is_better": False, "final_report": None}
     return read_json(path, str(run_dir))
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def hf_side_files(path: str | Path) -> dict[str, str]:
+    """HF_SIDE_FILES of a run (or its checkpoint) or of a Hugging Face folder: {name: text}. A folder with no
+    generation_config.json gets one made of config.json's token ids, as transformers makes it."""
+    folder = Path(path)
+    folder = folder if is_hf_folder(folder) else run_dir_of(folder)
+    found = {name: (folder / name).read_text(encoding="utf-8") for name in HF_SIDE_FILES if (folder / name).is_file()}
+    for name in found:
+        if name.endswith(".json"):
+            read_json(folder / name, f"hf: {folder}")  # a damaged file is refused here, not half-carried along
+    if is_hf_folder(folder):
+        hf = read_json(folder / "config.json", f"hf: {folder}")
+        found["source_config.json"] = json.dumps({k: hf[k] for k in TOKEN_ID_KEYS if k in hf}, indent=2) + "\n"
+        ids = {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}
+        if ids and "generation_config.json" not in found:
+            found["generation_config.json"] = json.dumps(ids, indent=2) + "\n"
+    return found
+
+
+def write_hf_side_files(run_dir: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        atomic_write(run_dir / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+
+
+def end_token_ids(path: str | Path) -> set[int]:
+    """The model's own end tokens: generation_config.json's eos_token_id (one id or a list, e.g. a chat
+    model's <|im_end|>); none for a model lmforge trained from scratch (it ends at its end-of-text token)."""
+    folder = Path(path)
+    text = hf_side_files(folder).get("generation_config.json")
+    if text is None:
+        return set()
+    where = (folder if is_hf_folder(folder) else run_dir_of(folder)) / "generation_config.json"
+    eos = json.loads(text).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{where}: eos_token_id = {json.dumps(eos)}: expected a token id or a list of them")
+    return set(ids)
 
 
 def run_model(cfg) -> torch.nn.Module:
@@ -78,7 +125,7 @@ def check_labels(run_dir: Path, cfg) -> None:
 def load_run(path: str | Path, device: str | torch.device = "cpu"):
     """A trained run (or one of its checkpoints, or an HF folder) -> (model in eval mode, tokenizer, config)."""
     p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+    if is_hf_folder(p):
         imported = load_hf(p)
         for note in imported.notes:
             print(f"lmforge: note: {note}", file=sys.stderr)

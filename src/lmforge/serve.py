@@ -40,7 +40,7 @@ from lmforge.data.labelled import Example
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
 from lmforge.generate import generate_texts, prompt_ids, translate
-from lmforge.runs import load_run
+from lmforge.runs import end_token_ids, load_run
 from lmforge.tasks import make_task, registry
 from lmforge.tasks.seq2seq import source_tokenizer
 from lmforge.train.device import pick_device
@@ -104,6 +104,7 @@ class Engine:
     def __init__(self, run: str, device_name: str, limits: Limits):
         self.device = pick_device(device_name, "serve: --device")
         self.model, self.tok, self.cfg = load_run(run, self.device)
+        self.end_ids = end_token_ids(run)  # an imported chat model stops at its own end of turn
         self.run, self.limits = str(run), limits
         spec = registry.spec(self.cfg.task)
         self.endpoint = spec.endpoint  # the registry says which request each task answers
@@ -152,7 +153,8 @@ class Engine:
         generators = [torch.Generator(device=self.device).manual_seed(seed) for _, seed in items] \
             if req.temperature > 0 else None
         return generate_texts(self.model, self.tok, [ids for ids, _ in items], req.max_new_tokens, req.temperature,
-                              req.top_k, req.top_p, stop=req.stop, generator=generators, on_text=on_text)
+                              req.top_k, req.top_p, stop=req.stop, generator=generators, on_text=on_text,
+                              end_ids=self.end_ids)
 
 
 # -- batching ------------------------------------------------------------------------------------------

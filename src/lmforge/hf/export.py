@@ -20,7 +20,7 @@ from lmforge.hf.load import Imported, load_hf
 from lmforge.hf.tokenizer import special_tokens
 from lmforge.io import atomic_dir, save_weights, write_safetensors
 from lmforge.peft import Adapter, PrefixAttention, lora_layers, peft_method, strip_peft
-from lmforge.runs import WEIGHTS, load_run
+from lmforge.runs import TOKEN_ID_KEYS, WEIGHTS, hf_side_files, load_run, write_hf_side_files
 from lmforge.tasks import registry
 from lmforge.train.distributed import Dist, full_weights
 
@@ -38,15 +38,18 @@ def _write_dir(out: Path, what: str, write: Callable[[Path], None]) -> None:
 
 
 def import_hf(folder: str | Path, out: str | Path) -> Imported:
-    """A Hugging Face model folder -> an lmforge run directory (config.yaml, model.safetensors, tokenizer.json)."""
+    """A Hugging Face model folder -> an lmforge run directory (config.yaml, model.safetensors, tokenizer.json,
+    and the folder's chat template, special tokens and generation settings as they were, runs.HF_SIDE_FILES)."""
     out = Path(out)
     _check_out(out, "import")  # before reading a large checkpoint
     imported = load_hf(folder)
+    side = hf_side_files(folder)
 
     def write(tmp: Path) -> None:
         save_config(imported.config, tmp / "config.yaml")
         save_weights(full_weights(Dist(), imported.model), tmp / WEIGHTS, {"source": str(folder)})
         imported.tokenizer.save(str(tmp / "tokenizer.json"))
+        write_hf_side_files(tmp, side)
 
     _write_dir(out, "import", write)
     return imported
@@ -140,11 +143,24 @@ def _hf_config(arch: Arch, cfg, specials: dict[str, str], tok: Tokenizer) -> dic
 ADAPTER_DIR = "adapter"
 
 
+def _json_text(data: dict) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _source_token_ids(side: dict[str, str]) -> dict:
+    """config.json's bos/eos/pad ids as the source model had them (a chat model's eos is its end-of-turn
+    token, or a list of ids), where the run came from an imported model."""
+    text = side.pop("source_config.json", None)  # read here, not written as a file of its own
+    source = json.loads(text) if text else {}
+    return {k: source[k] for k in TOKEN_ID_KEYS if k in source}
+
+
 def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
     """A run directory, checkpoint or HF folder (anything load_run reads) -> a Hugging Face folder:
-    model.safetensors, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json; a
-    LoRA run's base model there and its adapter in OUT/adapter in the peft library's format
-    (peft.PeftModel.from_pretrained(base, OUT/adapter)). Returns the config.json written."""
+    model.safetensors, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json (and
+    generation_config.json, chat_template.jinja: a run from an imported model writes its source's side
+    files back unchanged); a LoRA run's base model there and its adapter in OUT/adapter in the peft
+    library's format (peft.PeftModel.from_pretrained(base, OUT/adapter)). Returns the config.json written."""
 
     out = Path(out)
     _check_out(out, "export")
@@ -164,14 +180,16 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
     hf_cfg = {**_hf_config(arch, cfg, specials, tok), **_finetuned_config(arch, cfg, run)}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is: the same ids
                "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False, **specials}
+    side = {"tokenizer_config.json": _json_text(tok_cfg), "special_tokens_map.json": _json_text(specials),
+            **hf_side_files(run)}  # the source's own, where the run came from one
+    hf_cfg.update(_source_token_ids(side))
 
     def write(tmp: Path) -> None:
         # clone: safetensors refuses views that share storage (the parts of a fused tensor)
         write_safetensors({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
                           {"format": "pt"})
-        for name, data in (("config.json", hf_cfg), ("tokenizer_config.json", tok_cfg),
-                           ("special_tokens_map.json", specials)):
-            (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        for name, text in {"config.json": _json_text(hf_cfg), **side}.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         tok.save(str(tmp / "tokenizer.json"))
         if method == "lora":  # in a sub-folder: beside config.json, transformers would load it in place of the base
             write_peft_adapter(trained, arch, tmp / ADAPTER_DIR, base_model_path=str(out.resolve()),

@@ -32,7 +32,7 @@ from lmforge.hf.load import load_hf
 from lmforge.model.build import build_model
 from lmforge.peft import apply_peft
 from lmforge.io import atomic_write
-from lmforge.runs import LABELS_FILE, load_run
+from lmforge.runs import LABELS_FILE, hf_side_files, load_run, write_hf_side_files
 from lmforge.tasks import registry
 from lmforge.tasks.base import Task
 
@@ -340,6 +340,7 @@ class FinetuneTask(Task):
 
     def save_artifacts(self, run_dir: Path) -> None:
         self.tokenizer.save(str(run_dir / "tokenizer.json"))
+        write_hf_side_files(run_dir, hf_side_files(self.cfg.finetune.init_from))  # chat template, end tokens
         if self.labels is not None:
             self.labels.save(run_dir / LABELS_FILE)
 

@@ -1,0 +1,125 @@
+"""Open chat models keep what makes them chat models: their special tokens, chat template and generation
+settings travel import -> run -> fine-tuning run -> export unchanged, and generation stops at the model's
+own end of turn (its eos ids, one or a list) and at a `--stop` string that is a special token.
+
+The models are tiny and random, saved by transformers as a chat model is (ChatML tokens, <|im_end|> the
+end of turn); transformers reads the exports back as the oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import synthetic_text
+from lmforge.cli import main
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.generate import generate_text
+from lmforge.hf.export import export_hf, import_hf
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import GPT
+from lmforge.runs import end_token_ids
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 (as in SmolLM2)
+END_OF_TURN = 2
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the king and queen"}]
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    return train_tokenizer(synthetic_text(5000).splitlines(), "bpe", 300, SPECIALS)
+
+
+def rigged_gpt2(vocab: int, token: int, end_ids: list[int]):
+    """A GPT-2 whose every next token is `token` (the final norm outputs one fixed vector, which only that
+    token's output row points along), with `end_ids` as its generation settings' eos ids."""
+    t = transformers
+    torch.manual_seed(0)
+    model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=4,
+                                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=END_OF_TURN,
+                                           pad_token_id=END_OF_TURN))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.eye(32, device="cpu")[0])
+        model.lm_head.weight[token, 0] = 10.0
+    model.generation_config.eos_token_id = end_ids  # a list, as Llama 3 and Qwen write it
+    return model.eval()
+
+
+def save_chat_folder(folder: Path, tok, token: int, end_ids: list[int]) -> Path:
+    """The folder transformers writes for a chat model: weights, config.json with bos 1 / eos 2 / pad 2,
+    generation_config.json, tokenizer_config.json with the ChatML template."""
+    rigged_gpt2(tok.get_vocab_size(), token, end_ids).save_pretrained(folder)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                                eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory, chat_tok) -> Path:
+    return save_chat_folder(tmp_path_factory.mktemp("chat") / "hf", chat_tok, END_OF_TURN, [END_OF_TURN, 0])
+
+
+def test_template_tokens_and_generation_settings_travel_through_import_and_export(chat_folder, tmp_path):
+    run = tmp_path / "run"
+    import_hf(chat_folder, run)
+    out = tmp_path / "export"
+    hf_cfg = export_hf(run, out)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
+        if (chat_folder / name).is_file():
+            assert (out / name).read_text() == (chat_folder / name).read_text(), name
+    source = json.loads((chat_folder / "config.json").read_text())
+    assert [hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [1, 2, 2]
+    assert [source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [1, 2, 2]
+    theirs = transformers.AutoTokenizer.from_pretrained(chat_folder)
+    ours = transformers.AutoTokenizer.from_pretrained(out)
+    for kwargs in ({"tokenize": False}, {"tokenize": True}):
+        assert ours.apply_chat_template(MESSAGES, add_generation_prompt=True, **kwargs) == \
+            theirs.apply_chat_template(MESSAGES, add_generation_prompt=True, **kwargs)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [END_OF_TURN, 0]
+
+
+def test_generation_stops_at_the_models_end_of_turn(chat_tok, tmp_path, capsys):
+    king = chat_tok.encode(" king", add_special_tokens=False).ids[0]
+    # a model whose every next token is " king", and " king" among its end tokens: visible if ignored
+    folder = save_chat_folder(tmp_path / "hf", chat_tok, king, [END_OF_TURN, king])
+    assert end_token_ids(folder) == {END_OF_TURN, king}
+    argv = ["generate", "--prompt", "the queen", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]
+    capsys.readouterr()
+    for checkpoint in (folder, import_hf(folder, tmp_path / "run") and tmp_path / "run"):
+        assert main(argv + ["--checkpoint", str(checkpoint)]) == 0
+        assert capsys.readouterr().out == "the queen\n"  # the first new token ends the turn
+    assert main(argv + ["--checkpoint", str(folder), "--stop", "<|endoftext|>"]) == 0  # other stops add to it
+    assert capsys.readouterr().out == "the queen\n"
+
+
+def test_a_stop_string_that_is_a_special_token_stops(chat_tok):
+    """Decoded text never shows special tokens, so `--stop "<|im_end|>"` is matched as the token."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=chat_tok.get_vocab_size(), max_seq_len=32, n_layer=1, n_head=2, d_model=16,
+                      norm="layernorm", bias=True, pos="learned", tie_embeddings=False)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # every next token is <|im_end|>
+        model.norm.weight.zero_()
+        model.norm.bias.copy_(torch.eye(16, device="cpu")[0])
+        model.head.weight.zero_()
+        model.head.weight[END_OF_TURN, 0] = 1.0
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+
+    def steps(**options) -> int:
+        forwards.clear()
+        assert generate_text(model, chat_tok, "the king", max_new_tokens=5, temperature=0, **options) == ""
+        return len(forwards)
+
+    assert steps() == 5  # decoded, <|im_end|> is empty text: without a stop it runs to max_new_tokens
+    assert steps(stop=["<|im_end|>"]) == 1
+    assert steps(end_ids={END_OF_TURN}) == 1
