@@ -73,8 +73,9 @@ def test_template_tokens_and_generation_settings_travel_through_import_and_expor
     import_hf(chat_folder, run)
     out = tmp_path / "export"
     hf_cfg = export_hf(run, out)
+    assert (chat_folder / "tokenizer_config.json").is_file() and (chat_folder / "generation_config.json").is_file()
     for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
-        if (chat_folder / name).is_file():
+        if (chat_folder / name).is_file():  # transformers 5 writes no special_tokens_map.json
             assert (out / name).read_text() == (chat_folder / name).read_text(), name
     source = json.loads((chat_folder / "config.json").read_text())
     assert [hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [1, 2, 2]
@@ -123,3 +124,26 @@ def test_a_stop_string_that_is_a_special_token_stops(chat_tok):
     assert steps() == 5  # decoded, <|im_end|> is empty text: without a stop it runs to max_new_tokens
     assert steps(stop=["<|im_end|>"]) == 1
     assert steps(end_ids={END_OF_TURN}) == 1
+
+
+@pytest.mark.slow  # a fine-tuning run
+def test_a_fine_tuned_chat_model_exports_its_sources_template_and_tokens(chat_folder, tmp_path):
+    data = [{"prompt": " ".join(w), "response": " " + w[0]} for w in
+            (synthetic_text(2000, seed=i).split()[:4] for i in range(40))]
+    train = tmp_path / "sft.jsonl"
+    train.write_text("".join(json.dumps(d) + "\n" for d in data), encoding="utf-8")
+    run = tmp_path / "sft"
+    assert main(["finetune", "--task", "sft", "--finetune.init_from", str(chat_folder), "--finetune.train", str(train),
+                 "--finetune.epochs", "1", "--train.batch_size", "8", "--train.warmup_steps", "0", "--train.device", "cpu",
+                 "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false"]) == 0
+    out = tmp_path / "export"
+    hf_cfg = export_hf(run, out)
+    assert (chat_folder / "tokenizer_config.json").is_file() and (chat_folder / "generation_config.json").is_file()
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
+        if (chat_folder / name).is_file():  # transformers 5 writes no special_tokens_map.json
+            assert (out / name).read_text() == (chat_folder / name).read_text(), name
+    assert [hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [1, 2, 2]
+    ours = transformers.AutoTokenizer.from_pretrained(out)
+    assert ours.apply_chat_template(MESSAGES, tokenize=False) == \
+        transformers.AutoTokenizer.from_pretrained(chat_folder).apply_chat_template(MESSAGES, tokenize=False)
+    assert end_token_ids(run) == {END_OF_TURN, 0}
