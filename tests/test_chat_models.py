@@ -147,3 +147,56 @@ def test_a_fine_tuned_chat_model_exports_its_sources_template_and_tokens(chat_fo
     assert ours.apply_chat_template(MESSAGES, tokenize=False) == \
         transformers.AutoTokenizer.from_pretrained(chat_folder).apply_chat_template(MESSAGES, tokenize=False)
     assert end_token_ids(run) == {END_OF_TURN, 0}
+
+
+def test_chat_prompts_are_rendered_as_transformers_renders_them(chat_folder, chat_tok):
+    from lmforge import chat
+    from lmforge.runs import chat_template
+
+    conversation = MESSAGES + [{"role": "assistant", "content": "the queen"}, {"role": "user", "content": "and?"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(chat_folder)
+    for name in (None, "chatml"):  # the model's own template, and the built-in ChatML (here the same format)
+        template, tokens = chat_template(chat_folder, name)
+        text = chat.render(template, conversation, True, tokens, "test")
+        assert chat_tok.encode(text, add_special_tokens=False).ids == \
+            theirs.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+@pytest.mark.slow  # a server process
+def test_openai_client_chats_with_the_server_as_generate_chat_answers(chat_tok, tmp_path, capsys):
+    openai = pytest.importorskip("openai")
+    from helpers import server
+
+    word = chat_tok.encode("queen", add_special_tokens=False).ids[-1]
+    folder = save_chat_folder(tmp_path / "hf", chat_tok, word, [END_OF_TURN])  # never ends: max tokens decide
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(folder), "--chat", "--prompt", "the queen", "--max-new-tokens", "3",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    expected = capsys.readouterr().out.removesuffix("\n")
+    assert expected == chat_tok.decode([word] * 3) and expected.strip()
+    with server(folder) as (http, _):
+        client = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key="unused")
+        messages = [{"role": "user", "content": "the queen"}]
+        answer = client.chat.completions.create(model="any", messages=messages, max_tokens=3, temperature=0)
+        assert answer.choices[0].message.content == expected and answer.choices[0].finish_reason == "length"
+        assert answer.usage.completion_tokens == 3
+        stream = client.chat.completions.create(model="any", messages=messages, max_tokens=3, temperature=0,
+                                                stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
+        with pytest.raises(openai.UnprocessableEntityError) as e:
+            client.chat.completions.create(model="any", messages=[{"role": "bot", "content": "hi"}], max_tokens=3)
+        assert e.value.response.json()["field"] == "messages[0].role"
+        assert http.get("/health").json()["status"] == "ok"  # still serving
+
+
+def test_chat_without_a_template_is_one_line(tmp_path, capsys):
+    from helpers import make_base
+
+    run = make_base(tmp_path / "gpt", "clm")
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run), "--chat", "--prompt", "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmforge: error: chat: ") and "no chat template" in err and "chatml" in err
+    assert "\n" not in err

@@ -291,7 +291,8 @@ def cmd_generate(args) -> int:
     import torch
 
     from lmforge.generate import generate_text
-    from lmforge.runs import end_token_ids, load_run
+    from lmforge import chat
+    from lmforge.runs import chat_template, end_token_ids, load_run
     from lmforge.tasks import registry
     from lmforge.train.device import pick_device
 
@@ -304,13 +305,22 @@ def cmd_generate(args) -> int:
         raise UserError(f"generate: {args.checkpoint} holds a model of task {cfg.task}; generating text needs a "
                         f"causal language model (task clm) or one fine-tuned from it (task sft)"
                         f"{f'; for this run use {other}' if other else ''}")
+    prompt, shown = args.prompt, args.prompt
+    if args.chat:  # the prompt as a user's turn, then the assistant's opening: the answer alone is printed
+        template, tokens = chat_template(args.checkpoint, args.chat_template)
+        messages = chat.check_messages([{"role": "user", "content": args.prompt}], "generate: --prompt")
+        prompt = tok.encode(chat.render(template, messages, True, tokens, "generate: --chat"),
+                            add_special_tokens=False).ids
+        shown = ""
+    elif args.chat_template:
+        raise UserError("generate: --chat-template applies with --chat")
     for i in range(args.num_samples):
         gen = torch.Generator(device=device).manual_seed(args.seed + i)
-        text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        text = generate_text(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                              stop=args.stop, generator=gen, use_cache=not args.no_cache, end_ids=end_ids)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(args.prompt + text)
+        print(shown + text)
     return 0
 
 
@@ -463,12 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-field", default="text", metavar="NAME", help="JSONL field holding the text [default: text]")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("generate", help="continue a prompt with a causal language model (clm run)",
+    p = sub.add_parser("generate", help="continue a prompt with a causal language model (clm or sft run)",
                        description="Continue a prompt with a causal language model: sampled (temperature, top-k, "
                        "top-p) or greedy (--temperature 0), with a KV cache. The prompt and its continuation go to "
-                       "standard output.", allow_abbrev=False)
-    _checkpoint(p, "a clm run")
+                       "standard output; with --chat the prompt is a user's message and the answer goes there. "
+                       "Generation stops at the model's own end tokens (an imported chat model's end of turn).",
+                       allow_abbrev=False)
+    _checkpoint(p, "a clm or sft run")
     p.add_argument("--prompt", default="", help="text to continue [default: the start of a document]")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user's message, put in the model's chat "
+                   "template; prints the answer")
+    p.add_argument("--chat-template", metavar="NAME", help="with --chat: a named template (chatml) in place of "
+                   "the model's own")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
                    help="at most N new tokens, bounded by the model's context [default: 200]")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy [default: 0.8]")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge import chat
 from lmforge.config import load_config, read_yaml
 from lmforge.data.labelled import LabelMap
 from lmforge.data.tokenizer import load_tokenizer
@@ -92,6 +93,15 @@ def end_token_ids(path: str | Path) -> set[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise UserError(f"{where}: eos_token_id = {json.dumps(eos)}: expected a token id or a list of them")
     return set(ids)
+
+
+def chat_template(path: str | Path, name: str | None = None) -> tuple[str, dict[str, str]]:
+    """The chat template a model was fine-tuned or shipped with (or the one `name`d: chatml) and the
+    special-token strings it may name, for chat.render; a model without one is a one-line error."""
+    side = hf_side_files(path)
+    tokenizer_config = json.loads(side.get("tokenizer_config.json", "{}"))
+    template = chat.template_from(tokenizer_config, side.get("chat_template.jinja"), name, f"chat: {path}")
+    return template, chat.token_strings(tokenizer_config)
 
 
 def run_model(cfg) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -35,12 +36,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from lmforge import __version__
+from lmforge import __version__, chat
 from lmforge.data.labelled import Example
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
 from lmforge.generate import generate_texts, prompt_ids, translate
-from lmforge.runs import end_token_ids, load_run
+from lmforge.runs import chat_template, end_token_ids, load_run
 from lmforge.tasks import make_task, registry
 from lmforge.tasks.seq2seq import source_tokenizer
 from lmforge.train.device import pick_device
@@ -96,6 +97,25 @@ class GenerateRequest(Body):
     stream: bool = Field(False, description="send the text as server-sent events while it is generated")
 
 
+class ChatMessage(Body):
+    role: str = Field(description="system, user or assistant")
+    content: str
+
+
+class ChatRequest(Body):
+    """OpenAI's chat completions request, the fields lmforge honours (others are refused by name)."""
+    model: str | None = Field(None, description="ignored: the server serves one model")
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_tokens: int | None = Field(None, ge=1, description="at most this many new tokens [default: the server's "
+                                   "--max-new-tokens]")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
+    stop: Union[str, list[str], None] = Field(None, description="stop before this string (or any of these)")
+    seed: int | None = Field(None, description="sampling seed")
+    stream: bool = Field(False, description="send chat.completion.chunk server-sent events, then data: [DONE]")
+
+
 # -- the model -----------------------------------------------------------------------------------------
 
 class Engine:
@@ -117,6 +137,12 @@ class Engine:
             self.task = make_task(self.cfg)
             self.task.prepare_inference(self.tok)
         self.source_tok = self.tok
+        self.chat = None  # (template, special-token strings) where the model has a chat template
+        if self.endpoint == "generate":
+            try:
+                self.chat = chat_template(run)
+            except UserError:
+                pass  # no template: /v1/chat/completions answers 404 saying so
         if self.endpoint == "translate":
             self.source_tok = source_tokenizer(Path(run)) or self.tok
         context = self.cfg.model.max_seq_len
@@ -322,7 +348,7 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
         return error_response(e.status_code, "body", str(e.detail))
 
     request_model = {"/v1/classify": ClassifyRequest, "/v1/tag": TagRequest, "/v1/translate": TranslateRequest,
-                     "/v1/generate": GenerateRequest}
+                     "/v1/generate": GenerateRequest, "/v1/chat/completions": ChatRequest}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
@@ -435,11 +461,84 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             text = (await batcher.submit(key, [(ids, req.seed)], lambda items: engine.generate(items, req)))[0]
             return {"prompt": req.prompt, "text": text}
 
+        @app.post("/v1/chat/completions", summary="OpenAI-style chat: the conversation in the model's chat template, "
+                  "answered as the assistant's message (stream: true sends chat.completion.chunk events)")
+        async def chat_completions(req: ChatRequest, request: Request):
+            if engine.chat is None:
+                raise RequestError(404, "path", "this model has no chat template; POST /v1/generate continues text")
+            messages = [m.model_dump() for m in req.messages]  # the schema checked their fields' types
+            for i, m in enumerate(messages):
+                if m["role"] not in chat.ROLES:
+                    raise RequestError(422, f"messages[{i}].role", f"{m['role']!r}; expected one of {', '.join(chat.ROLES)}")
+            try:
+                text = chat.render(engine.chat[0], messages, True, engine.chat[1], "template")
+            except UserError as e:
+                raise RequestError(422, "messages", str(e)) from None
+            ids = engine.check_length(text, "messages")
+            limit = req.max_completion_tokens or req.max_tokens or limits.max_new_tokens
+            if limit > limits.max_new_tokens:
+                raise RequestError(422, "max_tokens", f"{limit}; expected at most {limits.max_new_tokens} "
+                                                      "(the server's --max-new-tokens)")
+            gen = GenerateRequest(prompt=text, max_new_tokens=limit, temperature=req.temperature, top_p=req.top_p,
+                                  stop=[req.stop] if isinstance(req.stop, str) else req.stop, seed=req.seed or 0)
+            reply = ChatReply(engine, len(ids), limit)
+            if req.stream:
+                return StreamingResponse(_events(batcher_of(request), engine, ids, gen, reply.chunk, "[DONE]"),
+                                         media_type="text/event-stream")
+            answer = (await batcher_of(request).submit(object(), [(ids, gen.seed)],
+                                                        lambda items: engine.generate(items, gen)))[0]
+            return reply.completion(answer)
+
     return app
 
 
-async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: GenerateRequest):
-    """Server-sent events of one generation: each new piece of text as it is made, then the whole text."""
+class ChatReply:
+    """OpenAI's response shapes for one chat request: the whole completion, or the stream's chunks."""
+
+    def __init__(self, engine: Engine, prompt_tokens: int, limit: int):
+        self.engine, self.prompt_tokens, self.limit = engine, prompt_tokens, limit
+        self.id, self.created = f"chatcmpl-{os.urandom(12).hex()}", int(time.time())
+
+    def _finish(self, answer: str) -> tuple[str, int]:
+        n = len(self.engine.tok.encode(answer, add_special_tokens=False).ids)
+        return ("length" if n >= self.limit else "stop"), n
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.engine.run}
+
+    def completion(self, answer: str) -> dict:
+        reason, n = self._finish(answer)
+        return {**self._head("chat.completion"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": reason}],
+                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
+                          "total_tokens": self.prompt_tokens + n}}
+
+    def chunk(self, piece: str | None, whole: str | None = None) -> list[dict]:
+        """The events for a new piece of the answer, or (whole given) the end of the stream."""
+        if whole is None:
+            delta = {"content": piece} if self.sent_role() else {"role": "assistant", "content": piece}
+            return [{**self._head("chat.completion.chunk"), "choices": [{"index": 0, "delta": delta,
+                                                                         "finish_reason": None}]}]
+        events = [] if piece is None else self.chunk(piece)
+        reason, _ = self._finish(whole)
+        return events + [{**self._head("chat.completion.chunk"),
+                          "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}]
+
+    def sent_role(self) -> bool:
+        sent, self._role_sent = getattr(self, "_role_sent", False), True
+        return sent
+
+
+def _generate_events(piece: str | None, whole: str | None = None) -> list[dict]:
+    """/v1/generate's events: {"text": new text} as it is made, then {"done": true, "text": the whole}."""
+    events = [{"text": piece}] if piece else []
+    return events + ([{"done": True, "text": whole}] if whole is not None else [])
+
+
+async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: GenerateRequest, shape=_generate_events,
+                  last: str | None = None):
+    """Server-sent events of one generation: each new piece of text as it is made, then the whole text, in
+    `shape`'s objects (piece, whole=None) -> events; `last` a closing line (OpenAI's [DONE])."""
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue = asyncio.Queue()
     gone = threading.Event()
@@ -467,14 +566,16 @@ async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: Generat
                 return
             if kind == "done":
                 rest = text[len(sent):] if text.startswith(sent) else ""
-                if rest:
-                    yield f"data: {json.dumps({'text': rest}, ensure_ascii=False)}\n\n"
-                yield f"data: {json.dumps({'done': True, 'text': text}, ensure_ascii=False)}\n\n"
+                for event in shape(rest or None, text):
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                if last:
+                    yield f"data: {last}\n\n"
                 return
             safe = text[:len(text) - hold] if hold else text
             safe = safe.rstrip("\ufffd")
             if safe.startswith(sent) and len(safe) > len(sent):
-                yield f"data: {json.dumps({'text': safe[len(sent):]}, ensure_ascii=False)}\n\n"
+                for event in shape(safe[len(sent):]):
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
                 sent = safe
     finally:
         gone.set()  # a client that disconnected stops the generation at its next token
