@@ -432,7 +432,7 @@ def test_finetuned_model_exports_to_transformers_with_equal_outputs(tmp_path, en
 
 
 @pytest.mark.slow
-def test_lora_sft_run_exports_a_peft_adapter_that_gives_our_outputs(tmp_path, decoder):
+def test_lora_sft_run_exports_a_peft_adapter_that_gives_our_outputs(tmp_path, decoder, capsys):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lmforge.hf.export import ADAPTER_DIR, export_hf
@@ -452,3 +452,17 @@ def test_lora_sft_run_exports_a_peft_adapter_that_gives_our_outputs(tmp_path, de
         torch.testing.assert_close(theirs(input_ids=x).logits, ours(x), atol=1e-5, rtol=0)
         with theirs.disable_adapter():  # the adapter is what makes them equal
             assert (theirs(input_ids=x).logits - ours(x)).abs().max() > 1e-4
+
+    # the CLI says how to load what it wrote: the base with its adapter, or (--merge) one plain model
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "again")]) == 0
+    assert f'peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained("{tmp_path / "again"}"), ' \
+           f'"{tmp_path / "again" / ADAPTER_DIR}")' in capsys.readouterr().out
+    assert main(["export", str(run), str(tmp_path / "merged"), "--merge"]) == 0
+    assert f'load it:  transformers.LlamaForCausalLM.from_pretrained("{tmp_path / "merged"}")' in capsys.readouterr().out
+    assert not (tmp_path / "merged" / ADAPTER_DIR).exists()
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, ours(x), atol=1e-5, rtol=0)
+    one_line_error(capsys, ["export", str(decoder), str(tmp_path / "plain"), "--merge"], "--merge", "no LoRA adapter")
+    assert not (tmp_path / "plain").exists()

@@ -338,12 +338,18 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lmforge.hf.export import export_hf
+    from lmforge.hf.export import ADAPTER_DIR, export_hf
 
-    hf_cfg = export_hf(args.run, args.out, args.format)
+    hf_cfg = export_hf(args.run, args.out, args.format, merge=args.merge)
     cls = hf_cfg["architectures"][0]
     print(f"exported {args.run} as {cls} ({hf_cfg['model_type']}) to {args.out}")
-    print(f"load it:  transformers.{cls}.from_pretrained(\"{args.out}\")")
+    base = f"transformers.{cls}.from_pretrained(\"{args.out}\")"
+    adapter = Path(args.out) / ADAPTER_DIR
+    if adapter.is_dir():  # the fine-tuned model is the base with its adapter, not the base alone
+        print(f"load it:  peft.PeftModel.from_pretrained({base}, \"{adapter}\")")
+        print("          (or export with --merge for one plain model)")
+    else:
+        print(f"load it:  {base}")
     return 0
 
 
@@ -515,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--format", default="auto", choices=HF_FORMATS,
                    help="the Hugging Face layout; auto = bert for mlm, gpt2 or else llama for clm [default: auto]")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapter into the weights and write "
+                   "one plain model [default: the base and the adapter in the peft library's format]")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="answer HTTP requests with a trained run (FastAPI; OpenAPI schema at /docs)",

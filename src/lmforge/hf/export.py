@@ -155,12 +155,13 @@ def _source_token_ids(side: dict[str, str]) -> dict:
     return {k: source[k] for k in TOKEN_ID_KEYS if k in source}
 
 
-def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
+def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool = False) -> dict:
     """A run directory, checkpoint or HF folder (anything load_run reads) -> a Hugging Face folder:
     model.safetensors, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json (and
     generation_config.json, chat_template.jinja: a run from an imported model writes its source's side
     files back unchanged); a LoRA run's base model there and its adapter in OUT/adapter in the peft
-    library's format (peft.PeftModel.from_pretrained(base, OUT/adapter)). Returns the config.json written."""
+    library's format (peft.PeftModel.from_pretrained(base, OUT/adapter)), or with `merge` the base plus the
+    LoRA update as one plain model. Returns the config.json written."""
 
     out = Path(out)
     _check_out(out, "export")
@@ -170,7 +171,12 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto") -> dict:
     if method not in ("none", "lora"):
         raise UserError(f"export: {run}: a model with peft.method = {method} has no Hugging Face layout; only LoRA "
                         "adapters are written (in the peft library's format)")
-    model = strip_peft(trained)  # the base weights (a LoRA run's adapter is written on its own, below)
+    if merge and method != "lora":
+        raise UserError(f"export: --merge: {run} has no LoRA adapter to merge (peft.method = {method}); "
+                        "export it without --merge")
+    # the base weights, its adapter written on its own below; merged: the base plus the LoRA update
+    model = strip_peft(trained, merge=merge)
+    method = "none" if merge else method
     mapping, _ = keymap.mapping(arch, model)  # tied output weights are left out: from_pretrained ties them again
     tensors = keymap.to_hf({k: p.detach() for k, p in model.named_parameters()}, mapping, arch, cfg.model)
     tensors.update({copy: tensors[original] for copy, original in arch.copies.items() if original in tensors})
