@@ -138,7 +138,8 @@ def cmd_train(args) -> int:
 def _print_next_steps(spec, run_dir: Path) -> None:
     """The commands that use what the task trained, as its registry entry says."""
     if spec.endpoint == "generate":
-        print(f"generate:      lmforge generate --checkpoint {run_dir} --prompt \"...\"")
+        chat = " --chat" if _has_chat_template(run_dir) else ""
+        print(f"generate:      lmforge generate --checkpoint {run_dir}{chat} --prompt \"...\"")
     if spec.endpoint == "translate":
         print(f"translate:     lmforge translate --checkpoint {run_dir} < INPUT > OUTPUT")
     if spec.finetune:
@@ -146,6 +147,16 @@ def _print_next_steps(spec, run_dir: Path) -> None:
         print(f"predict:       lmforge predict --checkpoint {run_dir} --input FILE --output OUT.jsonl")
     if spec.body != "encoder_decoder":  # hf/arch.py has decoder and encoder layouts only
         print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder)")
+
+
+def _has_chat_template(run_dir: Path) -> bool:
+    from lmforge.runs import chat_template
+
+    try:
+        chat_template(run_dir)
+    except UserError:
+        return False
+    return True
 
 
 def _finetuned_run(checkpoint: str, device_name: str, command: str):
