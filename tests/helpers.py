@@ -155,10 +155,10 @@ def server(run: Path, *options: str):
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32}
 
 
-def make_base(run: Path, task: str, **model) -> Path:
+def make_base(run: Path, task: str, specials: list[str] | None = None, **model) -> Path:
     """A pretrained-looking run directory (config.yaml, weights, tokenizer) with random weights."""
     kind = "wordpiece" if task == "mlm" else "bpe"
-    specials = [] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"]
+    specials = specials or ([] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"])
     tok = train_tokenizer(synthetic_text(8000).splitlines(), kind, 300, specials)
     extra = {"pos": "learned", "type_vocab_size": 2, "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
              "bias": True} if task == "mlm" else {}  # BERT's layout

@@ -18,6 +18,7 @@ from lmforge.cli import main
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.generate import generate_text
 from lmforge.hf.export import export_hf, import_hf
+from lmforge.metrics import translation_scores
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import GPT
 from lmforge.runs import end_token_ids
@@ -42,7 +43,7 @@ def rigged_gpt2(vocab: int, token: int, end_ids: list[int]):
     token's output row points along), with `end_ids` as its generation settings' eos ids."""
     t = transformers
     torch.manual_seed(0)
-    model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=4,
+    model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=1, n_head=4,
                                            tie_word_embeddings=False, bos_token_id=1, eos_token_id=END_OF_TURN,
                                            pad_token_id=END_OF_TURN))
     with torch.no_grad():
@@ -53,12 +54,12 @@ def rigged_gpt2(vocab: int, token: int, end_ids: list[int]):
     return model.eval()
 
 
-def save_chat_folder(folder: Path, tok, token: int, end_ids: list[int]) -> Path:
+def save_chat_folder(folder: Path, tok, token: int, end_ids: list[int], template: str = CHATML) -> Path:
     """The folder transformers writes for a chat model: weights, config.json with bos 1 / eos 2 / pad 2,
     generation_config.json, tokenizer_config.json with the ChatML template."""
     rigged_gpt2(tok.get_vocab_size(), token, end_ids).save_pretrained(folder)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
-                                                eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML)
+                                                eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=template)
     fast.save_pretrained(folder)
     return folder
 
@@ -246,3 +247,101 @@ def test_real_smollm2_chats_as_transformers_does_and_exports_its_template(smollm
         theirs_tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == \
         transformers.GenerationConfig.from_pretrained(smollm2).eos_token_id == 2
+
+
+# -- chat SFT ---------------------------------------------------------------------------------------------
+
+# ChatML with the assistant's turns marked, as templates mark them for transformers' assistant mask
+MARKED = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+          "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TALK = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the king"},
+        {"role": "assistant", "content": "the queen"}, {"role": "user", "content": "and rome?"},
+        {"role": "assistant", "content": "sweet prince"}]
+
+
+def sft_task(folder: Path, lines: list[dict], tmp_path: Path, **finetune):
+    from lmforge.config import load_config
+    from lmforge.tasks import make_task
+
+    train = tmp_path / "chat.jsonl"
+    train.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    cfg = load_config(base={"task": "sft", "finetune": {"init_from": str(folder), "train": str(train), **finetune},
+                            "train": {"warmup_steps": 0}})
+    task = make_task(cfg)
+    task.setup()
+    return task
+
+
+def test_chat_sft_trains_on_the_turns_transformers_marks_as_the_assistants(chat_tok, tmp_path):
+    folder = save_chat_folder(tmp_path / "hf", chat_tok, END_OF_TURN, [END_OF_TURN], template=MARKED)
+    task = sft_task(folder, [{"messages": TALK}] * 4, tmp_path)
+    row = task.train_rows[0]
+    theirs = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        TALK, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert row.ids == theirs["input_ids"][:-1]
+    ours = [t != -100 for t in row.target]  # the target of position i is token i + 1
+    assert ours == [bool(m) for m in theirs["assistant_masks"][1:]] and any(ours)
+    assert [t for t in row.target if t != -100] == [i for i, m in zip(theirs["input_ids"], theirs["assistant_masks"]) if m]
+
+
+def test_chat_sft_without_marks_trains_on_each_answer_and_its_end_of_turn(chat_tok, chat_folder, tmp_path):
+    task = sft_task(chat_folder, [{"messages": TALK}, {"prompt": "the king", "response": "the queen"}] * 2, tmp_path)
+    for row, answers in zip(task.train_rows, (["the queen", "sweet prince"], ["the queen"])):
+        scored = chat_tok.decode([t for t in row.target if t != -100], skip_special_tokens=False)
+        assert scored == "".join(f"{a}<|im_end|>\n" for a in answers)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role = \"bot\": expected one of system, user"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content is int; expected a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "the king " * 60}, {"role": "assistant", "content": "x"}]},
+     "tokens before its first answer; finetune.max_length is 64"),
+])
+def test_bad_conversations_are_one_line_naming_the_line(chat_folder, tmp_path, line, expected):
+    from lmforge.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        sft_task(chat_folder, [{"messages": TALK}, line], tmp_path, max_length=64)
+    assert str(e.value).startswith(f"{tmp_path / 'chat.jsonl'}:2: ") and expected in str(e.value), str(e.value)
+
+
+def test_a_conversation_for_a_model_without_a_template_is_one_line(tmp_path):
+    from helpers import make_base
+    from lmforge.errors import UserError
+
+    base = make_base(tmp_path / "gpt", "clm", max_seq_len=256)  # room for ChatML spelled out in characters
+    with pytest.raises(UserError) as e:
+        sft_task(base, [{"messages": TALK}] * 2, tmp_path)
+    assert "a conversation needs a chat template" in str(e.value) and "chatml" in str(e.value)
+    task = sft_task(base, [{"messages": TALK}] * 2, tmp_path, chat_template="chatml")  # named: it renders
+    assert all(any(t != -100 for t in row.target) for row in task.train_rows)
+
+
+@pytest.mark.slow  # a fine-tuning run
+def test_chat_sft_learns_and_evaluate_reports_exact_match_and_chrf(tmp_path, capsys):
+    from helpers import finetune, make_base, sentences
+
+    base = make_base(tmp_path / "gpt", "clm", specials=SPECIALS, max_seq_len=64)
+    lines = [{"messages": [{"role": "user", "content": " ".join(w)}, {"role": "assistant", "content": w[0]}]}
+             for w in sentences(120, 11)]  # answer with the first word
+    train = tmp_path / "chat.jsonl"
+    train.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    run = finetune(tmp_path, base, train, None, "sft", "--finetune.chat_template", "chatml", "--finetune.epochs", "20")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(train), "--device", "cpu"]) == 0
+    result = capsys.readouterr().out.strip().splitlines()[-1]
+    assert result.startswith("RESULT exact_match=")
+    scores = {k: float(v) for k, v in (kv.split("=") for kv in result.split()[1:])}
+    assert scores["loss"] < 2.5, scores  # ln 300 = 5.7 untrained
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", "--checkpoint", str(run), "--input", str(train), "--output", str(out), "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"] for r in records] == [line["messages"] for line in lines]
+    answers = [r["response"] for r in records]
+    assert all(a.strip() and "<|im" not in a and "\n" not in a.strip() for a in answers), answers[:5]  # ends at its turn
+    references = [line["messages"][-1]["content"] for line in lines]
+    exact = sum(a.strip() == ref for a, ref in zip(answers, references)) / len(lines)
+    assert scores["exact_match"] == pytest.approx(exact, abs=1e-4)
+    assert scores["chrf"] == pytest.approx(translation_scores(answers, references)[0]["chrf"], abs=1e-2)

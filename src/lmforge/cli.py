@@ -161,7 +161,7 @@ def _has_chat_template(run_dir: Path) -> bool:
 
 def _finetuned_run(checkpoint: str, device_name: str, command: str):
     """(model, task ready for inference, config) of a fine-tuned run."""
-    from lmforge.runs import load_run
+    from lmforge.runs import load_run, run_dir_of
     from lmforge.tasks import make_task, registry
     from lmforge.train.device import pick_device
 
@@ -174,7 +174,7 @@ def _finetuned_run(checkpoint: str, device_name: str, command: str):
         raise UserError(f"{command}: {checkpoint} holds a {cfg.task} model; {command} takes a fine-tuned run "
                         f"({', '.join(registry.names('finetune'))}){hint}")
     task = make_task(cfg)
-    task.prepare_inference(tok)
+    task.prepare_inference(tok, run_dir_of(Path(checkpoint)))
     return model, task, cfg
 
 

@@ -169,6 +169,9 @@ class FinetuneConfig:
     tag_column: int = opt(-1, "conll: the column holding the tag (the word is column 0; negative counts from the end)")
     prompt_field: str = opt("prompt", "sft: the JSON field holding the prompt")
     response_field: str = opt("response", "sft: the JSON field holding the response")
+    chat_template: str = opt("auto", "sft: the chat template conversations and prompt/response pairs are rendered "
+                             "with; auto = the model's own (pairs of a model without one are joined plainly), "
+                             "chatml, or a name the model's templates list")
     labels: list | None = opt(None, "the label set in order; none = the sorted labels of the training file")
     max_length: int = opt(128, "tokens per example, longer ones are cut (at most the model's context)", check=gt(1))
     epochs: float = opt(3.0, "passes over the training file (sets train.max_steps); 0 = train for train.max_steps",

@@ -41,7 +41,7 @@ from lmforge.data.labelled import Example
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
 from lmforge.generate import generate_texts, prompt_ids, translate
-from lmforge.runs import chat_template, end_token_ids, load_run
+from lmforge.runs import chat_template, end_token_ids, load_run, run_dir_of
 from lmforge.tasks import make_task, registry
 from lmforge.tasks.seq2seq import source_tokenizer
 from lmforge.train.device import pick_device
@@ -135,7 +135,7 @@ class Engine:
         self.task = None
         if spec.finetune:  # labelled-example tasks encode and predict through their Task
             self.task = make_task(self.cfg)
-            self.task.prepare_inference(self.tok)
+            self.task.prepare_inference(self.tok, run_dir_of(Path(run)))
         self.source_tok = self.tok
         self.chat = None  # (template, special-token strings) where the model has a chat template
         if self.endpoint == "generate":

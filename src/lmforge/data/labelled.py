@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from lmforge import chat
 from lmforge.data.formats import decoded_lines
 from lmforge.errors import UserError
 from lmforge.tasks import registry
@@ -44,7 +45,8 @@ SCHEME_PREFIXES = {"BIO": ("B", "I"), "IOBES": ("B", "I", "E", "S")}
 
 @dataclass
 class Example:
-    text: str | list[str]    # the sentence; for task "tag" the list of words; for "sft" the prompt
+    text: str | list         # the sentence; for task "tag" the list of words; for "sft" the prompt, or the
+    #                          conversation ({"role", "content"} dicts) of a `messages` line
     pair: str | None = None  # the second sentence of a pair (with finetune.pair_field)
     label: object = None     # by the task's label kind (tasks/registry.py): class: str; value: float; classes:
     #                          list[str]; tags: list[str]; response: str; None when the file has no label
@@ -293,6 +295,9 @@ def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
             yield Example(list(words), label=tags, line=lineno)
             continue
 
+        if kind == "response" and "messages" in record:  # a conversation (chat SFT)
+            yield _conversation(record["messages"], where, require_labels, lineno)
+            continue
         text_setting = "prompt_field" if kind == "response" else "text_field"
         text = _text(field(text_name, text_setting), f"field '{text_name}'", where)
         pair = (_text(field(fc.pair_field, "pair_field"), f"field '{fc.pair_field}'", where)
@@ -309,6 +314,17 @@ def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
             else:
                 label = _parse_label(value, task, fc, where)
         yield Example(text, pair=pair, label=label, line=lineno)
+
+
+def _conversation(messages, where: str, require_labels: bool, lineno: int) -> Example:
+    """{"messages": [...]}: the turns as Example.text, the last assistant turn's content as the label (the
+    reference answer of an evaluation); training data needs an assistant turn to learn from."""
+    chat.check_messages(messages, where)
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if require_labels and not answers:
+        raise UserError(f"{where}: messages: no assistant turn; expected at least one answer to train on")
+    return Example(messages, label=answers[-1] if answers and messages[-1]["role"] == "assistant" else None,
+                   line=lineno)
 
 
 def _read_conll(path: Path, task: str, fc, require_labels: bool) -> Iterator[Example]:

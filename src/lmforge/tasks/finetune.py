@@ -178,8 +178,9 @@ class FinetuneTask(Task):
         self.max_length = min(self.cfg.finetune.max_length, self.cfg.model.max_seq_len)
         self.encoder = self.cfg.finetune.body != "decoder"
 
-    def prepare_inference(self, tok: Tokenizer) -> None:
-        """For a trained run (evaluate, predict): the tokenizer and the label map from its config."""
+    def prepare_inference(self, tok: Tokenizer, run_dir: Path | None = None) -> None:
+        """For a trained run (evaluate, predict, serve; `run_dir` its folder): the tokenizer and the label
+        map from its config."""
         self.use_tokenizer(tok)
         labels = self.cfg.finetune.labels
         tags = registry.spec(self.name).label == "tags"

@@ -1,19 +1,31 @@
-"""Supervised fine-tuning of a causal LM on prompt/response pairs: the model reads prompt + response
-and is trained to predict the response (and the end-of-text token after it) only; prompt tokens carry
-no loss. The logits are never formed for the whole batch: the loss fuses the output layer with the
-cross-entropy in chunks, and the token accuracy reads the predictions at the response tokens only."""
+"""Supervised fine-tuning of a causal LM on conversations (`messages` JSONL lines) or prompt/response
+pairs: the model is trained to predict the assistant's turns only; everything else carries no loss.
+
+With a chat template (the model's own, or finetune.chat_template = chatml) a conversation, or a pair as a
+user turn and an assistant turn, is rendered as the model will see it when chatting, and the assistant's
+tokens are those the template marks ({% generation %}), or else those each answer adds (chat.py). A model
+without a template reads a pair as prompt + response joined with nothing between, then its end-of-text
+token. The logits are never formed for the whole batch: the loss fuses the output layer with the
+cross-entropy in chunks, and the token accuracy reads the predictions at the answer tokens only. The
+final report also answers every dev example greedily and scores the answers: exact match and chrF."""
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmforge.data.batches import pad_batch
+from lmforge import chat
 from lmforge.data.labelled import Example
+from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.losses import IGNORE_INDEX, rows_per_chunk
+from lmforge.metrics import translation_scores
+from lmforge.runs import chat_template, end_token_ids
 from lmforge.tasks.clm import next_token_loss
 from lmforge.tasks.finetune import Encoded, FinetuneTask
 
@@ -47,7 +59,66 @@ class SFTTask(FinetuneTask):
     def label_map(self, train, dev):
         return None
 
+    def prepare_inference(self, tok, run_dir: Path | None = None) -> None:
+        super().prepare_inference(tok, run_dir)
+        self.chat_source = run_dir  # the run keeps its template and end tokens (runs.HF_SIDE_FILES)
+
+    @functools.cached_property
+    def chat(self) -> tuple[str, dict[str, str]] | None:
+        """(template, special-token strings) to render with, or None: a model without a template, auto."""
+        name = self.cfg.finetune.chat_template
+        source = getattr(self, "chat_source", None) or self.cfg.finetune.init_from
+        try:
+            return chat_template(source, None if name == "auto" else name)
+        except UserError:
+            if name != "auto":
+                raise
+            return None
+
+    @functools.cached_property
+    def end_ids(self) -> set[int]:
+        """Where an answer ends: the model's own end tokens (a chat model's end of turn), the end of turn of
+        a named template or the template's eos_token where the tokenizer has them, and end of text."""
+        own = end_token_ids(getattr(self, "chat_source", None) or self.cfg.finetune.init_from)
+        turn = [chat.END_OF_TURN.get(self.cfg.finetune.chat_template), (self.chat or ("", {}))[1].get("eos_token")]
+        own |= {i for t in turn if t and (i := self.tokenizer.token_to_id(t)) is not None}
+        return own | ({self.eos_id} if self.eos_id is not None else set())
+
+    def conversation(self, e: Example, answered: bool = True) -> list[dict]:
+        """The example's turns; a pair as a user turn and (answered, where it has one) the assistant's."""
+        turns = e.text if isinstance(e.text, list) else [{"role": "user", "content": e.text}]
+        if not isinstance(e.text, list) and answered and e.label is not None:
+            turns = turns + [{"role": "assistant", "content": e.label}]
+        if not answered and turns[-1]["role"] == "assistant":
+            turns = turns[:-1]  # the question of the last answer, which is the reference
+        return turns
+
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
+        if self.chat is not None:
+            return [self._encode_chat(e, f"{path}:{e.line}") for e in examples]
+        talk = next((e for e in examples if isinstance(e.text, list)), None)
+        if talk is not None:
+            raise UserError(f"{path}:{talk.line}: a conversation needs a chat template, and the model has none; "
+                            "set finetune.chat_template = chatml")
+        return self._encode_pairs(examples)
+
+    def _encode_chat(self, e: Example, where: str) -> Encoded:
+        """The rendered conversation's tokens, each assistant token the target of the one before it."""
+        template, tokens = self.chat
+        text, spans = chat.render_with_answers(template, self.conversation(e), tokens, where)
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        answer = [any(a < end and start < b for a, b in spans) for start, end in enc.offsets]
+        ids = enc.ids
+        if len(ids) > self.max_length + 1:
+            first = answer.index(True) if True in answer else len(ids)
+            if first > self.max_length:
+                raise UserError(f"{where}: the conversation has {first} tokens before its first answer; "
+                                f"finetune.max_length is {self.max_length}")
+            ids, answer = ids[:self.max_length + 1], answer[:self.max_length + 1]
+        return Encoded(ids[:-1], None, [t if a else IGNORE_INDEX for t, a in zip(ids[1:], answer[1:])])
+
+    def _encode_pairs(self, examples: list[Example]) -> list[Encoded]:
+        """prompt + response + end of text, with no template: the prompt carries no loss."""
         tok = self.tokenizer
         prompts = tok.encode_batch([e.text for e in examples], add_special_tokens=False)
         responses = tok.encode_batch([e.label or "" for e in examples], add_special_tokens=False)
@@ -76,7 +147,7 @@ class SFTTask(FinetuneTask):
         return ["loss", "ppl", "token_accuracy"]
 
     def result_metrics(self):
-        return ("loss", "ppl", "token_accuracy")
+        return ("exact_match", "chrf", "loss", "ppl", "token_accuracy")
 
     def new_metrics(self):
         return _TokenMetrics()
@@ -92,14 +163,36 @@ class SFTTask(FinetuneTask):
         scalars["ppl"] = math.exp(min(scalars["loss"], 50.0))
         return scalars, metrics
 
+    def report(self, model, examples, path, confusion=None):
+        """The loss of the references, then each example answered greedily: exact match and chrF of the
+        answers against the references."""
+        full, text = super().report(model, examples, path, confusion)
+        answered = [e for e in examples if e.label is not None]
+        with torch.no_grad():
+            answers = [self.respond(model, e, path) for e in answered]
+        exact = sum(a.strip() == e.label.strip() for a, e in zip(answers, answered)) / max(len(answered), 1)
+        chrf = translation_scores(answers, [e.label for e in answered])[0]["chrf"] if answered else 0.0
+        full.update(exact_match=exact, chrf=chrf)
+        return full, text.rstrip("\n") + f"  exact_match {exact:.4f}  chrf {chrf:.2f}"
+
     def predict(self, model, examples, path) -> list[dict]:
-        """Each prompt's greedy response: generated one example at a time, so there is no batch forward
+        """Each example's greedy answer: generated one example at a time, so there is no batch forward
         pass to share (and predictions() is not used)."""
         with torch.no_grad():
-            return [{"prompt": e.text, "response": self.respond(model, e.text)} for e in examples]
+            return [{"messages" if isinstance(e.text, list) else "prompt": e.text,
+                     "response": self.respond(model, e, path)} for e in examples]
 
-    def respond(self, model, prompt_text: str) -> str:
-        """The greedy response (at most max_length tokens) to the prompt's last max_length / 2 tokens."""
-        prompt = self.tokenizer.encode(prompt_text, add_special_tokens=False).ids[-(self.max_length // 2):]
+    def respond(self, model, e: Example, path: str = "input") -> str:
+        """The greedy answer (at most max_length tokens): to the conversation up to its last answer, in the
+        chat template, or to the prompt's last max_length / 2 tokens; it ends at the model's end tokens."""
+        if self.chat is not None:
+            template, tokens = self.chat
+            text = chat.render(template, self.conversation(e, answered=False), True, tokens, f"{path}:{e.line}")
+            prompt = self.tokenizer.encode(text, add_special_tokens=False).ids
+        else:
+            prompt = self.tokenizer.encode(e.text, add_special_tokens=False).ids[-(self.max_length // 2):]
         room = self.cfg.model.max_seq_len - len(prompt)
-        return generate_text(model, self.tokenizer, prompt, max_new_tokens=min(room, self.max_length), temperature=0.0)
+        if room < 1:
+            raise UserError(f"{path}:{e.line}: the prompt has {len(prompt)} tokens, the model's whole context")
+        return generate_text(model, self.tokenizer, prompt, max_new_tokens=min(room, self.max_length), temperature=0.0,
+                             end_ids=self.end_ids)
