@@ -1,5 +1,6 @@
 """Hugging Face import and export with transformers as the oracle: a real pretrained BERT and tiny
-random GPT-2, Llama, Mistral and BERT models give the same outputs in lmforge; lmforge models exported
+random GPT-2, Llama (with another head size), Mistral and BERT models give the same outputs (and the same greedy
+tokens) in lmforge; lmforge models exported
 load in transformers' Auto classes with the same outputs and tokenizer ids; import -> export -> import
 is bit-exact; and every mistake is one line that leaves nothing behind.
 
@@ -22,6 +23,7 @@ from helpers import synthetic_text, tiny_overrides
 from lmforge.cli import main
 from lmforge.config import load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.generate import generate
 from lmforge.hf.export import export_hf, import_hf
 from lmforge.hf.load import load_hf
 from lmforge.tasks import make_task
@@ -40,6 +42,15 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     diff = (a - b).abs().max().item()
     print(f"max abs diff, {what}: {diff:.2e}")  # the figures quoted in docs/huggingface.md (pytest -rP)
     assert diff < TOL, (what, diff)
+
+
+def assert_same_greedy(lm: torch.nn.Module, hf, what: str) -> None:
+    """lmforge's greedy decoding (KV cache) picks the tokens transformers' generate picks."""
+    idx = torch.randint(0, lm.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    greedy = transformers.GenerationConfig(max_new_tokens=12, do_sample=False)  # no eos: all 12 tokens
+    with torch.no_grad():
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), generation_config=greedy)[:, 8:]
+        assert torch.equal(generate(lm, idx, 12, temperature=0), theirs), what
 
 
 def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -63,7 +74,7 @@ def wordpiece():
 
 # -- tiny transformers models -----------------------------------------------------------------------
 
-DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "mistral")
+DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "llama-head-dim", "mistral")
 ENCODERS = ("bert-mlm", "bert-pretraining")
 
 
@@ -83,6 +94,8 @@ def build_hf(name: str, vocab: int):
         "llama-tied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, tie_word_embeddings=True,
                                                                rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
         "llama-untied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, tie_word_embeddings=False)),
+        # heads of 16 where hidden_size / num_attention_heads is 8, as Qwen3 and Gemma configs have
+        "llama-head-dim": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, head_dim=16, tie_word_embeddings=True)),
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**llama, sliding_window=None)),
         "bert-mlm": lambda: t.BertForMaskedLM(bert),
         "bert-pretraining": lambda: t.BertForPreTraining(bert),
@@ -172,6 +185,7 @@ def test_imported_decoder_logits_equal_transformers(hf_dirs, name):
     idx = torch.randint(0, m.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(imported.model(idx), hf(idx).logits, f"{name} import, logits")
+    assert_same_greedy(imported.model, hf, f"{name} import, greedy tokens")
 
 
 @pytest.mark.parametrize("name", ENCODERS)
@@ -245,6 +259,8 @@ EXPORTS = {
                               "LlamaForCausalLM"),
     "llama-layout-gqa-untied": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False),
                                 False, "LlamaForCausalLM"),
+    "llama-layout-head-dim": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, head_dim=12), False,
+                              "LlamaForCausalLM"),
     "bert-layout": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True, type_vocab_size=2,
                                 norm_eps=1e-12, mlp="gelu"), False, "BertForMaskedLM"),
     "bert-layout-no-segments-nsp": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True,
@@ -300,7 +316,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, bpe, w
         assert hf_tok.eos_token == "<|endoftext|>" and hf.config.eos_token_id == tok.token_to_id("<|endoftext|>")
 
 
-@pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "mistral", "bert-pretraining"])
+@pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "llama-head-dim", "mistral", "bert-pretraining"])
 def test_import_export_import_is_bit_exact(hf_dirs, tmp_path, name):
     folder = hf_dirs[name][0]
     first = import_hf(folder, tmp_path / "run")
@@ -420,7 +436,9 @@ IMPORT_ERRORS = [
     ("gpt2-activation", "gpt2", edit_config(activation_function="quick_gelu"), ["activation_function = \"quick_gelu\""]),
     ("llama-attention-bias", "llama-tied", edit_config(attention_bias=True), ["attention_bias = true"]),
     ("llama-mlp-bias", "llama-tied", edit_config(mlp_bias=True), ["mlp_bias = true"]),
-    ("llama-head-dim", "llama-tied", edit_config(head_dim=16), ["head_dim = 16", "= 8"]),
+    # config.json's head size sets the shapes it implies
+    ("llama-head-dim", "llama-tied", edit_config(head_dim=16),
+     ["weight model.layers.0.self_attn.q_proj.weight has shape (32, 32), but config.json implies (64, 32)"]),
     ("llama-rope-parameters", "llama-tied",
      edit_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
      ["rope_parameters = {\"rope_type\": \"linear\"", "no scaling"]),
@@ -453,6 +471,8 @@ EXPORT_ERRORS = [
      ["GPT-2 needs model.bias = true (it has false)"]),
     ("gpt2-with-gqa", ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh", n_kv_head=2)), ["--format", "gpt2"],
      ["GPT-2 needs model.n_kv_head = 4 (it has 2)"]),
+    ("gpt2-head-dim", ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh", head_dim=16)),
+     ["--format", "gpt2"], ["GPT-2 needs model.head_dim = 8 (it has 16)"]),
     ("bert-pre-norm", ("mlm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu")), [],
      ["BERT needs model.norm_position = post (it has pre)"]),
     ("bert-for-a-decoder", ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu")), ["--format", "bert"],

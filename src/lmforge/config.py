@@ -316,12 +316,12 @@ class Config:
     def validate(self) -> None:
         """Checks that involve more than one field."""
         m, t = self.model, self.train
-        if m.d_model % m.n_head:
+        if not m.head_dim:  # the one way it stays 0: d_model / n_head is not whole
             raise ConfigError(f"config: model.d_model = {m.d_model} must be divisible by model.n_head = {m.n_head}")
         if m.n_head % m.n_kv_head:
             raise ConfigError(f"config: model.n_head = {m.n_head} must be a multiple of model.n_kv_head = {m.n_kv_head}")
-        if m.pos == "rope" and (m.d_model // m.n_head) % 2:
-            raise ConfigError(f"config: model.pos = rope needs an even head size, got {m.d_model // m.n_head}")
+        if m.pos == "rope" and m.head_dim % 2:
+            raise ConfigError(f"config: model.pos = rope needs an even head size, got {m.head_dim}")
         if t.min_lr > t.lr:
             raise ConfigError(f"config: train.min_lr = {t.min_lr} must be <= train.lr = {t.lr}")
         if t.warmup_steps >= t.max_steps:

@@ -178,10 +178,6 @@ def _llama_read(hf: dict, names: set[str], where: str) -> dict:
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError(f"{where}: config.json {key} = {json.dumps(rope)}: lmforge's RoPE has no scaling "
                         f"(it needs {key} null or rope_type default)")
-    natural = hf["hidden_size"] // hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, natural):
-        raise UserError(f"{where}: config.json head_dim = {hf['head_dim']}: lmforge's head size is hidden_size / "
-                        f"num_attention_heads = {natural}")
     window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
     if window is not None and window < context:
         raise UserError(f"{where}: config.json sliding_window = {window}: lmforge attends to the whole context, "
@@ -192,8 +188,7 @@ def _llama_read(hf: dict, names: set[str], where: str) -> dict:
 def _llama_write(cfg) -> dict:
     m = cfg.model
     # both spellings of the RoPE base, for transformers 5 and for older versions
-    return {"rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-            "head_dim": m.head_dim}
+    return {"rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}}
 
 
 LLAMA = Arch(
@@ -216,6 +211,7 @@ LLAMA = Arch(
     config={
         **STANDARD_SIZES,
         "num_key_value_heads": ("n_kv_head", None),  # null: as many as attention heads
+        "head_dim": ("head_dim", None),  # null: hidden_size / num_attention_heads
         "rms_norm_eps": ("norm_eps", 1e-6),
         "attention_dropout": ("dropout", 0.0),
         "initializer_range": ("init_std", 0.02),

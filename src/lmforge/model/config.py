@@ -20,6 +20,8 @@ class ModelConfig:
     n_layer: int = opt(4, "Transformer blocks", check=gt(0))
     n_head: int = opt(4, "attention heads", check=gt(0))
     n_kv_head: int = opt(0, "key/value heads (grouped-query attention); 0 = n_head", check=ge(0))
+    head_dim: int = opt(0, "size of each attention head; 0 = d_model / n_head (Qwen3 and Gemma checkpoints set another)",
+                        check=ge(0))
     d_model: int = opt(256, "model width", check=gt(0))
     d_ff: int = opt(0, "MLP hidden width; 0 = 4*d_model (8/3*d_model rounded to 64 for swiglu)", check=ge(0))
     pos: str = opt("rope", "position encoding", choices=("learned", "rope"))
@@ -40,12 +42,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
+        if self.head_dim == 0 and self.d_model % self.n_head == 0:  # otherwise left 0 for Config.validate to refuse
+            self.head_dim = self.d_model // self.n_head
         if self.d_ff == 0:
             self.d_ff = 64 * round(8 * self.d_model / 3 / 64) if self.mlp == "swiglu" else 4 * self.d_model
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
 
 # Each preset is a set of ModelConfig values; explicit keys in a config override them.

@@ -78,7 +78,8 @@ class Attention(nn.Module):
         self.causal = causal
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        # n_head * head_dim is d_model unless the config gives head_dim (Qwen3, Gemma)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True  # depth-scaled init
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -127,7 +128,7 @@ class CrossAttention(nn.Module):
         self.dropout = cfg.dropout
         self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True
         self.resid_drop = nn.Dropout(cfg.dropout)
 
