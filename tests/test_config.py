@@ -127,6 +127,9 @@ def test_choices(tmp_path):
     ({"model.d_model": "384", "model.n_head": "6", "model.n_kv_head": "4"}, "model.n_head = 6 must be a multiple of model.n_kv_head = 4"),
     ({"model.pos": "rope", "model.d_model": "60", "model.n_head": "4"}, "model.pos = rope needs an even head size, got 15"),
     ({"model.pos": "rope", "model.head_dim": "15"}, "model.pos = rope needs an even head size, got 15"),
+    ({"model.rope_factor": "4"}, "model.rope_factor = 4.0 applies to model.rope_scaling = llama3 only (it is none)"),
+    ({"model.rope_scaling": "llama3", "model.rope_high_freq_factor": "1"},
+     "model.rope_high_freq_factor = 1.0 must be > model.rope_low_freq_factor = 1.0"),
     ({"train.lr": "1e-4", "train.min_lr": "1e-3"}, "train.min_lr = 0.001 must be <= train.lr = 0.0001"),
     ({"train.warmup_steps": "10", "train.max_steps": "10"}, "train.warmup_steps = 10 must be < train.max_steps = 10"),
 ])

@@ -1,5 +1,5 @@
 """Hugging Face import and export with transformers as the oracle: a real pretrained BERT and tiny
-random GPT-2, Llama (with another head size), Mistral and BERT models give the same outputs (and the same greedy
+random GPT-2, Llama (with another head size, with Llama 3.1's RoPE scaling), Mistral and BERT models give the same outputs (and the same greedy
 tokens) in lmforge; lmforge models exported
 load in transformers' Auto classes with the same outputs and tokenizer ids; import -> export -> import
 is bit-exact; and every mistake is one line that leaves nothing behind.
@@ -28,6 +28,8 @@ from lmforge.hf.export import export_hf, import_hf
 from lmforge.hf.load import load_hf
 from lmforge.tasks import make_task
 from lmforge.io import save_weights
+from lmforge.model.config import ModelConfig
+from lmforge.model.layers import rope_inv_freq
 from lmforge.runs import WEIGHTS, load_run
 from lmforge.train.distributed import Dist, full_weights
 
@@ -74,7 +76,12 @@ def wordpiece():
 
 # -- tiny transformers models -----------------------------------------------------------------------
 
-DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "llama-head-dim", "mistral")
+DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "llama-head-dim", "llama3-rope", "mistral")
+
+# Llama 3.1's RoPE scaling at a size where it matters: at head size 8 and theta 10000 the wavelengths are 6.3,
+# 63, 628 and 6283 positions, so against an original context of 128 one is kept, one blended and two stretched
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
 ENCODERS = ("bert-mlm", "bert-pretraining")
 
 
@@ -96,6 +103,8 @@ def build_hf(name: str, vocab: int):
         "llama-untied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, tie_word_embeddings=False)),
         # heads of 16 where hidden_size / num_attention_heads is 8, as Qwen3 and Gemma configs have
         "llama-head-dim": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, head_dim=16, tie_word_embeddings=True)),
+        "llama3-rope": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, tie_word_embeddings=True,
+                                                                rope_parameters=dict(LLAMA3_ROPE))),
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**llama, sliding_window=None)),
         "bert-mlm": lambda: t.BertForMaskedLM(bert),
         "bert-pretraining": lambda: t.BertForPreTraining(bert),
@@ -188,6 +197,45 @@ def test_imported_decoder_logits_equal_transformers(hf_dirs, name):
     assert_same_greedy(imported.model, hf, f"{name} import, greedy tokens")
 
 
+@pytest.mark.parametrize("head_dim, theta, scaling", [
+    (128, 500000.0, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    (64, 500000.0, dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    (8, 10000.0, {k: v for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}),
+])
+def test_llama3_rope_frequencies_equal_transformers(head_dim, theta, scaling):
+    """Llama 3.1 (8B) and 3.2 (1B) settings and the tiny test model's: transformers computes in fp32."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                                      rope_parameters={"rope_type": "llama3", "rope_theta": theta, **scaling})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    ours = rope_inv_freq(ModelConfig(d_model=head_dim * 4, n_head=4, rope_theta=theta, rope_scaling="llama3",
+                                     rope_factor=scaling["factor"], rope_low_freq_factor=scaling["low_freq_factor"],
+                                     rope_high_freq_factor=scaling["high_freq_factor"],
+                                     rope_original_max_len=scaling["original_max_position_embeddings"]))
+    unscaled = rope_inv_freq(ModelConfig(d_model=head_dim * 4, n_head=4, rope_theta=theta))
+    assert not torch.allclose(ours, unscaled)  # the scaling changes some frequencies
+    torch.testing.assert_close(ours, expected.double(), rtol=1e-6, atol=0)
+
+
+def test_llama3_rope_in_the_older_rope_scaling_spelling_imports_the_same(hf_dirs, tmp_path):
+    """Llama 3.1's own config.json: rope_theta at the top, rope_scaling without it, read as transformers reads it."""
+    folder = copy_of(hf_dirs, "llama3-rope", tmp_path)
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    edit_config(rope_parameters=None, rope_scaling=scaling, rope_theta=LLAMA3_ROPE["rope_theta"])(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    imported = load_hf(folder)
+    m = imported.config.model
+    assert (m.rope_scaling, m.rope_factor, m.rope_original_max_len) == ("llama3", 4.0, 128)
+    idx = torch.randint(0, m.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(imported.model(idx), hf(idx).logits, "llama3 rope_scaling import, logits")
+        assert_close(imported.model(idx), hf_dirs["llama3-rope"][1](idx).logits, "llama3 both spellings, logits")
+        edit_config(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})(folder)
+        unscaled = load_hf(folder).model(idx)
+        assert (unscaled - hf(idx).logits).abs().max() > 10 * TOL  # these tests would see the scaling left out
+
+
 @pytest.mark.parametrize("name", ENCODERS)
 def test_imported_bert_logits_equal_transformers(hf_dirs, name):
     folder, hf = hf_dirs[name]
@@ -259,6 +307,8 @@ EXPORTS = {
                               "LlamaForCausalLM"),
     "llama-layout-gqa-untied": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False),
                                 False, "LlamaForCausalLM"),
+    "llama-layout-llama3-rope": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", rope_scaling="llama3", rope_factor=4.0,
+                                             rope_original_max_len=128), False, "LlamaForCausalLM"),
     "llama-layout-head-dim": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, head_dim=12), False,
                               "LlamaForCausalLM"),
     "bert-layout": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True, type_vocab_size=2,
@@ -316,7 +366,8 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, bpe, w
         assert hf_tok.eos_token == "<|endoftext|>" and hf.config.eos_token_id == tok.token_to_id("<|endoftext|>")
 
 
-@pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "llama-head-dim", "mistral", "bert-pretraining"])
+@pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "llama-head-dim", "llama3-rope", "mistral",
+                                  "bert-pretraining"])
 def test_import_export_import_is_bit_exact(hf_dirs, tmp_path, name):
     folder = hf_dirs[name][0]
     first = import_hf(folder, tmp_path / "run")
@@ -444,6 +495,9 @@ IMPORT_ERRORS = [
      ["rope_parameters = {\"rope_type\": \"linear\"", "no scaling"]),
     ("llama-rope-scaling", "llama-untied", edit_config(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}),
      ["rope_scaling = {\"type\": \"dynamic\"", "no scaling"]),
+    ("llama3-rope-incomplete", "llama3-rope",
+     edit_config(rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}),
+     ["rope_parameters has no low_freq_factor, which rope_type llama3 needs"]),
     ("mistral-sliding-window", "mistral", edit_config(sliding_window=8), ["sliding_window = 8", "max_position_embeddings = 32"]),
     ("bert-relative-positions", "bert-mlm", edit_config(position_embedding_type="relative_key"),
      ["position_embedding_type = \"relative_key\""]),

@@ -31,6 +31,7 @@ class ConfigError(UserError):
 
 # -- the tree --------------------------------------------------------------------------------------
 # ModelConfig lives beside the model; the rest is here.
+LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
 
 TOKENIZER_KINDS = ("char", "bpe", "wordpiece")
 CORPUS_FORMATS = ("auto", "txt", "folder", "jsonl")
@@ -345,7 +346,18 @@ class Config:
         if registry.spec(self.task).model == "encoder_decoder" and sc.average_last > t.keep_checkpoints:
             raise ConfigError(f"config: seq2seq.average_last = {sc.average_last} needs train.keep_checkpoints >= "
                               f"{sc.average_last} (got {t.keep_checkpoints})")
+        self._validate_rope()
         self._validate_loss()
+
+    def _validate_rope(self) -> None:
+        m, defaults = self.model, ModelConfig()
+        if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+            raise ConfigError(f"config: model.rope_high_freq_factor = {m.rope_high_freq_factor} must be > "
+                              f"model.rope_low_freq_factor = {m.rope_low_freq_factor}")
+        for name in LLAMA3_ROPE_FIELDS:  # a setting that would change nothing is a mistake worth naming
+            if m.rope_scaling != "llama3" and getattr(m, name) != getattr(defaults, name):
+                raise ConfigError(f"config: model.{name} = {getattr(m, name)!r} applies to model.rope_scaling = llama3 "
+                                  f"only (it is {m.rope_scaling})")
 
     def _validate_loss(self) -> None:
         lc, defaults = self.loss, LossConfig()

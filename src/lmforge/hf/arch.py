@@ -171,24 +171,46 @@ GPT2 = Arch(
 # -- Llama ------------------------------------------------------------------------------------------
 
 
-def _llama_read(hf: dict, names: set[str], where: str) -> dict:
-    # transformers 5 writes rope_parameters; older configs write rope_theta and rope_scaling
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+# rope_type llama3's config.json keys -> the ModelConfig fields they set
+LLAMA3_ROPE = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_len"}
+
+
+def _rope_read(hf: dict, where: str) -> dict:
+    """The RoPE base and scaling of a config.json -> ModelConfig values."""
+    # transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling; as transformers 5 does,
+    # a rope_scaling that is set wins
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     rope = hf.get(key) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"{where}: config.json {key} = {json.dumps(rope)}: lmforge's RoPE has no scaling "
-                        f"(it needs {key} null or rope_type default)")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise UserError(f"{where}: config.json {key} = {json.dumps(rope)}: lmforge's RoPE has no scaling but llama3's "
+                        f"(it needs {key} null or rope_type default or llama3)")
+    model = {"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0))}
+    if kind == "llama3":
+        missing = [k for k in LLAMA3_ROPE if rope.get(k) is None]
+        if missing:
+            raise UserError(f"{where}: config.json {key} has no {missing[0]}, which rope_type llama3 needs")
+        model.update(rope_scaling="llama3", **{ours: rope[k] for k, ours in LLAMA3_ROPE.items()})
+    return model
+
+
+def _llama_read(hf: dict, names: set[str], where: str) -> dict:
     window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
     if window is not None and window < context:
         raise UserError(f"{where}: config.json sliding_window = {window}: lmforge attends to the whole context, "
                         f"so it needs sliding_window null or >= max_position_embeddings = {context}")
-    return {"model": {"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0))}}
+    return {"model": _rope_read(hf, where)}
 
 
 def _llama_write(cfg) -> dict:
     m = cfg.model
-    # both spellings of the RoPE base, for transformers 5 and for older versions
-    return {"rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}}
+    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", **{k: getattr(m, ours) for k, ours in LLAMA3_ROPE.items()})
+    # both spellings, for transformers 5 and for older versions (which read rope_theta and rope_scaling)
+    out = {"rope_theta": m.rope_theta, "rope_parameters": rope}
+    return {**out, "rope_scaling": rope} if m.rope_scaling != "none" else out
 
 
 LLAMA = Arch(

@@ -26,6 +26,14 @@ class ModelConfig:
     d_ff: int = opt(0, "MLP hidden width; 0 = 4*d_model (8/3*d_model rounded to 64 for swiglu)", check=ge(0))
     pos: str = opt("rope", "position encoding", choices=("learned", "rope"))
     rope_theta: float = opt(10000.0, "RoPE base", check=gt(0))
+    rope_scaling: str = opt("none", "RoPE frequency scaling for a longer context: none, or llama3 (Llama 3.1's, set by "
+                            "the four rope_* fields below)", choices=("none", "llama3"))
+    rope_factor: float = opt(8.0, "llama3 RoPE scaling: the long wavelengths are stretched this many times", check=gt(0))
+    rope_low_freq_factor: float = opt(1.0, "llama3 RoPE scaling: wavelengths longer than rope_original_max_len / this "
+                                      "are stretched", check=gt(0))
+    rope_high_freq_factor: float = opt(4.0, "llama3 RoPE scaling: wavelengths shorter than rope_original_max_len / this "
+                                       "are kept (those between are blended)", check=gt(0))
+    rope_original_max_len: int = opt(8192, "llama3 RoPE scaling: the context the model was first trained for", check=gt(0))
     norm: str = opt("rmsnorm", "normalisation", choices=("layernorm", "rmsnorm"))
     norm_eps: float = opt(1e-5, "normalisation epsilon", check=gt(0))
     norm_position: str = opt("pre", "pre: a norm before each sublayer and one at the end (GPT-2, Llama); post: after each "

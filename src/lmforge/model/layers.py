@@ -3,6 +3,8 @@ KV cache, and MLPs. Encoder, decoder and encoder-decoder stacks share them inste
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,13 +23,31 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # use it, so that imported weights need no permutation.
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [max_len, head_dim], computed in float64 on the CPU (MPS has no float64; fp32 angles
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """The rotary frequencies theta^(-2i/head_dim), i < head_dim / 2, in float64 on the CPU, scaled as
+    model.rope_scaling says."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)
+    return llama3_scaled(inv_freq, cfg) if cfg.rope_scaling == "llama3" else inv_freq
+
+
+def llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling (Meta's Llama 3 release; rope_type llama3 in transformers). With
+    n = the original context / a frequency's wavelength: n below rope_low_freq_factor (the long
+    wavelengths, which saw few whole turns in training) is divided by rope_factor, n above
+    rope_high_freq_factor (the short ones that carry local order) is kept, and between the two the
+    factor blends linearly in n. The same piecewise formula as the release, written as one clamp."""
+    turns = cfg.rope_original_max_len * inv_freq / (2 * math.pi)
+    keep = ((turns - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0, 1)
+    return inv_freq * (keep + (1 - keep) / cfg.rope_factor)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_seq_len, head_dim], computed in float64 on the CPU (MPS has no float64; fp32 angles
     lose digits at long positions), returned in fp32 on the default device (a model built under
     `with torch.device(...)` gets them there; otherwise `.to(device)` moves them with the model)."""
-    cpu = torch.device("cpu")
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=cpu), inv_freq)
+    positions = torch.arange(cfg.max_seq_len, dtype=torch.float64, device="cpu")
+    angles = torch.outer(positions, rope_inv_freq(cfg))
     angles = torch.cat([angles, angles], dim=-1)
     device = torch.get_default_device()
     return angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32)
