@@ -127,6 +127,7 @@ def test_choices(tmp_path):
     ({"model.d_model": "384", "model.n_head": "6", "model.n_kv_head": "4"}, "model.n_head = 6 must be a multiple of model.n_kv_head = 4"),
     ({"model.pos": "rope", "model.d_model": "60", "model.n_head": "4"}, "model.pos = rope needs an even head size, got 15"),
     ({"model.pos": "rope", "model.head_dim": "15"}, "model.pos = rope needs an even head size, got 15"),
+    ({"model.rope_scaling": "llama3", "model.pos": "learned"}, "model.rope_scaling = llama3 needs model.pos = rope (it is learned)"),
     ({"model.rope_factor": "4"}, "model.rope_factor = 4.0 applies to model.rope_scaling = llama3 only (it is none)"),
     ({"model.rope_scaling": "llama3", "model.rope_high_freq_factor": "1"},
      "model.rope_high_freq_factor = 1.0 must be > model.rope_low_freq_factor = 1.0"),

@@ -351,6 +351,8 @@ class Config:
 
     def _validate_rope(self) -> None:
         m, defaults = self.model, ModelConfig()
+        if m.rope_scaling != "none" and m.pos != "rope":
+            raise ConfigError(f"config: model.rope_scaling = {m.rope_scaling} needs model.pos = rope (it is {m.pos})")
         if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
             raise ConfigError(f"config: model.rope_high_freq_factor = {m.rope_high_freq_factor} must be > "
                               f"model.rope_low_freq_factor = {m.rope_low_freq_factor}")
