@@ -1,5 +1,5 @@
 """Hugging Face import and export with transformers as the oracle: a real pretrained BERT and tiny
-random GPT-2, Llama (with another head size, with Llama 3.1's RoPE scaling), Mistral and BERT models give the same outputs (and the same greedy
+random GPT-2, Llama (with another head size, with Llama 3.1's RoPE scaling), Mistral, Qwen2 and BERT models give the same outputs (and the same greedy
 tokens) in lmforge; lmforge models exported
 load in transformers' Auto classes with the same outputs and tokenizer ids; import -> export -> import
 is bit-exact; and every mistake is one line that leaves nothing behind.
@@ -76,7 +76,7 @@ def wordpiece():
 
 # -- tiny transformers models -----------------------------------------------------------------------
 
-DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "llama-head-dim", "llama3-rope", "mistral")
+DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "llama-head-dim", "llama3-rope", "mistral", "qwen2")
 
 # Llama 3.1's RoPE scaling at a size where it matters: at head size 8 and theta 10000 the wavelengths are 6.3,
 # 63, 628 and 6283 positions, so against an original context of 128 one is kept, one blended and two stretched
@@ -106,6 +106,8 @@ def build_hf(name: str, vocab: int):
         "llama3-rope": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, tie_word_embeddings=True,
                                                                 rope_parameters=dict(LLAMA3_ROPE))),
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**llama, sliding_window=None)),
+        # biases on q, k and v only; tied, as Qwen2.5's small models are
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama, tie_word_embeddings=True, use_sliding_window=False)),
         "bert-mlm": lambda: t.BertForMaskedLM(bert),
         "bert-pretraining": lambda: t.BertForPreTraining(bert),
         "bert-classifier": lambda: t.BertForSequenceClassification(bert),
@@ -236,6 +238,16 @@ def test_llama3_rope_in_the_older_rope_scaling_spelling_imports_the_same(hf_dirs
         assert (unscaled - hf(idx).logits).abs().max() > 10 * TOL  # these tests would see the scaling left out
 
 
+def test_qwen2_window_that_is_switched_off_is_ignored(hf_dirs, tmp_path):
+    """Qwen2.5's config.json keeps a sliding_window (often smaller than the context) with use_sliding_window false."""
+    folder = copy_of(hf_dirs, "qwen2", tmp_path)
+    edit_config(use_sliding_window=False, sliding_window=8, max_window_layers=1)(folder)
+    imported = load_hf(folder)
+    assert imported.config.model.qkv_bias and not imported.config.model.bias
+    reference = load_hf(hf_dirs["qwen2"][0]).model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in imported.model.state_dict().items())
+
+
 @pytest.mark.parametrize("name", ENCODERS)
 def test_imported_bert_logits_equal_transformers(hf_dirs, name):
     folder, hf = hf_dirs[name]
@@ -309,6 +321,8 @@ EXPORTS = {
                                 False, "LlamaForCausalLM"),
     "llama-layout-llama3-rope": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", rope_scaling="llama3", rope_factor=4.0,
                                              rope_original_max_len=128), False, "LlamaForCausalLM"),
+    "qwen2-layout": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qkv_bias=True), False,
+                     "Qwen2ForCausalLM"),
     "llama-layout-head-dim": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, head_dim=12), False,
                               "LlamaForCausalLM"),
     "bert-layout": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True, type_vocab_size=2,
@@ -366,7 +380,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, bpe, w
         assert hf_tok.eos_token == "<|endoftext|>" and hf.config.eos_token_id == tok.token_to_id("<|endoftext|>")
 
 
-@pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "llama-head-dim", "llama3-rope", "mistral",
+@pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "llama-head-dim", "llama3-rope", "mistral", "qwen2",
                                   "bert-pretraining"])
 def test_import_export_import_is_bit_exact(hf_dirs, tmp_path, name):
     folder = hf_dirs[name][0]
@@ -499,6 +513,8 @@ IMPORT_ERRORS = [
      edit_config(rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}),
      ["rope_parameters has no low_freq_factor, which rope_type llama3 needs"]),
     ("mistral-sliding-window", "mistral", edit_config(sliding_window=8), ["sliding_window = 8", "max_position_embeddings = 32"]),
+    ("qwen2-sliding-window", "qwen2", edit_config(use_sliding_window=True, sliding_window=8),
+     ["sliding_window = 8", "max_position_embeddings = 32"]),
     ("bert-relative-positions", "bert-mlm", edit_config(position_embedding_type="relative_key"),
      ["position_embedding_type = \"relative_key\""]),
 ]

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from lmforge.errors import UserError
@@ -196,7 +196,9 @@ def _rope_read(hf: dict, where: str) -> dict:
 
 
 def _llama_read(hf: dict, names: set[str], where: str) -> dict:
-    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    # Qwen2 keeps a sliding_window it does not use unless use_sliding_window is true; Mistral has no switch
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    context = hf.get("max_position_embeddings", 2048)
     if window is not None and window < context:
         raise UserError(f"{where}: config.json sliding_window = {window}: lmforge attends to the whole context, "
                         f"so it needs sliding_window null or >= max_position_embeddings = {context}")
@@ -240,10 +242,25 @@ LLAMA = Arch(
         "tie_word_embeddings": ("tie_embeddings", False),
     },
     fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
-    layout=dict(pos="rope", norm="rmsnorm", norm_position="pre", bias=False, mlp="swiglu", type_vocab_size=0),
+    layout=dict(pos="rope", norm="rmsnorm", norm_position="pre", bias=False, qkv_bias=False, mlp="swiglu",
+                type_vocab_size=0),
     skip=("rotary_emb.inv_freq",),
     read_extra=_llama_read, write_extra=_llama_write,
 )
 
-ARCHS = {a.name: a for a in (BERT, GPT2, LLAMA)}
+# -- Qwen2 / Qwen2.5 --------------------------------------------------------------------------------
+
+
+def _qwen2_write(cfg) -> dict:
+    return {**_llama_write(cfg), "use_sliding_window": False}  # lmforge attends to the whole context
+
+
+# Llama's layout, names and sizes, with biases on q, k and v (not on o_proj, not in the MLP); no attention_bias
+# or mlp_bias switches
+QWEN2 = replace(
+    LLAMA, name="qwen2", title="Qwen2", classes=("Qwen2ForCausalLM", "Qwen2Model"), model_types=("qwen2",),
+    fixed={"hidden_act": "silu"}, layout={**LLAMA.layout, "qkv_bias": True}, write_extra=_qwen2_write,
+)
+
+ARCHS = {a.name: a for a in (BERT, GPT2, LLAMA, QWEN2)}
 FORMATS = ("auto", *ARCHS)

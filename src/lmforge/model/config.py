@@ -42,6 +42,8 @@ class ModelConfig:
     mlp: str = opt("swiglu", "MLP activation (gelu_tanh: the tanh approximation GPT-2 uses; swiglu: gated, as Llama)",
                    choices=("gelu", "gelu_tanh", "relu", "swiglu"))
     bias: bool = opt(False, "biases in linear layers and LayerNorm")
+    qkv_bias: bool = opt(False, "biases on the attention's query, key and value projections even where model.bias is "
+                         "false (Qwen2)")
     tie_embeddings: bool = opt(True, "share the token embedding with the output projection")
     dropout: float = opt(0.0, "dropout on embeddings, attention and residual branches", check=between(0, 0.99))
     init_std: float = opt(0.02, "std of the normal init of weights", check=gt(0))
