@@ -75,11 +75,13 @@ def check_labels(run_dir: Path, cfg) -> None:
                         f"{trained}, the order the model's head was trained in; expected that list")
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu"):
-    """A trained run (or one of its checkpoints, or an HF folder) -> (model in eval mode, tokenizer, config)."""
+def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
+    """A trained run (or one of its checkpoints, or an HF folder) -> (model in eval mode, tokenizer, config).
+
+    dtype: the model's parameters; None keeps the stored one (an HF folder's; a run's weights are fp32)."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
-        imported = load_hf(p)
+        imported = load_hf(p, dtype=dtype)
         for note in imported.notes:
             print(f"lmforge: note: {note}", file=sys.stderr)
         return imported.model.to(device).eval(), imported.tokenizer, imported.config
@@ -101,7 +103,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
         if not found:
             raise UserError(f"checkpoint: {run_dir}: holds no weights yet ({WEIGHTS} or {CKPT_DIR}/step_*.pt)")
         load_model_state(model, checkpoint_model_state(*found), found[0])
-    return model.to(device).eval(), load_tokenizer(run_dir), cfg
+    return model.to(device, dtype).eval(), load_tokenizer(run_dir), cfg
 
 
 def export_weights(checkpoint: Path, out: Path) -> Path:
