@@ -1,10 +1,11 @@
 """Hugging Face import and export with transformers as the oracle: a real pretrained BERT and tiny
-random GPT-2, Llama (with another head size, with Llama 3.1's RoPE scaling), Mistral, Qwen2 and BERT models give the same outputs (and the same greedy
-tokens) in lmforge; lmforge models exported
-load in transformers' Auto classes with the same outputs and tokenizer ids; import -> export -> import
-is bit-exact; and every mistake is one line that leaves nothing behind.
+random GPT-2, Llama (also with another head size, with Llama 3.1's RoPE scaling), Mistral, Qwen2 and BERT
+models give the same outputs (and the same greedy tokens) in lmforge; lmforge models exported load in
+transformers' Auto classes with the same outputs and tokenizer ids; import -> export -> import is
+bit-exact; and every mistake is one line that leaves nothing behind.
 
-Every model is tiny, seeded, fp32 and in eval mode; nothing is downloaded (local_files_only)."""
+Every model is tiny, seeded, fp32 (but the one bf16 checkpoint) and in eval mode; nothing is downloaded
+(local_files_only)."""
 
 from __future__ import annotations
 
@@ -304,6 +305,27 @@ def test_bf16_checkpoint_stays_bf16_for_inference_and_is_fp32_for_training(tmp_p
     model, _, _ = load_run(folder, dtype=None)  # generate and serve
     assert model.tok_emb.weight.dtype == torch.bfloat16 and load_run(folder)[0].tok_emb.weight.dtype == torch.float32
     assert generate(model, idx[:, :8], 4, temperature=0).shape == (2, 4)
+
+
+def test_cli_generate_and_serve_keep_a_bf16_folder_in_bf16_unless_told(tmp_path, bpe, monkeypatch, capsys):
+    import lmforge.runs
+    from lmforge.config import ServeLimits
+    from lmforge.serve import Engine
+
+    folder = save_hf(build_hf("llama-untied", bpe.get_vocab_size()).to(torch.bfloat16), bpe, tmp_path / "bf16")
+    loaded, load = [], lmforge.runs.load_run
+
+    def spy(*args, **kwargs):
+        model, tok, cfg = load(*args, **kwargs)
+        loaded.append(model.tok_emb.weight.dtype)
+        return model, tok, cfg
+
+    monkeypatch.setattr(lmforge.runs, "load_run", spy)  # the CLI imports it when a command runs
+    argv = ["generate", "--checkpoint", str(folder), "--prompt", "the king", "--max-new-tokens", "4", "--temperature", "0"]
+    assert main(argv) == 0 and main(argv + ["--dtype", "float32"]) == 0
+    assert loaded == [torch.bfloat16, torch.float32]
+    assert capsys.readouterr().out.startswith("the king")
+    assert Engine(str(folder), "cpu", ServeLimits()).model.tok_emb.weight.dtype == torch.bfloat16
 
 
 def test_tokenizer_built_from_vocab_txt_matches_transformers(hf_dirs, tmp_path, wordpiece):

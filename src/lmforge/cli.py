@@ -61,6 +61,12 @@ def _device(p: argparse.ArgumentParser) -> None:
                    "when there is one]")
 
 
+def _dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the weights' precision; auto = as stored (a bf16 Hugging Face folder stays bf16, an lmforge "
+                   "run is float32) [default: auto]")
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     """The config options given on the command line, as {dotted key: raw string}."""
     from lmforge.config import leaves
@@ -291,12 +297,12 @@ def cmd_generate(args) -> int:
     import torch
 
     from lmforge.generate import generate_text
-    from lmforge.runs import load_run
+    from lmforge.runs import INFERENCE_DTYPES, load_run
     from lmforge.tasks import registry
     from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "generate: --device")
-    model, tok, cfg = load_run(args.checkpoint, device)
+    model, tok, cfg = load_run(args.checkpoint, device, INFERENCE_DTYPES[args.dtype])
     spec = registry.spec(cfg.task)
     if spec.endpoint != "generate":
         other = "lmforge translate" if spec.endpoint == "translate" else "lmforge predict" if spec.finetune else ""
@@ -341,7 +347,7 @@ def cmd_serve(args) -> int:
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     serve(args.run, args.host, args.port, args.device, args.threads, batching=not args.no_batching,
-          log_requests=args.log_requests, limits=limits)
+          log_requests=args.log_requests, limits=limits, dtype=args.dtype)
     return 0
 
 
@@ -477,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="how many samples [default: 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; sample i uses SEED + i [default: 0]")
     _device(p)
+    _dtype(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
     p.set_defaults(func=cmd_generate)
 
@@ -512,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on [default: 127.0.0.1, this machine only]")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="TCP port [default: 8000]")
     _device(p)
+    _dtype(p)
     p.add_argument("--threads", type=int, metavar="N", help="the model's CPU threads [default: all cores but one, which is "
                    "left to the HTTP loop]")
     for f in dataclasses.fields(ServeLimits):  # the limits are declared once, in config.py

@@ -30,6 +30,8 @@ from lmforge.train.distributed import Dist, full_weights
 WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
 LABELS_FILE = "labels.json"  # a fine-tuned run's label set, in the order of its head's outputs
 SELECTION_FILE = "selection.json"  # the metric that picked WEIGHTS, its direction, the final report's file
+# --dtype of the commands that only run a model (generate, serve): auto keeps the stored dtype
+INFERENCE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def write_selection(run_dir: Path, metric: str, higher_is_better: bool, final_report: str | None) -> None:
