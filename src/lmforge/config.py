@@ -21,7 +21,7 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.fields import between, choices_of, device_name, fraction_open, ge, gt, opt, section
-from lmforge.model.config import PRESETS, ModelConfig
+from lmforge.model.config import LLAMA3_ROPE_FIELDS, PRESETS, ModelConfig
 from lmforge.tasks import registry
 
 
@@ -31,7 +31,6 @@ class ConfigError(UserError):
 
 # -- the tree --------------------------------------------------------------------------------------
 # ModelConfig lives beside the model; the rest is here.
-LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
 
 TOKENIZER_KINDS = ("char", "bpe", "wordpiece")
 CORPUS_FORMATS = ("auto", "txt", "folder", "jsonl")

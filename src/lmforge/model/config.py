@@ -58,6 +58,9 @@ class ModelConfig:
             self.d_ff = 64 * round(8 * self.d_model / 3 / 64) if self.mlp == "swiglu" else 4 * self.d_model
 
 
+# the fields only model.rope_scaling = llama3 reads
+LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+
 # Each preset is a set of ModelConfig values; explicit keys in a config override them.
 PRESETS: dict[str, dict] = {
     # nanoGPT's shakespeare_char CPU shape: ~0.8M parameters at a character vocabulary.
