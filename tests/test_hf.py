@@ -1,6 +1,6 @@
 """Hugging Face import and export with transformers as the oracle: a real pretrained BERT and tiny
-random GPT-2, Llama (also with another head size, with Llama 3.1's RoPE scaling), Mistral, Qwen2 and BERT
-models give the same outputs (and the same greedy tokens) in lmforge; lmforge models exported load in
+random GPT-2, Llama (also with another head size, with Llama 3.1's RoPE scaling), Mistral, Qwen2, Qwen3 and
+BERT models give the same outputs (and the same greedy tokens) in lmforge; lmforge models exported load in
 transformers' Auto classes with the same outputs and tokenizer ids; import -> export -> import is
 bit-exact; and every mistake is one line that leaves nothing behind.
 
@@ -77,7 +77,7 @@ def wordpiece():
 
 # -- tiny transformers models -----------------------------------------------------------------------
 
-DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "llama-head-dim", "llama3-rope", "mistral", "qwen2")
+DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "llama-head-dim", "llama3-rope", "mistral", "qwen2", "qwen3")
 
 # Llama 3.1's RoPE scaling at a size where it matters: at head size 8 and theta 10000 the wavelengths are 6.3,
 # 63, 628 and 6283 positions, so against an original context of 128 one is kept, one blended and two stretched
@@ -109,6 +109,8 @@ def build_hf(name: str, vocab: int):
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**llama, sliding_window=None)),
         # biases on q, k and v only; tied, as Qwen2.5's small models are
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama, tie_word_embeddings=True, use_sliding_window=False)),
+        # an RMSNorm on each head's queries and keys, and a head size of its own
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**llama, head_dim=16, tie_word_embeddings=True)),
         "bert-mlm": lambda: t.BertForMaskedLM(bert),
         "bert-pretraining": lambda: t.BertForPreTraining(bert),
         "bert-classifier": lambda: t.BertForSequenceClassification(bert),
@@ -365,6 +367,8 @@ EXPORTS = {
                                              rope_original_max_len=128), False, "LlamaForCausalLM"),
     "qwen2-layout": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qkv_bias=True), False,
                      "Qwen2ForCausalLM"),
+    "qwen3-layout": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, head_dim=12), False,
+                     "Qwen3ForCausalLM"),
     "llama-layout-head-dim": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, head_dim=12), False,
                               "LlamaForCausalLM"),
     "bert-layout": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True, type_vocab_size=2,
@@ -423,7 +427,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, bpe, w
 
 
 @pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "llama-head-dim", "llama3-rope", "mistral", "qwen2",
-                                  "bert-pretraining"])
+                                  "qwen3", "bert-pretraining"])
 def test_import_export_import_is_bit_exact(hf_dirs, tmp_path, name):
     folder = hf_dirs[name][0]
     first = import_hf(folder, tmp_path / "run")
@@ -557,6 +561,7 @@ IMPORT_ERRORS = [
     ("mistral-sliding-window", "mistral", edit_config(sliding_window=8), ["sliding_window = 8", "max_position_embeddings = 32"]),
     ("qwen2-sliding-window", "qwen2", edit_config(use_sliding_window=True, sliding_window=8),
      ["sliding_window = 8", "max_position_embeddings = 32"]),
+    ("qwen3-attention-bias", "qwen3", edit_config(attention_bias=True), ["attention_bias = true"]),
     ("bert-relative-positions", "bert-mlm", edit_config(position_embedding_type="relative_key"),
      ["position_embedding_type = \"relative_key\""]),
 ]

@@ -17,7 +17,7 @@ def expected_params(c: ModelConfig) -> int:
     """Parameter count from the architecture, written out layer by layer."""
     d, hd, b = c.d_model, c.head_dim, int(c.bias)
     qkv_out = (c.n_head + 2 * c.n_kv_head) * hd
-    attn = d * qkv_out + b * qkv_out + c.n_head * hd * d + b * d
+    attn = d * qkv_out + b * qkv_out + c.n_head * hd * d + b * d + 2 * hd * c.qk_norm
     up_out = c.d_ff * (2 if c.mlp == "swiglu" else 1)
     mlp = d * up_out + b * up_out + c.d_ff * d + b * d
     norm = d + (b * d if c.norm == "layernorm" else 0)
@@ -51,7 +51,8 @@ def test_gpt2_small_parameter_count():
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(pos="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False,
-                                                tie_embeddings=False), dict(head_dim=24, bias=True)])
+                                                tie_embeddings=False), dict(head_dim=24, bias=True),
+                                   dict(qk_norm=True, head_dim=12)])
 def test_parameter_count_formula_for_other_shapes(extra):
     cfg = ModelConfig(vocab_size=77, max_seq_len=32, n_layer=3, n_head=4, d_model=64, **extra)
     assert GPT(cfg).num_params() == expected_params(cfg)

@@ -487,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("import", help="convert a Hugging Face model folder (BERT, GPT-2, Llama, Mistral, Qwen2) into a run "
-                       "directory",
+    p = sub.add_parser("import", help="convert a Hugging Face model folder (BERT, GPT-2, Llama, Mistral, "
+                       "Qwen2, Qwen3) into a run directory",
                        description="Convert a Hugging Face model folder (config.json, weights, tokenizer files) into an "
                        "lmforge run directory. Commands that take --checkpoint also read such a folder directly.",
                        allow_abbrev=False)
@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the run directory to write (must not exist, or be empty)")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama, Qwen2 or BERT layout)",
+    p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3 or BERT "
+                       "layout)",
                        description="Write a run as a Hugging Face model folder that transformers' from_pretrained "
                        "loads: config.json, model.safetensors and the tokenizer; a fine-tuned run gets its task's "
                        "head class (e.g. BertForSequenceClassification), a LoRA run a PEFT adapter folder.",
@@ -504,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a run directory, one of its checkpoints, or a Hugging Face folder")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--format", default="auto", choices=HF_FORMATS,
-                   help="the Hugging Face layout; auto = bert for mlm, the first of gpt2, llama, qwen2 that fits for clm "
+                   help="the Hugging Face layout; auto = bert for mlm, the first of gpt2, llama, qwen2, qwen3 that "
+                   "fits for clm "
                    "[default: auto]")
     p.set_defaults(func=cmd_export)
 

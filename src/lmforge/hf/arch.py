@@ -225,6 +225,8 @@ LLAMA = Arch(
         "blocks.{i}.attn.qkv": ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
                                 "model.layers.{i}.self_attn.v_proj"),
         "blocks.{i}.attn.proj": "model.layers.{i}.self_attn.o_proj",
+        "blocks.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_norm",  # Qwen3 (model.qk_norm)
+        "blocks.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_norm",
         "blocks.{i}.norm2": "model.layers.{i}.post_attention_layernorm",
         "blocks.{i}.mlp.up": ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
         "blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
@@ -242,8 +244,8 @@ LLAMA = Arch(
         "tie_word_embeddings": ("tie_embeddings", False),
     },
     fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
-    layout=dict(pos="rope", norm="rmsnorm", norm_position="pre", bias=False, qkv_bias=False, mlp="swiglu",
-                type_vocab_size=0),
+    layout=dict(pos="rope", norm="rmsnorm", norm_position="pre", bias=False, qkv_bias=False, qk_norm=False,
+                mlp="swiglu", type_vocab_size=0),
     skip=("rotary_emb.inv_freq",),
     read_extra=_llama_read, write_extra=_llama_write,
 )
@@ -262,5 +264,15 @@ QWEN2 = replace(
     fixed={"hidden_act": "silu"}, layout={**LLAMA.layout, "qkv_bias": True}, write_extra=_qwen2_write,
 )
 
-ARCHS = {a.name: a for a in (BERT, GPT2, LLAMA, QWEN2)}
+# -- Qwen3 ------------------------------------------------------------------------------------------
+
+# Llama's layout with an RMSNorm on each head's queries and keys, head_dim its own (128 where config.json has
+# none), and Qwen2's unused sliding window; attention_bias would bias o_proj too, which lmforge has not
+QWEN3 = replace(
+    LLAMA, name="qwen3", title="Qwen3", classes=("Qwen3ForCausalLM", "Qwen3Model"), model_types=("qwen3",),
+    config={**LLAMA.config, "head_dim": ("head_dim", 128)}, fixed={"hidden_act": "silu", "attention_bias": False},
+    layout={**LLAMA.layout, "qk_norm": True}, write_extra=_qwen2_write,
+)
+
+ARCHS = {a.name: a for a in (BERT, GPT2, LLAMA, QWEN2, QWEN3)}
 FORMATS = ("auto", *ARCHS)

@@ -44,6 +44,7 @@ class ModelConfig:
     bias: bool = opt(False, "biases in linear layers and LayerNorm")
     qkv_bias: bool = opt(False, "biases on the attention's query, key and value projections even where model.bias is "
                          "false (Qwen2)")
+    qk_norm: bool = opt(False, "an RMSNorm over each head's queries and keys before RoPE (Qwen3)")
     tie_embeddings: bool = opt(True, "share the token embedding with the output projection")
     dropout: float = opt(0.0, "dropout on embeddings, attention and residual branches", check=between(0, 0.99))
     init_std: float = opt(0.02, "std of the normal init of weights", check=gt(0))
