@@ -126,11 +126,23 @@ def test_choices(tmp_path):
     ({"model.d_model": "100", "model.n_head": "3"}, "model.d_model = 100 must be divisible by model.n_head = 3"),
     ({"model.d_model": "384", "model.n_head": "6", "model.n_kv_head": "4"}, "model.n_head = 6 must be a multiple of model.n_kv_head = 4"),
     ({"model.pos": "rope", "model.d_model": "60", "model.n_head": "4"}, "model.pos = rope needs an even head size, got 15"),
+    ({"model.pos": "rope", "model.head_dim": "15"}, "model.pos = rope needs an even head size, got 15"),
+    ({"model.rope_scaling": "llama3", "model.pos": "learned"}, "model.rope_scaling = llama3 needs model.pos = rope (it is learned)"),
+    ({"model.rope_factor": "4"}, "model.rope_factor = 4.0 applies to model.rope_scaling = llama3 only (it is none)"),
+    ({"model.rope_scaling": "llama3", "model.rope_high_freq_factor": "1"},
+     "model.rope_high_freq_factor = 1.0 must be > model.rope_low_freq_factor = 1.0"),
     ({"train.lr": "1e-4", "train.min_lr": "1e-3"}, "train.min_lr = 0.001 must be <= train.lr = 0.0001"),
     ({"train.warmup_steps": "10", "train.max_steps": "10"}, "train.warmup_steps = 10 must be < train.max_steps = 10"),
 ])
 def test_cross_field_checks(tmp_path, overrides, expected):
     assert error_of(tmp_path, overrides=overrides) == f"config: {expected}"
+
+
+def test_head_dim_defaults_to_d_model_over_n_head_and_may_be_given():
+    assert load_config(overrides={"model.d_model": "96", "model.n_head": "4"}).model.head_dim == 24
+    # given, d_model need not divide by n_head (the heads are projected back to d_model)
+    given = load_config(overrides={"model.d_model": "100", "model.n_head": "3", "model.head_dim": "32"}).model
+    assert (given.d_model, given.n_head, given.head_dim) == (100, 3, 32)
 
 
 def test_read_yaml_errors(tmp_path):

@@ -1,9 +1,11 @@
 """Hugging Face import and export with transformers as the oracle: a real pretrained BERT and tiny
-random GPT-2, Llama, Mistral and BERT models give the same outputs in lmforge; lmforge models exported
-load in transformers' Auto classes with the same outputs and tokenizer ids; import -> export -> import
-is bit-exact; and every mistake is one line that leaves nothing behind.
+random GPT-2, Llama (also with another head size, with Llama 3.1's RoPE scaling), Mistral, Qwen2, Qwen3 and
+BERT models give the same outputs (and the same greedy tokens) in lmforge; lmforge models exported load in
+transformers' Auto classes with the same outputs and tokenizer ids; import -> export -> import is
+bit-exact; and every mistake is one line that leaves nothing behind.
 
-Every model is tiny, seeded, fp32 and in eval mode; nothing is downloaded (local_files_only)."""
+Every model is tiny, seeded, fp32 (but the one bf16 checkpoint) and in eval mode; nothing is downloaded
+(local_files_only)."""
 
 from __future__ import annotations
 
@@ -22,10 +24,13 @@ from helpers import synthetic_text, tiny_overrides
 from lmforge.cli import main
 from lmforge.config import load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.generate import generate
 from lmforge.hf.export import export_hf, import_hf
 from lmforge.hf.load import load_hf
 from lmforge.tasks import make_task
 from lmforge.io import save_weights
+from lmforge.model.config import ModelConfig
+from lmforge.model.layers import rope_inv_freq
 from lmforge.runs import WEIGHTS, load_run
 from lmforge.train.distributed import Dist, full_weights
 
@@ -40,6 +45,15 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     diff = (a - b).abs().max().item()
     print(f"max abs diff, {what}: {diff:.2e}")  # the figures quoted in docs/huggingface.md (pytest -rP)
     assert diff < TOL, (what, diff)
+
+
+def assert_same_greedy(lm: torch.nn.Module, hf, what: str) -> None:
+    """lmforge's greedy decoding (KV cache) picks the tokens transformers' generate picks."""
+    idx = torch.randint(0, lm.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    greedy = transformers.GenerationConfig(max_new_tokens=12, do_sample=False)  # no eos: all 12 tokens
+    with torch.no_grad():
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), generation_config=greedy)[:, 8:]
+        assert torch.equal(generate(lm, idx, 12, temperature=0), theirs), what
 
 
 def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -63,7 +77,12 @@ def wordpiece():
 
 # -- tiny transformers models -----------------------------------------------------------------------
 
-DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "mistral")
+DECODERS = ("gpt2", "gpt2-untied", "llama-tied", "llama-untied", "llama-head-dim", "llama3-rope", "mistral", "qwen2", "qwen3")
+
+# Llama 3.1's RoPE scaling at a size where it matters: at head size 8 and theta 10000 the wavelengths are 6.3,
+# 63, 628 and 6283 positions, so against an original context of 128 one is kept, one blended and two stretched
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
 ENCODERS = ("bert-mlm", "bert-pretraining")
 
 
@@ -83,7 +102,15 @@ def build_hf(name: str, vocab: int):
         "llama-tied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, tie_word_embeddings=True,
                                                                rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
         "llama-untied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, tie_word_embeddings=False)),
+        # heads of 16 where hidden_size / num_attention_heads is 8, as Qwen3 and Gemma configs have
+        "llama-head-dim": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, head_dim=16, tie_word_embeddings=True)),
+        "llama3-rope": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama, tie_word_embeddings=True,
+                                                                rope_parameters=dict(LLAMA3_ROPE))),
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**llama, sliding_window=None)),
+        # biases on q, k and v only; tied, as Qwen2.5's small models are
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama, tie_word_embeddings=True, use_sliding_window=False)),
+        # an RMSNorm on each head's queries and keys, and a head size of its own
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**llama, head_dim=16, tie_word_embeddings=True)),
         "bert-mlm": lambda: t.BertForMaskedLM(bert),
         "bert-pretraining": lambda: t.BertForPreTraining(bert),
         "bert-classifier": lambda: t.BertForSequenceClassification(bert),
@@ -172,6 +199,56 @@ def test_imported_decoder_logits_equal_transformers(hf_dirs, name):
     idx = torch.randint(0, m.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(imported.model(idx), hf(idx).logits, f"{name} import, logits")
+    assert_same_greedy(imported.model, hf, f"{name} import, greedy tokens")
+
+
+@pytest.mark.parametrize("head_dim, theta, scaling", [
+    (128, 500000.0, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    (64, 500000.0, dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    (8, 10000.0, {k: v for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}),
+])
+def test_llama3_rope_frequencies_equal_transformers(head_dim, theta, scaling):
+    """Llama 3.1 (8B) and 3.2 (1B) settings and the tiny test model's: transformers computes in fp32."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                                      rope_parameters={"rope_type": "llama3", "rope_theta": theta, **scaling})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    ours = rope_inv_freq(ModelConfig(d_model=head_dim * 4, n_head=4, rope_theta=theta, rope_scaling="llama3",
+                                     rope_factor=scaling["factor"], rope_low_freq_factor=scaling["low_freq_factor"],
+                                     rope_high_freq_factor=scaling["high_freq_factor"],
+                                     rope_original_max_len=scaling["original_max_position_embeddings"]))
+    unscaled = rope_inv_freq(ModelConfig(d_model=head_dim * 4, n_head=4, rope_theta=theta))
+    assert not torch.allclose(ours, unscaled)  # the scaling changes some frequencies
+    torch.testing.assert_close(ours, expected.double(), rtol=1e-6, atol=0)
+
+
+def test_llama3_rope_in_the_older_rope_scaling_spelling_imports_the_same(hf_dirs, tmp_path):
+    """Llama 3.1's own config.json: rope_theta at the top, rope_scaling without it, read as transformers reads it."""
+    folder = copy_of(hf_dirs, "llama3-rope", tmp_path)
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    edit_config(rope_parameters=None, rope_scaling=scaling, rope_theta=LLAMA3_ROPE["rope_theta"])(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    imported = load_hf(folder)
+    m = imported.config.model
+    assert (m.rope_scaling, m.rope_factor, m.rope_original_max_len) == ("llama3", 4.0, 128)
+    idx = torch.randint(0, m.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(imported.model(idx), hf(idx).logits, "llama3 rope_scaling import, logits")
+        assert_close(imported.model(idx), hf_dirs["llama3-rope"][1](idx).logits, "llama3 both spellings, logits")
+        edit_config(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})(folder)
+        unscaled = load_hf(folder).model(idx)
+        assert (unscaled - hf(idx).logits).abs().max() > 10 * TOL  # these tests would see the scaling left out
+
+
+def test_qwen2_window_that_is_switched_off_is_ignored(hf_dirs, tmp_path):
+    """Qwen2.5's config.json keeps a sliding_window (often smaller than the context) with use_sliding_window false."""
+    folder = copy_of(hf_dirs, "qwen2", tmp_path)
+    edit_config(use_sliding_window=False, sliding_window=8, max_window_layers=1)(folder)
+    imported = load_hf(folder)
+    assert imported.config.model.qkv_bias and not imported.config.model.bias
+    reference = load_hf(hf_dirs["qwen2"][0]).model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in imported.model.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ENCODERS)
@@ -212,6 +289,47 @@ def test_bin_and_sharded_weights_import_the_same(hf_dirs, tmp_path):
         assert all(torch.equal(state[k], reference[k]) for k in reference)
 
 
+def test_bf16_checkpoint_stays_bf16_for_inference_and_is_fp32_for_training(tmp_path, bpe):
+    hf = build_hf("qwen2", bpe.get_vocab_size()).to(torch.bfloat16)
+    folder = save_hf(hf, bpe, tmp_path / "bf16")
+    stored, fp32 = load_hf(folder, dtype=None), load_hf(folder)  # fine-tuning and import take the default
+    assert {p.dtype for p in stored.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    fp32_state = fp32.model.state_dict()
+    for k, v in stored.model.state_dict().items():  # the stored values exactly (bf16 -> fp32 is exact)
+        assert torch.equal(v.float(), fp32_state[k]), k
+    idx = torch.randint(0, bpe.get_vocab_size(), (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = stored.model(idx)
+        assert logits.dtype == torch.bfloat16
+        # bf16 keeps about 3 digits: lmforge and transformers round at different places (measured 1.2e-2)
+        assert (logits.float() - hf(idx).logits.float()).abs().max() < 0.05
+    model, _, _ = load_run(folder, dtype=None)  # generate and serve
+    assert model.tok_emb.weight.dtype == torch.bfloat16 and load_run(folder)[0].tok_emb.weight.dtype == torch.float32
+    assert generate(model, idx[:, :8], 4, temperature=0).shape == (2, 4)
+
+
+def test_cli_generate_and_serve_keep_a_bf16_folder_in_bf16_unless_told(tmp_path, bpe, monkeypatch, capsys):
+    import lmforge.runs
+    from lmforge.config import ServeLimits
+    from lmforge.serve import Engine
+
+    folder = save_hf(build_hf("llama-untied", bpe.get_vocab_size()).to(torch.bfloat16), bpe, tmp_path / "bf16")
+    loaded, load = [], lmforge.runs.load_run
+
+    def spy(*args, **kwargs):
+        model, tok, cfg = load(*args, **kwargs)
+        loaded.append(model.tok_emb.weight.dtype)
+        return model, tok, cfg
+
+    monkeypatch.setattr(lmforge.runs, "load_run", spy)  # the CLI imports it when a command runs
+    argv = ["generate", "--checkpoint", str(folder), "--prompt", "the king", "--max-new-tokens", "4", "--temperature", "0"]
+    assert main(argv) == 0 and main(argv + ["--dtype", "float32"]) == 0
+    assert loaded == [torch.bfloat16, torch.float32]
+    assert capsys.readouterr().out.startswith("the king")
+    assert Engine(str(folder), "cpu", ServeLimits()).model.tok_emb.weight.dtype == torch.bfloat16
+
+
 def test_tokenizer_built_from_vocab_txt_matches_transformers(hf_dirs, tmp_path, wordpiece):
     folder = copy_of(hf_dirs, "bert-mlm", tmp_path)
     (folder / "tokenizer.json").unlink()
@@ -245,6 +363,14 @@ EXPORTS = {
                               "LlamaForCausalLM"),
     "llama-layout-gqa-untied": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False),
                                 False, "LlamaForCausalLM"),
+    "llama-layout-llama3-rope": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", rope_scaling="llama3", rope_factor=4.0,
+                                             rope_original_max_len=128), False, "LlamaForCausalLM"),
+    "qwen2-layout": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qkv_bias=True), False,
+                     "Qwen2ForCausalLM"),
+    "qwen3-layout": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, head_dim=12), False,
+                     "Qwen3ForCausalLM"),
+    "llama-layout-head-dim": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, head_dim=12), False,
+                              "LlamaForCausalLM"),
     "bert-layout": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True, type_vocab_size=2,
                                 norm_eps=1e-12, mlp="gelu"), False, "BertForMaskedLM"),
     "bert-layout-no-segments-nsp": ("mlm", dict(pos="learned", norm="layernorm", norm_position="post", bias=True,
@@ -300,7 +426,8 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, bpe, w
         assert hf_tok.eos_token == "<|endoftext|>" and hf.config.eos_token_id == tok.token_to_id("<|endoftext|>")
 
 
-@pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "mistral", "bert-pretraining"])
+@pytest.mark.parametrize("name", ["gpt2-untied", "llama-tied", "llama-head-dim", "llama3-rope", "mistral", "qwen2",
+                                  "qwen3", "bert-pretraining"])
 def test_import_export_import_is_bit_exact(hf_dirs, tmp_path, name):
     folder = hf_dirs[name][0]
     first = import_hf(folder, tmp_path / "run")
@@ -423,13 +550,21 @@ IMPORT_ERRORS = [
     ("gpt2-activation", "gpt2", edit_config(activation_function="quick_gelu"), ["activation_function = \"quick_gelu\""]),
     ("llama-attention-bias", "llama-tied", edit_config(attention_bias=True), ["attention_bias = true"]),
     ("llama-mlp-bias", "llama-tied", edit_config(mlp_bias=True), ["mlp_bias = true"]),
-    ("llama-head-dim", "llama-tied", edit_config(head_dim=16), ["head_dim = 16", "= 8"]),
+    # config.json's head size sets the shapes it implies
+    ("llama-head-dim", "llama-tied", edit_config(head_dim=16),
+     ["weight model.layers.0.self_attn.q_proj.weight has shape (32, 32), but config.json implies (64, 32)"]),
     ("llama-rope-parameters", "llama-tied",
      edit_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
      ["rope_parameters = {\"rope_type\": \"linear\"", "no scaling"]),
     ("llama-rope-scaling", "llama-untied", edit_config(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}),
      ["rope_scaling = {\"type\": \"dynamic\"", "no scaling"]),
+    ("llama3-rope-incomplete", "llama3-rope",
+     edit_config(rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}),
+     ["rope_parameters has no low_freq_factor, which rope_type llama3 needs"]),
     ("mistral-sliding-window", "mistral", edit_config(sliding_window=8), ["sliding_window = 8", "max_position_embeddings = 32"]),
+    ("qwen2-sliding-window", "qwen2", edit_config(use_sliding_window=True, sliding_window=8),
+     ["sliding_window = 8", "max_position_embeddings = 32"]),
+    ("qwen3-attention-bias", "qwen3", edit_config(attention_bias=True), ["attention_bias = true"]),
     ("bert-relative-positions", "bert-mlm", edit_config(position_embedding_type="relative_key"),
      ["position_embedding_type = \"relative_key\""]),
 ]
@@ -456,6 +591,8 @@ EXPORT_ERRORS = [
      ["GPT-2 needs model.bias = true (it has false)"]),
     ("gpt2-with-gqa", ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh", n_kv_head=2)), ["--format", "gpt2"],
      ["GPT-2 needs model.n_kv_head = 4 (it has 2)"]),
+    ("gpt2-head-dim", ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh", head_dim=16)),
+     ["--format", "gpt2"], ["GPT-2 needs model.head_dim = 8 (it has 16)"]),
     ("bert-pre-norm", ("mlm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu")), [],
      ["BERT needs model.norm_position = post (it has pre)"]),
     ("bert-for-a-decoder", ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu")), ["--format", "bert"],

@@ -17,7 +17,7 @@ def expected_params(c: ModelConfig) -> int:
     """Parameter count from the architecture, written out layer by layer."""
     d, hd, b = c.d_model, c.head_dim, int(c.bias)
     qkv_out = (c.n_head + 2 * c.n_kv_head) * hd
-    attn = d * qkv_out + b * qkv_out + d * d + b * d
+    attn = d * qkv_out + b * qkv_out + c.n_head * hd * d + b * d + 2 * hd * c.qk_norm
     up_out = c.d_ff * (2 if c.mlp == "swiglu" else 1)
     mlp = d * up_out + b * up_out + c.d_ff * d + b * d
     norm = d + (b * d if c.norm == "layernorm" else 0)
@@ -51,7 +51,8 @@ def test_gpt2_small_parameter_count():
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(pos="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False,
-                                                tie_embeddings=False)])
+                                                tie_embeddings=False), dict(head_dim=24, bias=True),
+                                   dict(qk_norm=True, head_dim=12)])
 def test_parameter_count_formula_for_other_shapes(extra):
     cfg = ModelConfig(vocab_size=77, max_seq_len=32, n_layer=3, n_head=4, d_model=64, **extra)
     assert GPT(cfg).num_params() == expected_params(cfg)
@@ -91,14 +92,16 @@ def reference_attention(attn, x):
     return attn.proj(y)
 
 
-@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
-def test_grouped_query_attention_shapes_and_values(n_kv_head):
+@pytest.mark.parametrize("n_kv_head, head_dim", [(1, 0), (2, 0), (4, 0), (2, 12)])
+def test_grouped_query_attention_shapes_and_values(n_kv_head, head_dim):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=40, max_seq_len=16, n_layer=1, n_head=4, d_model=32, n_kv_head=n_kv_head, init_std=0.2)
+    cfg = ModelConfig(vocab_size=40, max_seq_len=16, n_layer=1, n_head=4, d_model=32, n_kv_head=n_kv_head,
+                      head_dim=head_dim, init_std=0.2)
     model = GPT(cfg).eval()
     attn = model.blocks[0].attn
-    assert attn.qkv.weight.shape == ((4 + 2 * n_kv_head) * 8, 32)
-    assert model.new_caches(3)[0].k.shape == (3, n_kv_head, 16, 8)
+    hd = head_dim or 8  # 0: d_model / n_head
+    assert attn.qkv.weight.shape == ((4 + 2 * n_kv_head) * hd, 32) and attn.proj.weight.shape == (32, 4 * hd)
+    assert model.new_caches(3)[0].k.shape == (3, n_kv_head, 16, hd)
     x = torch.randn(2, 16, 32)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), reference_attention(attn, x), atol=1e-5, rtol=1e-5)

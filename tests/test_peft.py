@@ -390,6 +390,11 @@ EXPORTS = {
     "llama-gqa": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False), hf_arch.LLAMA,
                   ALL_LINEARS),
     "gpt2": ("clm", dict(pos="learned", norm="layernorm", bias=True, mlp="gelu_tanh"), hf_arch.GPT2, ALL_LINEARS),
+    # a LoRA on the fused qkv whose bias splits into q_proj's, k_proj's and v_proj's
+    "qwen2": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qkv_bias=True), hf_arch.QWEN2,
+              ALL_LINEARS),
+    "qwen3": ("clm", dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True), hf_arch.QWEN3,
+              ALL_LINEARS),
 }
 
 
@@ -430,7 +435,7 @@ def test_exported_lora_adapter_loads_in_peft_with_lmforge_outputs(tmp_path, name
     assert written == config and written["r"] == 4 and written["lora_alpha"] == 6.0
     assert written["fan_in_fan_out"] == (name == "gpt2")
     assert written["task_type"] == (None if task == "mlm" else "CAUSAL_LM")
-    per_layer = {"bert": 6, "llama-gqa": 7, "gpt2": 4}[name]  # HF layers: q, k, v / gate, up split out
+    per_layer = {"bert": 6, "llama-gqa": 7, "gpt2": 4, "qwen2": 7, "qwen3": 7}[name]  # HF layers: q, k, v / gate, up split out
     assert len(written["target_modules"]) == 2 * per_layer + (name == "bert")
 
     auto = transformers.AutoModelForMaskedLM if task == "mlm" else transformers.AutoModelForCausalLM

@@ -61,6 +61,12 @@ def _device(p: argparse.ArgumentParser) -> None:
                    "when there is one]")
 
 
+def _dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the weights' precision; auto = as stored (a bf16 Hugging Face folder stays bf16, an lmforge "
+                   "run is float32) [default: auto]")
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     """The config options given on the command line, as {dotted key: raw string}."""
     from lmforge.config import leaves
@@ -303,12 +309,12 @@ def cmd_generate(args) -> int:
 
     from lmforge.generate import generate_text
     from lmforge import chat
-    from lmforge.runs import chat_template, end_token_ids, load_run
+    from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run
     from lmforge.tasks import registry
     from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "generate: --device")
-    model, tok, cfg = load_run(args.checkpoint, device)
+    model, tok, cfg = load_run(args.checkpoint, device, INFERENCE_DTYPES[args.dtype])
     end_ids = end_token_ids(args.checkpoint)  # an imported chat model's own end of turn
     spec = registry.spec(cfg.task)
     if spec.endpoint != "generate":
@@ -370,7 +376,7 @@ def cmd_serve(args) -> int:
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     serve(args.run, args.host, args.port, args.device, args.threads, batching=not args.no_batching,
-          log_requests=args.log_requests, limits=limits)
+          log_requests=args.log_requests, limits=limits, dtype=args.dtype)
     return 0
 
 
@@ -512,10 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="how many samples [default: 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; sample i uses SEED + i [default: 0]")
     _device(p)
+    _dtype(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("import", help="convert a Hugging Face model folder (BERT, GPT-2, Llama, Mistral) into a run directory",
+    p = sub.add_parser("import", help="convert a Hugging Face model folder (BERT, GPT-2, Llama, Mistral, "
+                       "Qwen2, Qwen3) into a run directory",
                        description="Convert a Hugging Face model folder (config.json, weights, tokenizer files) into an "
                        "lmforge run directory. Commands that take --checkpoint also read such a folder directly.",
                        allow_abbrev=False)
@@ -523,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the run directory to write (must not exist, or be empty)")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama or BERT layout)",
+    p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3 or BERT "
+                       "layout)",
                        description="Write a run as a Hugging Face model folder that transformers' from_pretrained "
                        "loads: config.json, model.safetensors and the tokenizer; a fine-tuned run gets its task's "
                        "head class (e.g. BertForSequenceClassification), a LoRA run a PEFT adapter folder.",
@@ -531,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a run directory, one of its checkpoints, or a Hugging Face folder")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--format", default="auto", choices=HF_FORMATS,
-                   help="the Hugging Face layout; auto = bert for mlm, gpt2 or else llama for clm [default: auto]")
+                   help="the Hugging Face layout; auto = bert for mlm, the first of gpt2, llama, qwen2, qwen3 that "
+                   "fits for clm [default: auto]")
     p.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapter into the weights and write "
                    "one plain model [default: the base and the adapter in the peft library's format]")
     p.set_defaults(func=cmd_export)
@@ -547,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on [default: 127.0.0.1, this machine only]")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="TCP port [default: 8000]")
     _device(p)
+    _dtype(p)
     p.add_argument("--threads", type=int, metavar="N", help="the model's CPU threads [default: all cores but one, which is "
                    "left to the HTTP loop]")
     for f in dataclasses.fields(ServeLimits):  # the limits are declared once, in config.py

@@ -21,7 +21,7 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.fields import between, choices_of, device_name, fraction_open, ge, gt, opt, section
-from lmforge.model.config import PRESETS, ModelConfig
+from lmforge.model.config import LLAMA3_ROPE_FIELDS, PRESETS, ModelConfig
 from lmforge.tasks import registry
 
 
@@ -319,12 +319,12 @@ class Config:
     def validate(self) -> None:
         """Checks that involve more than one field."""
         m, t = self.model, self.train
-        if m.d_model % m.n_head:
+        if not m.head_dim:  # the one way it stays 0: d_model / n_head is not whole
             raise ConfigError(f"config: model.d_model = {m.d_model} must be divisible by model.n_head = {m.n_head}")
         if m.n_head % m.n_kv_head:
             raise ConfigError(f"config: model.n_head = {m.n_head} must be a multiple of model.n_kv_head = {m.n_kv_head}")
-        if m.pos == "rope" and (m.d_model // m.n_head) % 2:
-            raise ConfigError(f"config: model.pos = rope needs an even head size, got {m.d_model // m.n_head}")
+        if m.pos == "rope" and m.head_dim % 2:
+            raise ConfigError(f"config: model.pos = rope needs an even head size, got {m.head_dim}")
         if t.min_lr > t.lr:
             raise ConfigError(f"config: train.min_lr = {t.min_lr} must be <= train.lr = {t.lr}")
         if t.warmup_steps >= t.max_steps:
@@ -348,7 +348,20 @@ class Config:
         if registry.spec(self.task).model == "encoder_decoder" and sc.average_last > t.keep_checkpoints:
             raise ConfigError(f"config: seq2seq.average_last = {sc.average_last} needs train.keep_checkpoints >= "
                               f"{sc.average_last} (got {t.keep_checkpoints})")
+        self._validate_rope()
         self._validate_loss()
+
+    def _validate_rope(self) -> None:
+        m, defaults = self.model, ModelConfig()
+        if m.rope_scaling != "none" and m.pos != "rope":
+            raise ConfigError(f"config: model.rope_scaling = {m.rope_scaling} needs model.pos = rope (it is {m.pos})")
+        if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+            raise ConfigError(f"config: model.rope_high_freq_factor = {m.rope_high_freq_factor} must be > "
+                              f"model.rope_low_freq_factor = {m.rope_low_freq_factor}")
+        for name in LLAMA3_ROPE_FIELDS:  # a setting that would change nothing is a mistake worth naming
+            if m.rope_scaling != "llama3" and getattr(m, name) != getattr(defaults, name):
+                raise ConfigError(f"config: model.{name} = {getattr(m, name)!r} applies to model.rope_scaling = llama3 "
+                                  f"only (it is {m.rope_scaling})")
 
     def _validate_loss(self) -> None:
         lc, defaults = self.loss, LossConfig()

@@ -36,6 +36,8 @@ SELECTION_FILE = "selection.json"  # the metric that picked WEIGHTS, its directi
 HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
                  "source_config.json")  # the last: the source config.json's token ids, which export writes back
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# --dtype of the commands that only run a model (generate, serve): auto keeps the stored dtype
+INFERENCE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def write_selection(run_dir: Path, metric: str, higher_is_better: bool, final_report: str | None) -> None:
@@ -132,11 +134,13 @@ def check_labels(run_dir: Path, cfg) -> None:
                         f"{trained}, the order the model's head was trained in; expected that list")
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu"):
-    """A trained run (or one of its checkpoints, or an HF folder) -> (model in eval mode, tokenizer, config)."""
+def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
+    """A trained run (or one of its checkpoints, or an HF folder) -> (model in eval mode, tokenizer, config).
+
+    dtype: the model's parameters; None keeps the stored one (an HF folder's; a run's weights are fp32)."""
     p = Path(path)
     if is_hf_folder(p):
-        imported = load_hf(p)
+        imported = load_hf(p, dtype=dtype)
         for note in imported.notes:
             print(f"lmforge: note: {note}", file=sys.stderr)
         return imported.model.to(device).eval(), imported.tokenizer, imported.config
@@ -158,7 +162,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
         if not found:
             raise UserError(f"checkpoint: {run_dir}: holds no weights yet ({WEIGHTS} or {CKPT_DIR}/step_*.pt)")
         load_model_state(model, checkpoint_model_state(*found), found[0])
-    return model.to(device).eval(), load_tokenizer(run_dir), cfg
+    return model.to(device, dtype).eval(), load_tokenizer(run_dir), cfg
 
 
 def export_weights(checkpoint: Path, out: Path) -> Path:

@@ -41,7 +41,7 @@ from lmforge.data.labelled import Example
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
 from lmforge.generate import generate_texts, prompt_ids, translate
-from lmforge.runs import chat_template, end_token_ids, load_run, run_dir_of
+from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run, run_dir_of
 from lmforge.tasks import make_task, registry
 from lmforge.tasks.seq2seq import source_tokenizer
 from lmforge.train.device import pick_device
@@ -121,9 +121,9 @@ class ChatRequest(Body):
 class Engine:
     """A loaded run and the functions that answer a batch of inputs (called on the worker thread only)."""
 
-    def __init__(self, run: str, device_name: str, limits: Limits):
+    def __init__(self, run: str, device_name: str, limits: Limits, dtype: str = "auto"):
         self.device = pick_device(device_name, "serve: --device")
-        self.model, self.tok, self.cfg = load_run(run, self.device)
+        self.model, self.tok, self.cfg = load_run(run, self.device, INFERENCE_DTYPES[dtype])
         self.end_ids = end_token_ids(run)  # an imported chat model stops at its own end of turn
         self.run, self.limits = str(run), limits
         spec = registry.spec(self.cfg.task)
@@ -614,7 +614,7 @@ def _server_class():
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", threads: int | None = None,
-          batching: bool = True, log_requests: bool = False, limits: Limits | None = None) -> None:
+          batching: bool = True, log_requests: bool = False, limits: Limits | None = None, dtype: str = "auto") -> None:
     import uvicorn
 
     limits = limits or Limits()
@@ -627,7 +627,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "au
     # the HTTP loop needs a core of its own: intra-op threads that wait on each other are slowed down badly
     # by any neighbour (on 2 cores, 2 model threads beside the loop were ~10x slower for small batches)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    engine = Engine(run, device, limits)
+    engine = Engine(run, device, limits, dtype)
     app = create_app(engine, batching)
     url = f"http://{host}:{port}"
     print(f"serving {run} ({engine.cfg.task}, {engine.model.num_params() / 1e6:.2f}M parameters) at {url}\n"

@@ -1,5 +1,5 @@
-"""Hugging Face model folders in and out: BERT, GPT-2 and the Llama family (Llama, and Mistral without
-a sliding window), as `save_pretrained` writes them and `from_pretrained` reads them.
+"""Hugging Face model folders in and out: BERT, GPT-2 and the Llama family (Llama, Mistral without a
+sliding window, Qwen2 with its q/k/v biases, Qwen3 with its q/k norms), as `save_pretrained` writes them and `from_pretrained` reads them.
 
   arch.py       each architecture described once, as data that import and export both read (an `Arch`)
   keymap.py     the pure key and tensor maps both ways (lmforge names <-> HF names, fused <-> split),

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from lmforge.errors import UserError
@@ -171,29 +171,48 @@ GPT2 = Arch(
 # -- Llama ------------------------------------------------------------------------------------------
 
 
-def _llama_read(hf: dict, names: set[str], where: str) -> dict:
-    # transformers 5 writes rope_parameters; older configs write rope_theta and rope_scaling
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+# rope_type llama3's config.json keys -> the ModelConfig fields they set
+LLAMA3_ROPE = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_len"}
+
+
+def _rope_read(hf: dict, where: str) -> dict:
+    """The RoPE base and scaling of a config.json -> ModelConfig values."""
+    # transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling; as transformers 5 does,
+    # a rope_scaling that is set wins
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     rope = hf.get(key) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"{where}: config.json {key} = {json.dumps(rope)}: lmforge's RoPE has no scaling "
-                        f"(it needs {key} null or rope_type default)")
-    natural = hf["hidden_size"] // hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, natural):
-        raise UserError(f"{where}: config.json head_dim = {hf['head_dim']}: lmforge's head size is hidden_size / "
-                        f"num_attention_heads = {natural}")
-    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise UserError(f"{where}: config.json {key} = {json.dumps(rope)}: lmforge's RoPE has no scaling but llama3's "
+                        f"(it needs {key} null or rope_type default or llama3)")
+    model = {"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0))}
+    if kind == "llama3":
+        missing = [k for k in LLAMA3_ROPE if rope.get(k) is None]
+        if missing:
+            raise UserError(f"{where}: config.json {key} has no {missing[0]}, which rope_type llama3 needs")
+        model.update(rope_scaling="llama3", **{ours: rope[k] for k, ours in LLAMA3_ROPE.items()})
+    return model
+
+
+def _llama_read(hf: dict, names: set[str], where: str) -> dict:
+    # Qwen2 keeps a sliding_window it does not use unless use_sliding_window is true; Mistral has no switch
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    context = hf.get("max_position_embeddings", 2048)
     if window is not None and window < context:
         raise UserError(f"{where}: config.json sliding_window = {window}: lmforge attends to the whole context, "
                         f"so it needs sliding_window null or >= max_position_embeddings = {context}")
-    return {"model": {"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0))}}
+    return {"model": _rope_read(hf, where)}
 
 
 def _llama_write(cfg) -> dict:
     m = cfg.model
-    # both spellings of the RoPE base, for transformers 5 and for older versions
-    return {"rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-            "head_dim": m.head_dim}
+    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", **{k: getattr(m, ours) for k, ours in LLAMA3_ROPE.items()})
+    # both spellings, for transformers 5 and for older versions (which read rope_theta and rope_scaling)
+    out = {"rope_theta": m.rope_theta, "rope_parameters": rope}
+    return {**out, "rope_scaling": rope} if m.rope_scaling != "none" else out
 
 
 LLAMA = Arch(
@@ -206,6 +225,8 @@ LLAMA = Arch(
         "blocks.{i}.attn.qkv": ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
                                 "model.layers.{i}.self_attn.v_proj"),
         "blocks.{i}.attn.proj": "model.layers.{i}.self_attn.o_proj",
+        "blocks.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_norm",  # Qwen3 (model.qk_norm)
+        "blocks.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_norm",
         "blocks.{i}.norm2": "model.layers.{i}.post_attention_layernorm",
         "blocks.{i}.mlp.up": ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
         "blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
@@ -216,16 +237,42 @@ LLAMA = Arch(
     config={
         **STANDARD_SIZES,
         "num_key_value_heads": ("n_kv_head", None),  # null: as many as attention heads
+        "head_dim": ("head_dim", None),  # null: hidden_size / num_attention_heads
         "rms_norm_eps": ("norm_eps", 1e-6),
         "attention_dropout": ("dropout", 0.0),
         "initializer_range": ("init_std", 0.02),
         "tie_word_embeddings": ("tie_embeddings", False),
     },
     fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
-    layout=dict(pos="rope", norm="rmsnorm", norm_position="pre", bias=False, mlp="swiglu", type_vocab_size=0),
+    layout=dict(pos="rope", norm="rmsnorm", norm_position="pre", bias=False, qkv_bias=False, qk_norm=False,
+                mlp="swiglu", type_vocab_size=0),
     skip=("rotary_emb.inv_freq",),
     read_extra=_llama_read, write_extra=_llama_write,
 )
 
-ARCHS = {a.name: a for a in (BERT, GPT2, LLAMA)}
+# -- Qwen2 / Qwen2.5 --------------------------------------------------------------------------------
+
+
+def _qwen2_write(cfg) -> dict:
+    return {**_llama_write(cfg), "use_sliding_window": False}  # lmforge attends to the whole context
+
+
+# Llama's layout, names and sizes, with biases on q, k and v (not on o_proj, not in the MLP); no attention_bias
+# or mlp_bias switches
+QWEN2 = replace(
+    LLAMA, name="qwen2", title="Qwen2", classes=("Qwen2ForCausalLM", "Qwen2Model"), model_types=("qwen2",),
+    fixed={"hidden_act": "silu"}, layout={**LLAMA.layout, "qkv_bias": True}, write_extra=_qwen2_write,
+)
+
+# -- Qwen3 ------------------------------------------------------------------------------------------
+
+# Llama's layout with an RMSNorm on each head's queries and keys, head_dim its own (128 where config.json has
+# none), and Qwen2's unused sliding window; attention_bias would bias o_proj too, which lmforge has not
+QWEN3 = replace(
+    LLAMA, name="qwen3", title="Qwen3", classes=("Qwen3ForCausalLM", "Qwen3Model"), model_types=("qwen3",),
+    config={**LLAMA.config, "head_dim": ("head_dim", 128)}, fixed={"hidden_act": "silu", "attention_bias": False},
+    layout={**LLAMA.layout, "qk_norm": True}, write_extra=_qwen2_write,
+)
+
+ARCHS = {a.name: a for a in (BERT, GPT2, LLAMA, QWEN2, QWEN3)}
 FORMATS = ("auto", *ARCHS)

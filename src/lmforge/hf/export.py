@@ -83,6 +83,8 @@ def _gaps(arch: Arch, cfg) -> list[str]:
         needs["mlp"] = tuple(dict.fromkeys(ACTIVATIONS.values()))
     if arch.mha_only:
         needs["n_kv_head"] = (m.n_head,)
+    if not any(ours == "head_dim" for ours, _ in arch.config.values()):  # its config.json cannot say another
+        needs["head_dim"] = (m.d_model // m.n_head,)
     return [f"model.{k} = {' or '.join(map(_show, ok))} (it has {_show(getattr(m, k))})"
             for k, ok in needs.items() if getattr(m, k) not in ok]
 

@@ -144,12 +144,21 @@ class Imported:
                 f"{m.n_head} heads ({m.n_kv_head} key/value), {n / 1e6:.2f}M parameters")
 
 
-def load_hf(folder: str | Path, build: Callable | None = None) -> Imported:
+def _stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype a checkpoint's weights share; fp32 where they mix several."""
+    found = {t.dtype for t in state.values() if t.is_floating_point()}
+    return found.pop() if len(found) == 1 else torch.float32
+
+
+def load_hf(folder: str | Path, build: Callable | None = None, dtype: torch.dtype | None = torch.float32) -> Imported:
     """A Hugging Face model folder -> the equivalent lmforge model, its tokenizer and config, in memory.
 
     build(config) makes the model to fill instead of the arch's own (a fine-tuning model on the same
     body): heads it has that the checkpoint lacks, or has at another size (a classifier for other
-    labels), keep their fresh initialisation."""
+    labels), keep their fresh initialisation.
+
+    dtype: the model's parameters; None keeps the checkpoint's own (a bf16 checkpoint stays bf16, half
+    the memory, for inference). Training and import keep fp32: autocast expects fp32 master weights."""
     folder = Path(folder)
     where = f"hf: {folder}"
     if not (folder / "config.json").is_file():
@@ -167,6 +176,7 @@ def load_hf(folder: str | Path, build: Callable | None = None) -> Imported:
     with torch.random.fork_rng(devices=[]):  # the same fresh heads (if any) on every import of a folder
         torch.manual_seed(cfg.train.seed)
         model = (build or build_model)(cfg)
+    model.to(dtype or _stored_dtype(state))  # before the copy, so the stored values arrive unrounded
     kind = "mlm model without mlm.nsp" if cfg.task == "mlm" and not cfg.mlm.nsp else f"{cfg.task} model"
     if build:
         kind = type(model).__name__

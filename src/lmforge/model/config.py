@@ -20,10 +20,20 @@ class ModelConfig:
     n_layer: int = opt(4, "Transformer blocks", check=gt(0))
     n_head: int = opt(4, "attention heads", check=gt(0))
     n_kv_head: int = opt(0, "key/value heads (grouped-query attention); 0 = n_head", check=ge(0))
+    head_dim: int = opt(0, "size of each attention head; 0 = d_model / n_head (Qwen3 and Gemma checkpoints set another)",
+                        check=ge(0))
     d_model: int = opt(256, "model width", check=gt(0))
     d_ff: int = opt(0, "MLP hidden width; 0 = 4*d_model (8/3*d_model rounded to 64 for swiglu)", check=ge(0))
     pos: str = opt("rope", "position encoding", choices=("learned", "rope"))
     rope_theta: float = opt(10000.0, "RoPE base", check=gt(0))
+    rope_scaling: str = opt("none", "RoPE frequency scaling for a longer context: none, or llama3 (Llama 3.1's, set by "
+                            "the four rope_* fields below)", choices=("none", "llama3"))
+    rope_factor: float = opt(8.0, "llama3 RoPE scaling: the long wavelengths are stretched this many times", check=gt(0))
+    rope_low_freq_factor: float = opt(1.0, "llama3 RoPE scaling: wavelengths longer than rope_original_max_len / this "
+                                      "are stretched", check=gt(0))
+    rope_high_freq_factor: float = opt(4.0, "llama3 RoPE scaling: wavelengths shorter than rope_original_max_len / this "
+                                       "are kept (those between are blended)", check=gt(0))
+    rope_original_max_len: int = opt(8192, "llama3 RoPE scaling: the context the model was first trained for", check=gt(0))
     norm: str = opt("rmsnorm", "normalisation", choices=("layernorm", "rmsnorm"))
     norm_eps: float = opt(1e-5, "normalisation epsilon", check=gt(0))
     norm_position: str = opt("pre", "pre: a norm before each sublayer and one at the end (GPT-2, Llama); post: after each "
@@ -32,6 +42,9 @@ class ModelConfig:
     mlp: str = opt("swiglu", "MLP activation (gelu_tanh: the tanh approximation GPT-2 uses; swiglu: gated, as Llama)",
                    choices=("gelu", "gelu_tanh", "relu", "swiglu"))
     bias: bool = opt(False, "biases in linear layers and LayerNorm")
+    qkv_bias: bool = opt(False, "biases on the attention's query, key and value projections even where model.bias is "
+                         "false (Qwen2)")
+    qk_norm: bool = opt(False, "an RMSNorm over each head's queries and keys before RoPE (Qwen3)")
     tie_embeddings: bool = opt(True, "share the token embedding with the output projection")
     dropout: float = opt(0.0, "dropout on embeddings, attention and residual branches", check=between(0, 0.99))
     init_std: float = opt(0.02, "std of the normal init of weights", check=gt(0))
@@ -40,13 +53,14 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
+        if self.head_dim == 0 and self.d_model % self.n_head == 0:  # otherwise left 0 for Config.validate to refuse
+            self.head_dim = self.d_model // self.n_head
         if self.d_ff == 0:
             self.d_ff = 64 * round(8 * self.d_model / 3 / 64) if self.mlp == "swiglu" else 4 * self.d_model
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
+# the fields only model.rope_scaling = llama3 reads
+LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
 
 # Each preset is a set of ModelConfig values; explicit keys in a config override them.
 PRESETS: dict[str, dict] = {

@@ -3,6 +3,8 @@ KV cache, and MLPs. Encoder, decoder and encoder-decoder stacks share them inste
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,13 +23,31 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # use it, so that imported weights need no permutation.
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [max_len, head_dim], computed in float64 on the CPU (MPS has no float64; fp32 angles
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """The rotary frequencies theta^(-2i/head_dim), i < head_dim / 2, in float64 on the CPU, scaled as
+    model.rope_scaling says."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)
+    return llama3_scaled(inv_freq, cfg) if cfg.rope_scaling == "llama3" else inv_freq
+
+
+def llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling (Meta's Llama 3 release; rope_type llama3 in transformers). With
+    n = the original context / a frequency's wavelength: n below rope_low_freq_factor (the long
+    wavelengths, which saw few whole turns in training) is divided by rope_factor, n above
+    rope_high_freq_factor (the short ones that carry local order) is kept, and between the two the
+    factor blends linearly in n. The same piecewise formula as the release, written as one clamp."""
+    turns = cfg.rope_original_max_len * inv_freq / (2 * math.pi)
+    keep = ((turns - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0, 1)
+    return inv_freq * (keep + (1 - keep) / cfg.rope_factor)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_seq_len, head_dim], computed in float64 on the CPU (MPS has no float64; fp32 angles
     lose digits at long positions), returned in fp32 on the default device (a model built under
     `with torch.device(...)` gets them there; otherwise `.to(device)` moves them with the model)."""
-    cpu = torch.device("cpu")
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=cpu), inv_freq)
+    positions = torch.arange(cfg.max_seq_len, dtype=torch.float64, device="cpu")
+    angles = torch.outer(positions, rope_inv_freq(cfg))
     angles = torch.cat([angles, angles], dim=-1)
     device = torch.get_default_device()
     return angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32)
@@ -77,10 +97,14 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.causal = causal
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
+        # n_head * head_dim is d_model unless the config gives head_dim (Qwen3, Gemma)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True  # depth-scaled init
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # Qwen3 normalises each head's queries and keys (one weight over head_dim, shared by the heads)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,6 +115,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
@@ -125,9 +151,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.dropout = cfg.dropout
-        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True
         self.resid_drop = nn.Dropout(cfg.dropout)
 

@@ -39,7 +39,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, self.causal, cross) for _ in range(cfg.n_layer))
         self.norm = None if post else make_norm(cfg)
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -93,8 +93,9 @@ register(TaskSpec("tag", "lmforge.tasks.tag:TagTask", "token tagging (NER)", "fi
                   hf_classes={"bert": "BertForTokenClassification"}))
 register(TaskSpec("sft", "lmforge.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM on prompt/response pairs",
                   "finetune", "gpt", "decoder", ("cross_entropy",), label="response", formats=("jsonl",),
-                  endpoint="generate", hf_classes={"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"},
-                  class_weights=False))
+                  endpoint="generate", class_weights=False,
+                  hf_classes={"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                              "qwen3": "Qwen3ForCausalLM"}))
 register(TaskSpec("seq2seq", "lmforge.tasks.seq2seq:Seq2SeqTask", "encoder-decoder translation", "pretrain",
                   "encoder_decoder", "encoder_decoder", ("cross_entropy",), endpoint="translate"))
 register(TaskSpec("span", "lmforge.tasks.span:SpanCorruption", "span-corruption pre-training of an encoder-decoder",
