@@ -9,6 +9,7 @@ import torch
 
 from lmforge.config import ConfigError, load_config
 from lmforge.data.batches import RandomWindows, eval_windows, pack_rows, packed_starts, window_batch
+from lmforge.errors import UserError
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import GPT, document_positions
@@ -148,3 +149,14 @@ def test_pack_is_off_by_default_and_validates_where_it_applies():
     assert (cfg.data.pack, cfg.finetune.pack) == (False, False)
     assert load_config(overrides={"task": "clm", "data.pack": "true"}).data.pack is True
     assert load_config(overrides={"task": "sft", "finetune.pack": True}).finetune.pack is True
+
+
+def test_data_pack_without_an_end_of_text_token_is_a_one_line_error(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words of text, repeated. " * 40, encoding="utf-8")
+    task = CausalLM(load_config(overrides={
+        "task": "clm", "data.pack": True, "data.path": str(corpus), "data.tokenizer.kind": "char",
+        "data.tokenizer.special_tokens": "[]", "data.cache_dir": str(tmp_path / "cache"), "model.max_seq_len": 16}))
+    with pytest.raises(UserError, match="data.pack = true needs an end-of-text token") as e:
+        task.setup()
+    assert "\n" not in str(e.value)
