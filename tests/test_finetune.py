@@ -145,6 +145,19 @@ def test_sft_masks_the_prompt_and_learns_the_response(tmp_path, decoder, capsys)
     del rng
 
 
+@pytest.mark.slow
+def test_packed_sft_run_trains_as_the_padded_one(tmp_path, decoder):
+    data = [{"prompt": " ".join(w) + " =>", "response": " " + " ".join(w[:1 + i % 4])} for i, w in enumerate(sentences(64, 12))]
+    train = write_lines(tmp_path / "sft.jsonl", [json.dumps(d) for d in data])
+    common = ("--finetune.epochs", "0", "--train.max_steps", "3", "--train.warmup_steps", "0", "--log.every", "1",
+              "--finetune.dropout", "0", "--finetune.group_by_length", "false", "--train.precision", "fp32")
+    runs = [finetune(tmp_path, decoder, train, None, "sft", *common, "--finetune.pack", pack, run=f"pack-{pack}")
+            for pack in ("false", "true")]
+    padded, packed = ([r["loss"] for r in read_metrics(run, "train")] for run in runs)
+    assert packed == pytest.approx(padded, rel=1e-4) and len(packed) == 3  # the same examples, the same updates
+    assert read_yaml(runs[1] / "config.yaml")["finetune"]["pack"] is True
+
+
 # -- runs ---------------------------------------------------------------------------------------------
 
 

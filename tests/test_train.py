@@ -4,6 +4,7 @@ and leaves a run directory from which the run can be repeated."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 from collections import Counter
@@ -410,3 +411,22 @@ def test_default_job_runs_on_the_embedded_corpus(tmp_path):
     cfg = load_config(base=read_yaml(run / "config.yaml"))
     assert cfg.data.path is None and cfg.model.vocab_size == cfg.data.tokenizer.vocab_size == 4096
     assert (run / "model.safetensors").is_file() and (run / "curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_packed_clm_run_starts_windows_at_documents_and_scores_every_val_target(tmp_path):
+    text = shakespeare_text(3000)
+    docs = [text[i:i + n] for i, n in zip(range(0, 3000, 97), [5, 40, 13, 70, 22] * 7)]
+    corpus = write_corpus(tmp_path, "".join(json.dumps({"text": d}) + "\n" for d in docs), "docs.jsonl")
+    cfg = tiny_config(tmp_path, corpus, data__pack=True, train__max_steps=2, eval__batches=0)
+    task = make_task(copy.deepcopy(cfg))
+    task.setup()
+    batches, eos = task.train_batches(0), task.pack_eos
+    batch = next(batches)
+    assert torch.equal(batch["doc_ids"], (batch["input"] == eos).cumsum(1))
+    allowed = {tuple(batches.tokens[s:s + 16]) for s in batches.starts}  # document starts and pieces
+    assert all(tuple(w) in allowed for w in batch["input"].tolist())
+    tokens = batches.tokens
+    assert (tokens[batches.starts] == eos).sum() == (tokens[:len(tokens) - 16] == eos).sum()  # every document
+    result = train(cfg)
+    assert result.last_val["tokens"] == len(task.data.val) - 1 and math.isfinite(result.last_val["loss"])

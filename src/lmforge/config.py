@@ -52,6 +52,8 @@ class DataConfig:
     text_field: str = opt("text", "the field holding the text in each .jsonl line")
     val_fraction: float = opt(0.1, "the last fraction of the corpus kept for validation", check=fraction_open())
     cache_dir: str = opt(".cache/lmforge/tokens", "where encoded token stores are kept and reused")
+    pack: bool = opt(False, "clm: windows start at document starts and hold whole documents or pieces of them, each "
+                     "attending only to itself with positions from 0 (documents end with the end-of-text token)")
     tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer")
 
 
@@ -189,6 +191,8 @@ class FinetuneConfig:
     classifier_dropout: float = opt(0.1, "dropout before the task head", check=between(0, 0.99))
     thresholds: list[float] | None = opt(None, "multilabel: a decision threshold per label (default 0.5 each)")
     group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")
+    pack: bool = opt(False, "sft: a batch's examples share rows of up to max_length tokens, each attending only to "
+                     "itself with positions from 0 (no padding between them; the same loss as padded rows)")
 
 
 BLEU_TOKENIZERS = ("13a", "intl", "zh", "char", "none")
@@ -349,6 +353,7 @@ class Config:
             raise ConfigError(f"config: seq2seq.average_last = {sc.average_last} needs train.keep_checkpoints >= "
                               f"{sc.average_last} (got {t.keep_checkpoints})")
         self._validate_rope()
+        self._validate_pack()
         self._validate_loss()
 
     def _validate_rope(self) -> None:
@@ -362,6 +367,14 @@ class Config:
             if m.rope_scaling != "llama3" and getattr(m, name) != getattr(defaults, name):
                 raise ConfigError(f"config: model.{name} = {getattr(m, name)!r} applies to model.rope_scaling = llama3 "
                                   f"only (it is {m.rope_scaling})")
+
+    def _validate_pack(self) -> None:
+        spec = registry.spec(self.task)
+        for key, on, family in (("data.pack", self.data.pack, "pretrain"), ("finetune.pack", self.finetune.pack, "finetune")):
+            if on and not (spec.packs and spec.family == family):
+                can = [n for n in registry.names(family) if registry.spec(n).packs]
+                raise ConfigError(f"config: {key} = true: the {self.task} task ({spec.doc}) cannot pack; "
+                                  f"{key} applies to {', '.join(can) or 'no task'}")
 
     def _validate_loss(self) -> None:
         lc, defaults = self.loss, LossConfig()

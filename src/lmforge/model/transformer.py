@@ -56,7 +56,7 @@ class Transformer(nn.Module):
 
     def features(self, idx: torch.Tensor, caches: list[KVCache] | None = None, segments: torch.Tensor | None = None,
                  pad_mask: torch.Tensor | None = None, memory: tuple[list, torch.Tensor | None] | None = None,
-                 left_pad: torch.Tensor | None = None) -> torch.Tensor:
+                 left_pad: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, T] -> final hidden states [B, T, d].
 
         caches: idx continues the cached prefix (decoding). segments: [B, T] segment ids (0 when not
@@ -64,20 +64,26 @@ class Transformer(nn.Module):
         padding. memory (cross blocks): each block's encoder keys and values and the source's pad mask.
         left_pad: [B] padding tokens at the start of each row (a causal stack decoding prompts of different
         lengths together): positions count from each row's first real token, and no query attends to them.
+        doc_ids: [B, T] the document of each token of a packed row (documents lie in runs of equal ids):
+        a token attends only to its own document, whose positions count from 0 at its first token.
         """
         B, T = idx.shape
         start = caches[0].length if caches else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
+        if doc_ids is not None and (caches or left_pad is not None):
+            raise ValueError("doc_ids (packed rows) are for training passes, without a KV cache or left padding")
         x = self.tok_emb(idx)
         steps = torch.arange(start, start + T, device=idx.device)
         pos = steps if left_pad is None else (steps - left_pad[:, None]).clamp(min=0)  # [T] or [B, T]
+        if doc_ids is not None:
+            pos = document_positions(doc_ids)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         else:
             rope = (self.rope_cos[pos], self.rope_sin[pos])
-            if left_pad is not None:  # per-row tables [B, 1, T, D] for [B, H, T, D] queries and keys
+            if pos.dim() == 2:  # per-row tables [B, 1, T, D] for [B, H, T, D] queries and keys
                 rope = (rope[0][:, None], rope[1][:, None])
         if self.seg_emb is not None:
             x = x + (self.seg_emb(segments) if segments is not None else self.seg_emb.weight[0])
@@ -90,6 +96,10 @@ class Transformer(nn.Module):
             keys = torch.arange(start + T, device=idx.device)
             # a padding query sees itself only (a row of no keys would make NaNs that reach later layers)
             mask = ((keys >= left_pad[:, None])[:, None, :] | (keys == steps[:, None]))[:, None]  # [B, 1, T, S]
+        if doc_ids is not None:
+            # block-diagonal: a causal Attention adds its own causal mask to any mask it is given
+            same = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]  # [B, 1, T, T]
+            mask = same if mask is None else mask & same
         for i, block in enumerate(self.blocks):
             x = block(x, rope, caches[i] if caches else None, mask, (memory[0][i], memory[1]) if memory else None)
         return self.norm(x) if self.norm is not None else x
@@ -109,6 +119,15 @@ class Transformer(nn.Module):
         to the model's, fine-tuning passes its examples' mean length."""
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul + 12 * self.cfg.n_layer * self.cfg.d_model * (context or self.cfg.max_seq_len)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions that restart at 0 wherever doc_ids changes along a row (a packed document's start)."""
+    steps = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    first = torch.ones(doc_ids.shape[0], 1, dtype=torch.bool, device=doc_ids.device)
+    starts = torch.cat([first, doc_ids[:, 1:] != doc_ids[:, :-1]], dim=1)
+    # each token's document starts at the last start at or before it
+    return steps - torch.where(starts, steps, 0).cummax(dim=1).values
 
 
 class GPT(Transformer):

@@ -11,6 +11,7 @@ from torch import nn
 from lmforge.data.batches import RandomWindows, eval_windows
 from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import eos_id
+from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.losses import linear_cross_entropy, loss_options
 from lmforge.tasks.base import Task, follow_tokenizer
@@ -29,6 +30,12 @@ class CausalLM(Task):
 
     def setup(self) -> None:
         self.data = prepare_tokens(self.cfg.data, self.cfg.model.max_seq_len)
+        self.pack_eos = None  # data.pack: the end-of-text id that separates the packed documents
+        if self.cfg.data.pack:
+            self.pack_eos = eos_id(self.data.tokenizer)
+            if self.pack_eos is None:
+                raise UserError("config: data.pack = true needs an end-of-text token between documents, and the "
+                                "tokenizer has none (train one with the default data.tokenizer.special_tokens)")
         self.resolve()
 
     def resolve(self):
@@ -37,14 +44,17 @@ class CausalLM(Task):
         return self.cfg
 
     def train_batches(self, seed: int) -> RandomWindows:
-        return RandomWindows(self.data.train, self.cfg.model.max_seq_len, self.cfg.train.batch_size, seed, self.shard)
+        return RandomWindows(self.data.train, self.cfg.model.max_seq_len, self.cfg.train.batch_size, seed, self.shard,
+                             eos=self.pack_eos)
 
     def eval_batches(self):
         ec = self.cfg.eval
-        return eval_windows(self.data.val, self.cfg.model.max_seq_len, ec.batch_size, ec.batches)
+        # packed training is evaluated packed: the val loss measures what the model is trained to do
+        return eval_windows(self.data.val, self.cfg.model.max_seq_len, ec.batch_size, ec.batches, eos=self.pack_eos)
 
     def loss(self, model, batch) -> torch.Tensor:
-        return next_token_loss(model.features(batch["input"]), model.head, batch["target"], self.cfg.loss)
+        hidden = model.features(batch["input"], doc_ids=batch.get("doc_ids"))
+        return next_token_loss(hidden, model.head, batch["target"], self.cfg.loss)
 
     def save_artifacts(self, run_dir: Path) -> None:
         self.data.tokenizer.save(str(run_dir / "tokenizer.json"))

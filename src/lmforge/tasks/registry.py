@@ -40,6 +40,9 @@ class TaskSpec:
     endpoint: str | None = None  # the HTTP endpoint `lmforge serve` answers for its runs (docs/serving.md)
     hf_classes: dict[str, str] = field(default_factory=dict)  # HF architecture -> the class its export writes
     class_weights: bool = True  # loss.class_weights apply (a classification over a fixed label set)
+    # several documents (pretrain: data.pack) or examples (finetune: finetune.pack) may share a row, each
+    # attending to itself: a causal LM's next-token loss, which has no per-row output to keep apart
+    packs: bool = False
 
     @property
     def finetune(self) -> bool:
@@ -76,7 +79,7 @@ TEXT_FORMATS = ("sst", "csv", "tsv", "jsonl")
 CLASSIFIERS = ("cross_entropy", "focal", "hinge_crammer_singer", "hinge_weston_watkins")
 
 register(TaskSpec("clm", "lmforge.tasks.clm:CausalLM", "causal LM (GPT)", "pretrain", "gpt", "decoder",
-                  ("cross_entropy",), endpoint="generate", class_weights=False))
+                  ("cross_entropy",), endpoint="generate", class_weights=False, packs=True))
 register(TaskSpec("mlm", "lmforge.tasks.mlm:MaskedLMTask", "masked LM (BERT-style encoder)", "pretrain", "masked_lm",
                   "encoder", ("cross_entropy",), class_weights=False))
 register(TaskSpec("classify", "lmforge.tasks.classify:ClassifyTask", "sentence (pair) classification", "finetune",
@@ -93,7 +96,7 @@ register(TaskSpec("tag", "lmforge.tasks.tag:TagTask", "token tagging (NER)", "fi
                   hf_classes={"bert": "BertForTokenClassification"}))
 register(TaskSpec("sft", "lmforge.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM on prompt/response pairs",
                   "finetune", "gpt", "decoder", ("cross_entropy",), label="response", formats=("jsonl",),
-                  endpoint="generate", class_weights=False,
+                  endpoint="generate", class_weights=False, packs=True,
                   hf_classes={"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                               "qwen3": "Qwen3ForCausalLM"}))
 register(TaskSpec("seq2seq", "lmforge.tasks.seq2seq:Seq2SeqTask", "encoder-decoder translation", "pretrain",

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.data.batches import pad_batch
 from lmforge import chat
+from lmforge.data.batches import pack_batch, pad_batch
 from lmforge.data.labelled import Example
 from lmforge.errors import UserError
 from lmforge.generate import generate_text
@@ -135,9 +135,16 @@ class SFTTask(FinetuneTask):
     def targets(self, rows, examples) -> dict[str, torch.Tensor]:
         return {"target": pad_batch([r.target for r in rows], IGNORE_INDEX)}
 
+    def collate(self, rows, examples) -> dict[str, torch.Tensor]:
+        """finetune.pack: the batch's examples packed into rows of up to max_length tokens (each attends to
+        itself only), the same examples and targets as the padded batch, so the same loss."""
+        if not self.cfg.finetune.pack:
+            return super().collate(rows, examples)
+        return pack_batch([r.ids for r in rows], [r.target for r in rows], self.max_length, self.pad_id)
+
     def outputs(self, model, batch) -> tuple[torch.Tensor, nn.Linear]:
         """(the last hidden states [B, T, d], the output layer): the logits are left to the loss's chunks."""
-        return model.features(batch["input"]), model.head
+        return model.features(batch["input"], doc_ids=batch.get("doc_ids")), model.head
 
     def loss_from(self, outputs, batch) -> torch.Tensor:
         hidden, head = outputs
