@@ -69,15 +69,20 @@ def chat_folder(tmp_path_factory, chat_tok) -> Path:
     return save_chat_folder(tmp_path_factory.mktemp("chat") / "hf", chat_tok, END_OF_TURN, [END_OF_TURN, 0])
 
 
+def assert_same_side_files(export: Path, source: Path) -> None:
+    """The export's template, special tokens and generation settings are the source folder's, byte for byte."""
+    assert (source / "tokenizer_config.json").is_file() and (source / "generation_config.json").is_file()
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
+        if (source / name).is_file():  # transformers 5 writes no special_tokens_map.json
+            assert (export / name).read_text() == (source / name).read_text(), name
+
+
 def test_template_tokens_and_generation_settings_travel_through_import_and_export(chat_folder, tmp_path):
     run = tmp_path / "run"
     import_hf(chat_folder, run)
     out = tmp_path / "export"
     hf_cfg = export_hf(run, out)
-    assert (chat_folder / "tokenizer_config.json").is_file() and (chat_folder / "generation_config.json").is_file()
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
-        if (chat_folder / name).is_file():  # transformers 5 writes no special_tokens_map.json
-            assert (out / name).read_text() == (chat_folder / name).read_text(), name
+    assert_same_side_files(out, chat_folder)
     source = json.loads((chat_folder / "config.json").read_text())
     assert [hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [1, 2, 2]
     assert [source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [1, 2, 2]
@@ -139,10 +144,7 @@ def test_a_fine_tuned_chat_model_exports_its_sources_template_and_tokens(chat_fo
                  "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false"]) == 0
     out = tmp_path / "export"
     hf_cfg = export_hf(run, out)
-    assert (chat_folder / "tokenizer_config.json").is_file() and (chat_folder / "generation_config.json").is_file()
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
-        if (chat_folder / name).is_file():  # transformers 5 writes no special_tokens_map.json
-            assert (out / name).read_text() == (chat_folder / name).read_text(), name
+    assert_same_side_files(out, chat_folder)
     assert [hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [1, 2, 2]
     ours = transformers.AutoTokenizer.from_pretrained(out)
     assert ours.apply_chat_template(MESSAGES, tokenize=False) == \
