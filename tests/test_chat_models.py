@@ -344,6 +344,10 @@ def test_chat_sft_learns_and_evaluate_reports_exact_match_and_chrf(tmp_path, cap
     answers = [r["response"] for r in records]
     assert all(a.strip() and "<|im" not in a and "\n" not in a.strip() for a in answers), answers[:5]  # ends at its turn
     references = [line["messages"][-1]["content"] for line in lines]
+    export_hf(run, tmp_path / "export")  # the named template it learned comes along, for apply_chat_template
+    rendered = transformers.AutoTokenizer.from_pretrained(tmp_path / "export").apply_chat_template(
+        lines[0]["messages"], tokenize=False)
+    assert rendered == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in lines[0]["messages"])
     exact = sum(a.strip() == ref for a, ref in zip(answers, references)) / len(lines)
     assert scores["exact_match"] == pytest.approx(exact, abs=1e-4)
     assert scores["chrf"] == pytest.approx(translation_scores(answers, references)[0]["chrf"], abs=1e-2)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tokenizers import Tokenizer
 
+from lmforge import chat
 from lmforge.config import save_config
 from lmforge.errors import UserError
 from lmforge.hf.arch import ACTIVATIONS, ARCHS, BERT, FORMATS, Arch
@@ -149,6 +150,15 @@ def _json_text(data: dict) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
+def _add_named_template(side: dict[str, str], cfg) -> None:
+    """A chat SFT trained with a named template (finetune.chat_template = chatml) on a model that had none:
+    the export's tokenizer_config.json gets that template, so apply_chat_template renders what it learned."""
+    named = chat.NAMED.get(cfg.finetune.chat_template)
+    tokenizer_config = json.loads(side["tokenizer_config.json"])
+    if named and "chat_template.jinja" not in side and not tokenizer_config.get("chat_template"):
+        side["tokenizer_config.json"] = _json_text({**tokenizer_config, "chat_template": named})
+
+
 def _source_token_ids(side: dict[str, str]) -> dict:
     """config.json's bos/eos/pad ids as the source model had them (a chat model's eos is its end-of-turn
     token, or a list of ids), where the run came from an imported model."""
@@ -191,6 +201,7 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     side = {"tokenizer_config.json": _json_text(tok_cfg), "special_tokens_map.json": _json_text(specials),
             **hf_side_files(run)}  # the source's own, where the run came from one
     hf_cfg.update(_source_token_ids(side))
+    _add_named_template(side, cfg)
 
     def write(tmp: Path) -> None:
         # clone: safetensors refuses views that share storage (the parts of a fused tensor)
