@@ -119,9 +119,9 @@ def render_with_answers(template: str, messages: list[dict], tokens: dict[str, s
     return text, spans
 
 
-def template_from(tokenizer_config: dict, jinja_file: str | None, name: str | None, where: str) -> str:
+def template_from(tokenizer_config: dict, jinja_file: str | None, name: str | None, where: str) -> str | None:
     """The template to render with: `name` ("chatml", or a name the model's templates list), else the
-    model's own (chat_template.jinja, or tokenizer_config.json's chat_template)."""
+    model's own (chat_template.jinja, or tokenizer_config.json's chat_template), else None."""
     own = jinja_file or tokenizer_config.get("chat_template")
     if isinstance(own, list):  # several named templates
         own = {t.get("name"): t.get("template") for t in own if isinstance(t, dict)}
@@ -134,9 +134,7 @@ def template_from(tokenizer_config: dict, jinja_file: str | None, name: str | No
                         f"{', ' + ', '.join(own) if isinstance(own, dict) else ''}")
     if isinstance(own, dict):
         own = own.get("default")
-    if not isinstance(own, str) or not own:
-        raise UserError(f"{where}: the model has no chat template; name one (chatml)")
-    return own
+    return own if isinstance(own, str) and own else None
 
 
 def token_strings(tokenizer_config: dict) -> dict[str, str]:

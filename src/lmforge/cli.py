@@ -143,8 +143,9 @@ def cmd_train(args) -> int:
 
 def _print_next_steps(spec, run_dir: Path) -> None:
     """The commands that use what the task trained, as its registry entry says."""
+    from lmforge.runs import chat_template
     if spec.endpoint == "generate":
-        chat = " --chat" if _has_chat_template(run_dir) else ""
+        chat = " --chat" if chat_template(run_dir) is not None else ""
         print(f"generate:      lmforge generate --checkpoint {run_dir}{chat} --prompt \"...\"")
     if spec.endpoint == "translate":
         print(f"translate:     lmforge translate --checkpoint {run_dir} < INPUT > OUTPUT")
@@ -153,16 +154,6 @@ def _print_next_steps(spec, run_dir: Path) -> None:
         print(f"predict:       lmforge predict --checkpoint {run_dir} --input FILE --output OUT.jsonl")
     if spec.body != "encoder_decoder":  # hf/arch.py has decoder and encoder layouts only
         print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder)")
-
-
-def _has_chat_template(run_dir: Path) -> bool:
-    from lmforge.runs import chat_template
-
-    try:
-        chat_template(run_dir)
-    except UserError:
-        return False
-    return True
 
 
 def _finetuned_run(checkpoint: str, device_name: str, command: str):
@@ -324,7 +315,11 @@ def cmd_generate(args) -> int:
                         f"{f'; for this run use {other}' if other else ''}")
     prompt, shown = args.prompt, args.prompt
     if args.chat:  # the prompt as a user's turn, then the assistant's opening: the answer alone is printed
-        template, tokens = chat_template(args.checkpoint, args.chat_template)
+        found = chat_template(args.checkpoint, args.chat_template)
+        if found is None:
+            raise UserError(f"chat: {args.checkpoint}: the model has no chat template; name one "
+                            "(--chat-template chatml)")
+        template, tokens = found
         messages = chat.check_messages([{"role": "user", "content": args.prompt}], "generate: --prompt")
         prompt = tok.encode(chat.render(template, messages, True, tokens, "generate: --chat"),
                             add_special_tokens=False).ids

@@ -97,13 +97,13 @@ def end_token_ids(path: str | Path) -> set[int]:
     return set(ids)
 
 
-def chat_template(path: str | Path, name: str | None = None) -> tuple[str, dict[str, str]]:
+def chat_template(path: str | Path, name: str | None = None) -> tuple[str, dict[str, str]] | None:
     """The chat template a model was fine-tuned or shipped with (or the one `name`d: chatml) and the
-    special-token strings it may name, for chat.render; a model without one is a one-line error."""
+    special-token strings it may name, for chat.render; None for a model without one and no name."""
     side = hf_side_files(path)
     tokenizer_config = json.loads(side.get("tokenizer_config.json", "{}"))
     template = chat.template_from(tokenizer_config, side.get("chat_template.jinja"), name, f"chat: {path}")
-    return template, chat.token_strings(tokenizer_config)
+    return None if template is None else (template, chat.token_strings(tokenizer_config))
 
 
 def run_model(cfg) -> torch.nn.Module:

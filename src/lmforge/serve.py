@@ -137,12 +137,8 @@ class Engine:
             self.task = make_task(self.cfg)
             self.task.prepare_inference(self.tok, run_dir_of(Path(run)))
         self.source_tok = self.tok
-        self.chat = None  # (template, special-token strings) where the model has a chat template
-        if self.endpoint == "generate":
-            try:
-                self.chat = chat_template(run)
-            except UserError:
-                pass  # no template: /v1/chat/completions answers 404 saying so
+        # (template, special-token strings); None: /v1/chat/completions answers 404 saying so
+        self.chat = chat_template(run) if self.endpoint == "generate" else None
         if self.endpoint == "translate":
             self.source_tok = source_tokenizer(Path(run)) or self.tok
         context = self.cfg.model.max_seq_len
@@ -498,6 +494,7 @@ class ChatReply:
     def __init__(self, engine: Engine, prompt_tokens: int, limit: int):
         self.engine, self.prompt_tokens, self.limit = engine, prompt_tokens, limit
         self.id, self.created = f"chatcmpl-{os.urandom(12).hex()}", int(time.time())
+        self.role_sent = False
 
     def _finish(self, answer: str) -> tuple[str, int]:
         n = len(self.engine.tok.encode(answer, add_special_tokens=False).ids)
@@ -525,7 +522,8 @@ class ChatReply:
                           "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}]
 
     def sent_role(self) -> bool:
-        sent, self._role_sent = getattr(self, "_role_sent", False), True
+        """Whether the role went out already: OpenAI's first chunk carries it, the others only content."""
+        sent, self.role_sent = self.role_sent, True
         return sent
 
 

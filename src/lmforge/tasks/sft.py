@@ -59,6 +59,8 @@ class SFTTask(FinetuneTask):
     def label_map(self, train, dev):
         return None
 
+    chat_source: Path | None = None  # where the template and end tokens are read; init_from while training
+
     def prepare_inference(self, tok, run_dir: Path | None = None) -> None:
         super().prepare_inference(tok, run_dir)
         self.chat_source = run_dir  # the run keeps its template and end tokens (runs.HF_SIDE_FILES)
@@ -67,19 +69,13 @@ class SFTTask(FinetuneTask):
     def chat(self) -> tuple[str, dict[str, str]] | None:
         """(template, special-token strings) to render with, or None: a model without a template, auto."""
         name = self.cfg.finetune.chat_template
-        source = getattr(self, "chat_source", None) or self.cfg.finetune.init_from
-        try:
-            return chat_template(source, None if name == "auto" else name)
-        except UserError:
-            if name != "auto":
-                raise
-            return None
+        return chat_template(self.chat_source or self.cfg.finetune.init_from, None if name == "auto" else name)
 
     @functools.cached_property
     def end_ids(self) -> set[int]:
         """Where an answer ends: the model's own end tokens (a chat model's end of turn), the end of turn of
         a named template or the template's eos_token where the tokenizer has them, and end of text."""
-        own = end_token_ids(getattr(self, "chat_source", None) or self.cfg.finetune.init_from)
+        own = end_token_ids(self.chat_source or self.cfg.finetune.init_from)
         turn = [chat.END_OF_TURN.get(self.cfg.finetune.chat_template), (self.chat or ("", {}))[1].get("eos_token")]
         own |= {i for t in turn if t and (i := self.tokenizer.token_to_id(t)) is not None}
         return own | ({self.eos_id} if self.eos_id is not None else set())
