@@ -351,3 +351,15 @@ def test_chat_sft_learns_and_evaluate_reports_exact_match_and_chrf(tmp_path, cap
     exact = sum(a.strip() == ref for a, ref in zip(answers, references)) / len(lines)
     assert scores["exact_match"] == pytest.approx(exact, abs=1e-4)
     assert scores["chrf"] == pytest.approx(translation_scores(answers, references)[0]["chrf"], abs=1e-2)
+
+
+def test_a_template_that_fails_or_refuses_is_one_line():
+    from lmforge import chat
+    from lmforge.errors import UserError
+
+    for template, expected in (("{{ raise_exception('only user turns, please') }}", "only user turns, please"),
+                               ("{% for m in messages %}{{ m['role'] ", "fails to render")):
+        with pytest.raises(UserError) as e:
+            chat.render(template, MESSAGES, True, {}, "data.jsonl:3")
+        assert str(e.value).startswith("data.jsonl:3: the chat template fails to render") and expected in str(e.value)
+        assert "\n" not in str(e.value)
