@@ -21,7 +21,8 @@ from lmforge.hf.export import export_hf, import_hf
 from lmforge.metrics import translation_scores
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import GPT
-from lmforge.runs import end_token_ids
+from lmforge.io import read_weights
+from lmforge.runs import end_token_ids, load_run
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -141,7 +142,13 @@ def test_a_fine_tuned_chat_model_exports_its_sources_template_and_tokens(chat_fo
     run = tmp_path / "sft"
     assert main(["finetune", "--task", "sft", "--finetune.init_from", str(chat_folder), "--finetune.train", str(train),
                  "--finetune.epochs", "1", "--train.batch_size", "8", "--train.warmup_steps", "0", "--train.device", "cpu",
-                 "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false"]) == 0
+                 "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false",
+                 "--peft.method", "lora"]) == 0
+    # the LoRA run keeps its adapter only; loaded, it holds the Hugging Face folder's weights beneath it
+    tensors, metadata = read_weights(run / "model.safetensors")
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in tensors) and metadata["base_model"] == str(chat_folder)
+    tuned, base = load_run(run)[0].state_dict(), load_run(chat_folder)[0].state_dict()
+    assert all(torch.equal(tuned[k], v) for k, v in base.items())
     out = tmp_path / "export"
     hf_cfg = export_hf(run, out)
     assert_same_side_files(out, chat_folder)
@@ -224,7 +231,7 @@ def smollm2(tmp_path_factory) -> Path:
 @pytest.mark.slow  # the real 135M model: conversion from GGUF and 40 greedy tokens on each side
 def test_real_smollm2_chats_as_transformers_does_and_exports_its_template(smollm2, tmp_path, capsys):
     from lmforge import chat
-    from lmforge.runs import chat_template, load_run
+    from lmforge.runs import chat_template
 
     theirs_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2).eval()

@@ -223,11 +223,12 @@ def evaluate_report(checkpoint: Path, data: Path, out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_final_report_is_made_on_the_best_weights_on_every_rank(tmp_path, monkeypatch, parallel):
+@pytest.mark.parametrize("parallel,peft", [("ddp", "none"), ("fsdp", "none"), ("fsdp", "lora")])
+def test_final_report_is_made_on_the_best_weights_on_every_rank(tmp_path, monkeypatch, parallel, peft):
     """With several processes too, the end-of-run report (dev_report.json, confusion.png; a translation's beam
     BLEU) is made on the best weights, not the last: the first of two evaluations is scripted to be the best,
-    and the report equals `lmforge evaluate` of model.safetensors, not of the last checkpoint."""
+    and the report equals `lmforge evaluate` of model.safetensors, not of the last checkpoint. A LoRA run's
+    weights and sharded checkpoints hold what trains only (the base is read back from init_from)."""
     from lmforge.tasks.classify import ClassifyTask
 
     base = make_base(tmp_path / "base", "mlm")
@@ -241,8 +242,19 @@ def test_final_report_is_made_on_the_best_weights_on_every_rank(tmp_path, monkey
             "--finetune.dev", str(dev), "--finetune.epochs", "1", "--finetune.evals_per_epoch", "2",
             "--finetune.classifier_dropout", "0", "--train.batch_size", "8", "--train.lr", "3e-3",
             "--train.warmup_steps", "1", "--train.device", "cpu", "--train.parallel", parallel,
-            "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false"])
+            "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false", "--peft.method", peft,
+            "--train.checkpoint_every", "5"])
     assert [r["step"] for r in read_metrics(run, "val")] == [5, 10]
+    if peft == "lora":
+        kept = {*load_file(run / "model.safetensors"), *sharded_model_state(step_dir(run, 10))}
+        assert kept and all(k.endswith(("lora_A", "lora_B")) or k.startswith(("classifier.", "pooler.")) for k in kept)
+        # and such a sharded checkpoint resumes in one process (the same global batch) as the run went on
+        cut = tmp_path / "cut"
+        shutil.copytree(run, cut)
+        shutil.rmtree(step_dir(cut, 10))
+        assert main(["finetune", "--resume", str(step_dir(cut, 5)), "--train.batch_size", "16",
+                     "--train.parallel", "auto"]) == 0
+        assert losses(cut, "train") == pytest.approx(losses(run, "train"), abs=1e-5)
 
     report = json.loads((run / "dev_report.json").read_text())
     best = evaluate_report(run, dev, tmp_path / "best.json")

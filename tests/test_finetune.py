@@ -181,6 +181,56 @@ def test_resumed_finetune_equals_uninterrupted(tmp_path, encoder):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.slow
+def test_peft_run_keeps_only_what_trains_references_its_base_and_resumes_exactly(tmp_path, decoder, capsys):
+    import shutil
+
+    from lmforge.io import read_weights, save_weights
+    from lmforge.train.checkpoint import load_checkpoint
+
+    base = tmp_path / "base"  # a copy this test may change and remove
+    shutil.copytree(decoder, base)
+    data = [{"prompt": " ".join(w) + " =>", "response": " " + w[0]} for w in sentences(60, 12)]
+    train = write_lines(tmp_path / "sft.jsonl", [json.dumps(d) for d in data])
+    common = ("--peft.method", "lora", "--finetune.epochs", "3", "--train.checkpoint_every", "4",
+              "--peft.lora_dropout", "0.1", "--eval.every", "5")
+    whole = finetune(tmp_path, base, train, None, "sft", *common, run="whole")
+    part = finetune(tmp_path, base, train, None, "sft", *common, "--train.max_time", "1e-9", run="part")
+    assert main(["finetune", "--resume", str(part), "--train.max_time", "0", "--log.progress", "false"]) == 0
+    a, b = read_metrics(whole, "train"), read_metrics(part, "train")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+
+    # the weights and every checkpoint hold the LoRA matrices only, with the base named and fingerprinted
+    tensors, metadata = read_weights(whole / "model.safetensors")
+    assert tensors and all(k.endswith((".lora_A", ".lora_B")) for k in tensors), sorted(tensors)[:4]
+    assert metadata["base_model"] == str(base.resolve()) and len(metadata["base_fingerprint"]) == 32
+    assert (whole / "model.safetensors").stat().st_size * 5 < (decoder / "model.safetensors").stat().st_size
+    assert main(["report", str(whole)]) == 0  # its parameter row counts what the run stores, on which base
+    assert f"{sum(t.numel() for t in tensors.values()):,} trained, on the base {base.resolve()}" in \
+        (whole / "report.html").read_text()
+    last = sorted((whole / "checkpoints").glob("step_*.pt"))[-1]
+    state = load_checkpoint(last)
+    assert set(state["model"]) == set(tensors) and state["base"] == {k: metadata[k] for k in state["base"]}
+
+    # loaded, it is the base plus what trained: equal to the resumed run's, and the base's frozen weights
+    wa, _, _ = load_run(last)
+    wb, _, _ = load_run(part / "checkpoints" / last.name)
+    for (name, x), y in zip(wa.state_dict().items(), wb.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
+    plain, _, _ = load_run(base)
+    tuned, _, _ = load_run(whole)
+    assert torch.equal(tuned.state_dict()["blocks.0.attn.qkv.weight"], plain.state_dict()["blocks.0.attn.qkv.weight"])
+    assert tuned.state_dict()["blocks.0.attn.qkv.lora_B"].abs().sum() > 0
+
+    # a changed base is refused, not silently used; so is a base that is gone
+    changed = {k: v + 0.01 for k, v in read_weights(base / "model.safetensors")[0].items()}
+    save_weights(changed, base / "model.safetensors", {})
+    prompt = ["generate", "--checkpoint", str(whole), "--prompt", "the", "--max-new-tokens", "2", "--device", "cpu"]
+    assert "has changed since the run trained" in one_line_error(capsys, prompt, str(base))
+    shutil.rmtree(base)
+    assert "is gone" in one_line_error(capsys, prompt, str(base.resolve()), "--merge")
+
+
 def test_inference_batches_cover_every_row_once_with_little_padding(monkeypatch):
     from lmforge.tasks.finetune import PADDING_SHARE, Encoded
 

@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file
 
 from lmforge.errors import UserError
 
@@ -76,6 +77,28 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     if missing or unexpected:
         raise UserError(f"checkpoint: {path}: weights do not fit the model (missing: {sorted(missing)[:3]}, "
                         f"unexpected: {sorted(unexpected)[:3]})")
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    return UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata (its header only: the tensors are not read)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError, OSError, ... for a missing, truncated or foreign file
+        raise _unreadable(path, e) from None
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata; a damaged or foreign file is one line."""
+    metadata = weights_metadata(path)
+    try:
+        return load_file(str(path)), metadata
+    except Exception as e:
+        raise _unreadable(path, e) from None
 
 
 def read_json(path: Path, where: str) -> dict:

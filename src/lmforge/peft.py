@@ -353,6 +353,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def trained_names(model: nn.Module) -> set[str]:
+    """The state-dict names of the parameters that train (a tied one under each of its names)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     """adapter_state_dict as one safetensors file (written to a temporary name, then renamed)."""
     path = Path(path)

@@ -23,7 +23,7 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_write
-from lmforge.runs import read_selection
+from lmforge.runs import BASE_MODEL, read_selection
 from lmforge.train.tracking import METRICS, read_metrics
 
 EXPECTED = "expected a run directory with config.yaml and metrics.jsonl"
@@ -200,14 +200,17 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def _params(run: Path) -> int | None:
-    """Parameter count from the safetensors header (8-byte length, then JSON): no weights are read."""
+def _params(run: Path) -> str:
+    """The stored parameter count from the safetensors header (8-byte length, then JSON): no weights are
+    read. A PEFT run stores what trained only, and names its base."""
     try:
         with open(run / "model.safetensors", "rb") as f:
             header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
     except (OSError, ValueError, struct.error):
-        return None
-    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+        return "-"
+    count = f"{sum(math.prod(t['shape']) for k, t in header.items() if k != '__metadata__'):,}"
+    base = (header.get("__metadata__") or {}).get(BASE_MODEL)
+    return f"{count} trained, on the base {base}" if base else count
 
 
 def _evaluation(title: str, report: dict, labels: list[str], picture: str = "") -> str:
@@ -281,7 +284,7 @@ def _render(run: Path) -> str:
     head = [["run", str(run.resolve())], ["task", info.task],
             ["main metric", f"{info.metric} = {_value_text(info)}" if info.metric
              else "not evaluated yet" if rows else "no metrics yet"],
-            ["steps", info.steps], ["parameters", f"{params:,}" if params is not None else "-"],
+            ["steps", info.steps], ["parameters", params],
             ["modified", _date(info.modified)]]
     body = [f"<h1>{_e(run.resolve().name)}</h1>", _table(None, head), "<h2>Curves</h2>"]
     png = _curves(rows, info.metric or "loss")

@@ -32,7 +32,7 @@ from lmforge.hf.load import load_hf
 from lmforge.model.build import build_model
 from lmforge.peft import apply_peft
 from lmforge.io import atomic_write
-from lmforge.runs import LABELS_FILE, hf_side_files, load_run, write_hf_side_files
+from lmforge.runs import LABELS_FILE, hf_side_files, load_matching, load_run, write_hf_side_files
 from lmforge.tasks import registry
 from lmforge.tasks.base import Task
 
@@ -131,10 +131,7 @@ class FinetuneTask(Task):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)
                 model = self._adopt(base_cfg)
-            own = model.state_dict()
-            state = {k: v for k, v in base.state_dict().items() if k in own and v.shape == own[k].shape}
-            missing, _ = model.load_state_dict(state, strict=False)
-            fresh = sorted({k.rsplit(".", 1)[0] for k in missing})
+            fresh = load_matching(model, base.state_dict())
             if fresh:
                 print(f"lmforge: note: not in {path}, so trained from a fresh start: {', '.join(fresh)}")
         if getattr(model, "pooling", None) == "pooler" and fc.pooling == "auto" and "pooler" in fresh:

@@ -73,10 +73,12 @@ def _optimizers(optimizer) -> list:
     return list(getattr(optimizer, "optimizers", [optimizer]))  # an OptimizerChain's parts
 
 
-def save_sharded_checkpoint(d, run_dir: Path, step: int, model, optimizer, extras: dict, keep: int) -> Path:
-    """Every rank writes its shards into a temporary directory that rank 0 renames once all are done."""
+def save_sharded_checkpoint(d, run_dir: Path, step: int, model, optimizer, extras: dict, keep: int,
+                            trained_only: bool = False) -> Path:
+    """Every rank writes its shards into a temporary directory that rank 0 renames once all are done;
+    trained_only: the parameters that train, not the frozen rest (a PEFT run's base)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     ckpt_dir = run_dir / CKPT_DIR
     path, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f".step_{step:08d}.tmp"
@@ -84,7 +86,8 @@ def save_sharded_checkpoint(d, run_dir: Path, step: int, model, optimizer, extra
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier(d)
-    model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
+    model_state, optim_state = get_state_dict(model, _optimizers(optimizer),
+                                              options=StateDictOptions(ignore_frozen_params=trained_only))
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if d.main:  # dcp.save returns on every rank once the metadata is written
         atomic_write(tmp / EXTRAS, lambda t: torch.save(extras, t))
@@ -112,8 +115,9 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def _check_shapes(source: Path, own: dict, saved: dict) -> None:
-    """A checkpoint of another architecture or size as one line naming the first bad key and both shapes."""
+def _check_shapes(source: Path, own: dict, saved: dict, trained_only: bool = False) -> None:
+    """A checkpoint of another architecture or size as one line naming the first bad key and both shapes.
+    trained_only: `saved` holds the parameters that train (requires_grad in `own`), not the frozen rest."""
     for key, shape in saved.items():
         if key not in own:
             raise UserError(f"checkpoint: {source}: weight '{key}' does not exist in this model; "
@@ -121,7 +125,7 @@ def _check_shapes(source: Path, own: dict, saved: dict) -> None:
         if tuple(own[key].shape) != tuple(shape):
             raise UserError(f"checkpoint: {source}: weight '{key}' has shape {tuple(shape)} but the model "
                             f"expects {tuple(own[key].shape)}")
-    missing = [k for k in own if k not in saved]
+    missing = [k for k in own if k not in saved and (not trained_only or own[k].requires_grad)]
     if missing:
         raise UserError(f"checkpoint: {source}: weight '{missing[0]}' is missing ({len(missing)} in all); "
                         "the checkpoint is from another architecture")
@@ -134,16 +138,18 @@ def _sharded_shapes(path: Path) -> dict:
     return {k.removeprefix("model."): m.size for k, m in meta.items() if k.startswith("model.")}
 
 
-def load_training_state(d, path: Path, state: dict, model, optimizer) -> None:
+def load_training_state(d, path: Path, state: dict, model, optimizer, trained_only: bool = False) -> None:
     """Model and optimizer state from a checkpoint of any kind into a model that may be wrapped for
-    any number of processes (DCP reshards a sharded checkpoint to this world size)."""
+    any number of processes (DCP reshards a sharded checkpoint to this world size). trained_only: the
+    checkpoint holds the parameters that train; the model has its frozen rest already."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     if not is_sharded(path) and d.parallel != "fsdp":  # a whole-model file into whole-model replicas
-        load_model_state(model, state["model"], path)
+        load_model_state(model, state["model"], path, trained_only)
         optimizer.load_state_dict(state["optimizer"])
         return
-    model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
+    options = StateDictOptions(ignore_frozen_params=trained_only, strict=not trained_only)
+    model_state, optim_state = get_state_dict(model, _optimizers(optimizer), options=options)
     if is_sharded(path):
         import torch.distributed.checkpoint as dcp
 
@@ -153,12 +159,13 @@ def load_training_state(d, path: Path, state: dict, model, optimizer) -> None:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(loaded, checkpoint_id=path)
         set_state_dict(model, _optimizers(optimizer), model_state_dict=loaded["model"],
-                       optim_state_dict=loaded["optimizer"])
+                       optim_state_dict=loaded["optimizer"], options=options)
     else:  # a one-process file into FSDP: every rank reads it whole and keeps its shards
         _check_shapes(path, model_state, {k: v.shape for k, v in state["model"].items()})
         set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"],
                        optim_state_dict=_named_optimizer_state(state["optimizer"]),
-                       options=StateDictOptions(full_state_dict=True))
+                       options=StateDictOptions(full_state_dict=True, ignore_frozen_params=trained_only,
+                                                strict=not trained_only))
 
 
 def _named_optimizer_state(saved: dict) -> dict:
@@ -224,11 +231,13 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def load_model_state(model: torch.nn.Module, state: dict, source: Path) -> None:
+def load_model_state(model: torch.nn.Module, state: dict, source: Path, trained_only: bool = False) -> None:
     """load_state_dict, with a mismatch (a checkpoint of another architecture or size) reported as one
-    line naming the first bad key and both shapes."""
-    _check_shapes(source, model.state_dict(), {k: v.shape for k, v in state.items()})
-    model.load_state_dict(state)
+    line naming the first bad key and both shapes. trained_only: `state` holds the parameters that
+    train (each must be there), the model has the frozen rest already."""
+    own = model.state_dict(keep_vars=True)  # the Parameters themselves: requires_grad says which train
+    _check_shapes(source, own, {k: v.shape for k, v in state.items()}, trained_only)
+    model.load_state_dict(state, strict=not trained_only)
 
 
 def find_resume(resume: str, out_dir: Path, run_dir: Path | None) -> tuple[Path, tuple[Path, dict] | None]:

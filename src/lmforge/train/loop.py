@@ -16,7 +16,7 @@ from lmforge.config import Config, save_config
 from lmforge.errors import UserError
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
-from lmforge.runs import write_selection
+from lmforge.runs import base_reference, stores_trained_only, write_selection
 from lmforge.tasks import make_task
 from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
@@ -77,11 +77,13 @@ class Trainer:
         self.task.shard = (d.rank, d.world)
         with distributed.main_first(d):  # rank 0 fills the token cache, the others then read it
             self.task.setup()  # the task's one set-up; bad data stops the run here, before anything is written
-        self._build(pretrained=resume is None)
+        # a PEFT run's checkpoints hold only what trains: it resumes on its base's weights too
+        self._build(pretrained=resume is None or stores_trained_only(cfg))
         self.run_dir = new_run_dir(cfg)
-        self.keeper = BestKeeper(d, self.run_dir, self.task.selection(), cfg.eval.patience)
+        self.keeper = BestKeeper(d, self.run_dir, self.task.selection(), cfg.eval.patience, self.base)
         self.state = TrainState(best=self.keeper.worst)
-        self.checkpointer = Checkpointer(d, self.run_dir, tc, self.model, self.optimizer, self.batches, self.scaler)
+        self.checkpointer = Checkpointer(d, self.run_dir, tc, self.model, self.optimizer, self.batches, self.scaler,
+                                         self.base)
         self.checkpointer.resume(resume, self.state)
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,13 +94,19 @@ class Trainer:
         on = f"{d.world} x {d.device} ({d.parallel})" if d.active else str(d.device)
         self.say(f"lmforge: {cfg.task} model, {parameter_summary(self.model)}, on {on} in {precision.name}; "
                  f"run directory {self.run_dir}")
+        if self.base is not None:
+            self.say(f"lmforge: peft.method {cfg.peft.method}: checkpoints and the best weights keep only what trains; "
+                     f"the frozen rest is read from {self.base['base_model']}")
         self.take_step = EagerFallback(self.train_step, self.model, self.optimizer, tc)
 
     def _build(self, pretrained: bool) -> None:
         """The model (wrapped for DDP or FSDP), its optimizer, the train batches and any adversary."""
         cfg, tc, d = self.cfg, self.cfg.train, self.d
         # the same initial weights on every rank (FSDP shards them as they are)
-        self.model = self.task.build_model(pretrained=pretrained).to(d.device)
+        model = self.task.build_model(pretrained=pretrained)
+        # what a PEFT run's weights and checkpoints reference instead of copying (fingerprinted before any step)
+        self.base = base_reference(cfg, model) if stores_trained_only(cfg) else None
+        self.model = model.to(d.device)
         self.runner = distributed.wrap(d, self.model, tc, self.precision.dtype)  # runner(fn, *args) = fn(model, *args)
         if d.active:
             torch.manual_seed(tc.seed + d.rank)  # but different dropout
