@@ -22,7 +22,7 @@ from lmforge import chat
 from lmforge.data.batches import pack_batch, pad_batch
 from lmforge.data.labelled import Example
 from lmforge.errors import UserError
-from lmforge.generate import generate_text
+from lmforge.generate import generate_texts, prompt_ids
 from lmforge.losses import IGNORE_INDEX, rows_per_chunk
 from lmforge.metrics import translation_scores
 from lmforge.runs import chat_template, end_token_ids
@@ -171,31 +171,46 @@ class SFTTask(FinetuneTask):
         answers against the references."""
         full, text = super().report(model, examples, path, confusion)
         answered = [e for e in examples if e.label is not None]
-        with torch.no_grad():
-            answers = [self.respond(model, e, path) for e in answered]
+        answers = self.respond(model, answered, path)
         exact = sum(a.strip() == e.label.strip() for a, e in zip(answers, answered)) / max(len(answered), 1)
         chrf = translation_scores(answers, [e.label for e in answered])[0]["chrf"] if answered else 0.0
         full.update(exact_match=exact, chrf=chrf)
         return full, text.rstrip("\n") + f"  exact_match {exact:.4f}  chrf {chrf:.2f}"
 
     def predict(self, model, examples, path) -> list[dict]:
-        """Each example's greedy answer: generated one example at a time, so there is no batch forward
-        pass to share (and predictions() is not used)."""
-        with torch.no_grad():
-            return [{"messages" if isinstance(e.text, list) else "prompt": e.text,
-                     "response": self.respond(model, e, path)} for e in examples]
+        """Each example's greedy answer (generated, so predictions() is not used)."""
+        answers = self.respond(model, examples, path)
+        return [{"messages" if isinstance(e.text, list) else "prompt": e.text, "response": a}
+                for e, a in zip(examples, answers)]
 
-    def respond(self, model, e: Example, path: str = "input") -> str:
-        """The greedy answer (at most max_length tokens): to the conversation up to its last answer, in the
-        chat template, or to the prompt's last max_length / 2 tokens; it ends at the model's end tokens."""
+    @torch.no_grad()
+    def respond(self, model, examples: list[Example], path: str = "input") -> list[str]:
+        """The examples' greedy answers (each at most max_length tokens, ending at the model's end tokens),
+        eval.batch_size at a time: prompts of similar length left-padded into one batch, one forward pass
+        a step for all of them (200 dev answers one by one took a 135M model 15 minutes on 2 CPU cores)."""
+        prompts = [self.prompt_tokens(e, path) for e in examples]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers = [""] * len(prompts)
+        size = self.cfg.eval.batch_size
+        for start in range(0, len(order), size):
+            chosen = order[start:start + size]
+            batch = [prompts[i] for i in chosen]
+            room = self.cfg.model.max_seq_len - max(len(p) for p in batch)
+            texts = generate_texts(model, self.tokenizer, batch, max_new_tokens=min(room, self.max_length),
+                                   temperature=0.0, end_ids=self.end_ids)
+            for i, text in zip(chosen, texts):
+                answers[i] = text
+        return answers
+
+    def prompt_tokens(self, e: Example, path: str) -> list[int]:
+        """What the model answers: the conversation up to its last answer, in the chat template, or the
+        prompt's last max_length / 2 tokens."""
         if self.chat is not None:
             template, tokens = self.chat
             text = chat.render(template, self.conversation(e, answered=False), True, tokens, f"{path}:{e.line}")
             prompt = self.tokenizer.encode(text, add_special_tokens=False).ids
         else:
             prompt = self.tokenizer.encode(e.text, add_special_tokens=False).ids[-(self.max_length // 2):]
-        room = self.cfg.model.max_seq_len - len(prompt)
-        if room < 1:
+        if len(prompt) >= self.cfg.model.max_seq_len:
             raise UserError(f"{path}:{e.line}: the prompt has {len(prompt)} tokens, the model's whole context")
-        return generate_text(model, self.tokenizer, prompt, max_new_tokens=min(room, self.max_length), temperature=0.0,
-                             end_ids=self.end_ids)
+        return prompt_ids(self.tokenizer, prompt)  # an empty one starts from the end-of-text token
