@@ -1,0 +1,39 @@
+"""The benchmarks' own logic, on tiny models (their --smoke modes): each runs end to end and prints its RESULT line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.slow  # a subprocess importing torch, transformers and peft, and two short training runs
+def test_sft_vs_hf_smoke_runs_both_sides_and_scores_them_with_one_function(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    if not (DATA / "sst2" / "train.txt").is_file():
+        pytest.skip(f"the shared data sets are not at {DATA} (the chat set of scripts/chat_data.py is built from them)")
+    # bytecode cached under .cache/ as `make test-fast` does: peft and transformers otherwise recompile each start
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONPYCACHEPREFIX": str(ROOT / ".cache" / "pycache")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sft_vs_hf.py"), "--smoke"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"RESULT tok_s_ratio=\d+\.\d\d mem_ratio=\d+\.\d\d loss=\d+\.\d{4} hf_loss=\d+\.\d{4}", lines[-1]), lines[-1]
+    for side in ("lmforge", "transformers"):  # each side trained its 2 steps and counted real tokens
+        row = next(line for line in lines if re.match(rf"{side} +[\d.]+ tok/s", line))
+        assert re.search(r"tok/s \([\d,]+ real tokens in [\d.]+ s of 2 steps", row), row
+    # lmforge's own dev loss and the shared evaluation of its exported model agree
+    check = next(line for line in lines if line.startswith("lmforge's own dev loss"))
+    own, shared = map(float, re.search(r"conversations (\d+\.\d+), the shared evaluation of its export (\d+\.\d+)",
+                                       check).groups())
+    assert abs(own - shared) < 1e-3, check
