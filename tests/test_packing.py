@@ -113,6 +113,14 @@ def test_packed_sft_batch_equals_the_padded_batch(pos):
     assert_same(loss_and_grads(packed_task, model, packed), loss_and_grads(padded_task, model, padded))
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_packed_training_draws_examples_in_a_plain_random_order(pack):
+    """Length grouping saves padding; packed rows have none, and alike batches only learn worse."""
+    task = sft_task(pack)
+    task.train_rows = [Encoded([1] * n, None, [1] * n) for n in range(2, 66)]
+    assert task.train_batches(seed=0).group is not pack
+
+
 def test_pack_rows_first_fit_decreasing():
     assert pack_rows([5, 9, 3, 7, 2], 10) == [[1], [3, 2], [0, 4]]
     assert pack_rows([10, 10], 10) == [[0], [1]]

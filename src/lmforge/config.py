@@ -190,7 +190,8 @@ class FinetuneConfig:
                                 "model.dropout", check=between(0, 0.99))
     classifier_dropout: float = opt(0.1, "dropout before the task head", check=between(0, 0.99))
     thresholds: list[float] | None = opt(None, "multilabel: a decision threshold per label (default 0.5 each)")
-    group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")
+    group_by_length: bool = opt(True, "batch examples of similar length together (less padding); not with "
+                                "finetune.pack, whose rows have no padding to save")
     pack: bool = opt(False, "sft: a batch's examples share rows of up to max_length tokens, each attending only to "
                      "itself with positions from 0 (no padding between them; the same loss as padded rows)")
 
