@@ -43,9 +43,11 @@ What is the same, so the comparison is fair:
 What differs on purpose (each side as its user gets it):
   - lmforge packs each batch's conversations into rows of up to --max-length tokens, each attending only to
     itself (finetune.pack = true, its advantage), and batches conversations of similar length together
-    (finetune.group_by_length, its default); Trainer draws a plain random order and pads each batch to its
-    longest conversation (DataCollatorForSeq2Seq, labels padded with -100: the usual collator for
-    pre-masked labels). The batches, and so the exact losses, differ between the two runs;
+    (finetune.group_by_length, its default; --group-by-length off draws a plain random order, as Trainer
+    does); Trainer draws a plain random order and pads each batch to its longest conversation
+    (DataCollatorForSeq2Seq, labels padded with -100: the usual collator for pre-masked labels). The
+    batches, and so the exact losses, differ between the two runs. (With packing, length grouping saves no
+    padding, and over few steps its batches of alike conversations cost dev loss: see docs/results.md);
   - lmforge's query, key and value projections are one fused Linear (qkv), so its LoRA update of them is one
     rank-r pair (one A shared by q, k and v: 2,688 r parameters a block with the output projection); peft
     adapts q_proj, k_proj and v_proj separately (three A's: 3,840 r a block), 43 % more trainable
@@ -214,7 +216,8 @@ def lmforge_config(args, model_dir: Path, train_file: Path, check_file: Path, ru
     base = finetune_base({
         "task": "sft",
         "finetune": {"init_from": str(model_dir), "train": str(train_file), "dev": str(check_file),
-                     "max_length": args.max_length, "epochs": 0, "evals_per_epoch": 0, "pack": True},
+                     "max_length": args.max_length, "epochs": 0, "evals_per_epoch": 0, "pack": True,
+                     "group_by_length": args.group_by_length == "on"},
         "train": {"batch_size": args.batch, "max_steps": args.steps, "lr": args.lr, "min_lr": 0.0,
                   "warmup_steps": args.warmup, "schedule": "cosine", "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999,
                   "eps": 1e-8, "grad_clip": 1.0, "seed": args.seed, "device": "cpu", "precision": args.dtype,
@@ -406,6 +409,8 @@ def main() -> None:
     ap.add_argument("--smollm", default=None, metavar="DIR", help="a SmolLM2 folder made by scripts/smollm2_to_hf.py "
                     "(default: convert one into a temporary folder, about a minute)")
     ap.add_argument("--order", choices=("lmforge-first", "hf-first"), default="lmforge-first")
+    ap.add_argument("--group-by-length", choices=("on", "off"), default="on",
+                    help="lmforge's finetune.group_by_length (on: its default; off: a plain random order, as Trainer's)")
     ap.add_argument("--smoke", action="store_true", help="2 steps on a tiny random Llama: checks the logic only")
     args = ap.parse_args()
     if args.smoke:
@@ -462,7 +467,8 @@ def main() -> None:
               f"{len(lm_dev)} dev; "
               f"{args.steps} steps of {args.batch}, max length {args.max_length}, LoRA r {args.rank} alpha "
               f"{args.alpha:g} dropout 0 on q/k/v/o, AdamW lr {args.lr:g} (warmup {args.warmup}, cosine to 0), no weight "
-              f"decay, clip 1.0, seed {args.seed}; order {args.order}", flush=True)
+              f"decay, clip 1.0, seed {args.seed}; order {args.order}; lmforge's group_by_length {args.group_by_length}",
+              flush=True)
         res = {}
         sides = {"lmforge": lambda: run_lmforge(cfg, real_lm),
                  "transformers": lambda: run_hf(args, cfg, model_dir, tokenizer, hf_train, tmp)}
