@@ -43,9 +43,10 @@ What is the same, so the comparison is fair:
 What differs on purpose (each side as its user gets it):
   - lmforge packs each batch's conversations into rows of up to --max-length tokens, each attending only to
     itself (finetune.pack = true, its advantage), and batches conversations of similar length together
-    (finetune.group_by_length, its default); Trainer draws a plain random order and pads each batch to its
-    longest conversation (DataCollatorForSeq2Seq, labels padded with -100: the usual collator for
-    pre-masked labels). The batches, and so the exact losses, differ between the two runs;
+    in a plain random order (packed, lmforge does not group by length: see docs/results.md); Trainer draws its own
+    plain random order and pads each batch to its longest conversation (DataCollatorForSeq2Seq, labels padded
+    with -100: the usual collator for pre-masked labels). The batches, and so the exact losses, differ between
+    the two runs;
   - lmforge's query, key and value projections are one fused Linear (qkv), so its LoRA update of them is one
     rank-r pair (one A shared by q, k and v: 2,688 r parameters a block with the output projection); peft
     adapts q_proj, k_proj and v_proj separately (three A's: 3,840 r a block), 43 % more trainable
@@ -90,6 +91,7 @@ from lmforge.data.batches import ExampleBatches, pack_rows  # noqa: E402
 from lmforge.losses import IGNORE_INDEX  # noqa: E402
 from lmforge.optim import lr_factor  # noqa: E402
 from lmforge.tasks import make_task  # noqa: E402
+from lmforge.tasks.finetune import groups_by_length  # noqa: E402
 from lmforge.train.loop import train  # noqa: E402
 from memory import _status_bytes as status_bytes, peak_bytes  # noqa: E402
 
@@ -246,7 +248,7 @@ def lmforge_tokens(cfg, rows) -> tuple[int, int]:
     order (ExampleBatches with the run's seed and length grouping) replayed without building tensors."""
     lengths = [len(r.ids) for r in rows]
     batches = ExampleBatches(lengths, cfg.train.batch_size, cfg.train.seed, lambda idx, epoch, i: idx,
-                             group_by_length=cfg.finetune.group_by_length)
+                             group_by_length=groups_by_length(cfg.finetune))
     real = computed = 0
     for _ in range(cfg.train.max_steps):
         chosen = [lengths[i] for i in next(batches)]
@@ -462,7 +464,8 @@ def main() -> None:
               f"{len(lm_dev)} dev; "
               f"{args.steps} steps of {args.batch}, max length {args.max_length}, LoRA r {args.rank} alpha "
               f"{args.alpha:g} dropout 0 on q/k/v/o, AdamW lr {args.lr:g} (warmup {args.warmup}, cosine to 0), no weight "
-              f"decay, clip 1.0, seed {args.seed}; order {args.order}", flush=True)
+              f"decay, clip 1.0, seed {args.seed}; order {args.order}",
+              flush=True)
         res = {}
         sides = {"lmforge": lambda: run_lmforge(cfg, real_lm),
                  "transformers": lambda: run_hf(args, cfg, model_dir, tokenizer, hf_train, tmp)}
