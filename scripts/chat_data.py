@@ -212,28 +212,25 @@ SENTIMENT_ASKS = ("Is the sentiment of this movie review sentence positive or ne
                   "Positive or negative? \"{s}\"")
 
 
-def first_sentiment(rng, src, split):
-    sentence, label = src.draw("sst2")
-    return rng.choice(SENTIMENT_ASKS).format(s=sentence), label, None
+def asked_from(source: str, asks: tuple[str, ...], again: str):
+    """(first, follow) turn makers for a task whose question is a drawn sentence and whose answer is its label:
+    the first turn in one of `asks`, a follow-up as `again`."""
+    def first(rng, src, split):
+        question, answer = src.draw(source)
+        return rng.choice(asks).format(s=question), answer, None
+
+    def follow(rng, state, src):
+        question, answer = src.draw(source)
+        return again.format(s=question), answer, state
+
+    return first, follow
 
 
-def follow_sentiment(rng, state, src):
-    sentence, label = src.draw("sst2")
-    return f"And this one? {sentence}", label, state
-
+first_sentiment, follow_sentiment = asked_from("sst2", SENTIMENT_ASKS, "And this one? {s}")
 
 TRANSLATE_ASKS = ("Translate into German: {s}", "Translate this English sentence to German.\n\n{s}",
                   "How do you say this in German? \"{s}\"")
-
-
-def first_translate(rng, src, split):
-    en, de = src.draw("captions")
-    return rng.choice(TRANSLATE_ASKS).format(s=en), de, None
-
-
-def follow_translate(rng, state, src):
-    en, de = src.draw("captions")
-    return f"Now this one: {en}", de, state
+first_translate, follow_translate = asked_from("captions", TRANSLATE_ASKS, "Now this one: {s}")
 
 
 NAMES_ASKS = ("List the names of people and places in this sentence, separated by commas, or say none.\n\n{s}",
