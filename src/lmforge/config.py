@@ -106,7 +106,7 @@ class TrainConfig:
 
 
 LOSS_NAMES = ("auto", "cross_entropy", "focal", "bce", "binary_focal", "mse", "mae", "huber", "smooth_l1", "hinge",
-              "hinge_crammer_singer", "hinge_weston_watkins")
+              "hinge_crammer_singer", "hinge_weston_watkins", "dpo", "ipo", "simpo", "bradley_terry")
 # Which loss.* options each loss takes (the keyword arguments of its function in losses.py).
 LOSS_OPTIONS = {
     "cross_entropy": ("label_smoothing", "z_loss", "softcap", "class_weights"),
@@ -120,6 +120,10 @@ LOSS_OPTIONS = {
     "hinge": ("margin",),
     "hinge_crammer_singer": ("margin",),
     "hinge_weston_watkins": ("margin",),
+    "dpo": ("beta", "label_smoothing"),
+    "ipo": ("beta",),
+    "simpo": ("beta", "margin", "label_smoothing"),
+    "bradley_terry": (),
 }
 
 
@@ -127,13 +131,19 @@ LOSS_OPTIONS = {
 class LossConfig:
     name: str = opt("auto", "the loss; auto = the task's usual one (docs/losses-and-optimizers.md says which to pick)",
                     choices=LOSS_NAMES)
-    label_smoothing: float = opt(0.0, "cross_entropy: mass spread evenly over all classes", check=between(0, 1))
+    label_smoothing: float = opt(0.0, "cross_entropy: mass spread evenly over all classes; dpo / simpo: the assumed "
+                                 "chance that a pair's preference is flipped (conservative DPO, 0.1 is usual)",
+                                 check=between(0, 0.5))
     z_loss: float = opt(0.0, "cross_entropy: weight of the z-loss z * logsumexp(logits)^2 (1e-4 is usual)", check=ge(0))
     softcap: float = opt(0.0, "cross_entropy: cap logits to c * tanh(logits / c); 0 = off (30 is usual)", check=ge(0))
     class_weights: list[float] | None = opt(None, "cross_entropy / focal: a weight per class (focal: its alpha)")
     pos_weight: list[float] | None = opt(None, "bce: a weight on the positive term per label (> 1 favours recall)")
     delta: float = opt(1.0, "huber / smooth_l1: where the loss turns from quadratic to linear", check=gt(0))
-    margin: float = opt(1.0, "hinge losses: the margin", check=gt(0))
+    margin: float = opt(1.0, "hinge losses: the margin; simpo: the target reward margin gamma (0.5-1.5 is usual)",
+                        check=ge(0))
+    beta: float = opt(0.1, "dpo / ipo / simpo: the strength of the preference; dpo: the KL penalty's inverse "
+                      "temperature (0.1 is usual), ipo: 1 / (2 beta) is the target log-ratio gap, simpo: the reward "
+                      "scale (2.0-2.5 is usual)", check=gt(0))
     gamma: float = opt(2.0, "focal / binary_focal: the focusing exponent; 0 = plain cross-entropy", check=ge(0))
     alpha: float | None = opt(0.25, "binary_focal: the weight of positives (negatives get 1 - alpha); null = none",
                               check=between(0, 1))
@@ -171,6 +181,8 @@ class FinetuneConfig:
     tag_column: int = opt(-1, "conll: the column holding the tag (the word is column 0; negative counts from the end)")
     prompt_field: str = opt("prompt", "sft: the JSON field holding the prompt")
     response_field: str = opt("response", "sft: the JSON field holding the response")
+    chosen_field: str = opt("chosen", "dpo / reward: the JSON field holding the preferred answer")
+    rejected_field: str = opt("rejected", "dpo / reward: the JSON field holding the other answer")
     chat_template: str = opt("auto", "sft: the chat template conversations and prompt/response pairs are rendered "
                              "with; auto = the model's own (pairs of a model without one are joined plainly), "
                              "chatml, or a name the model's templates list")

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets with this id carry no loss
 
@@ -374,6 +375,97 @@ def hinge_weston_watkins(scores: torch.Tensor, labels: torch.Tensor, *, margin: 
     return _reduce(per.sum(), per.numel(), reduction)
 
 
+# -- preference pairs ------------------------------------------------------------------------------
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    targets: torch.Tensor) -> torch.Tensor:
+    return _fp32(F.linear(hidden, weight, bias)).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   bias: torch.Tensor | None = None, *, chunk_rows: int | None = None) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias)[target] for each row of hidden [N, d]: [N] in fp32, the [N, V]
+    logits never held at once. Chunk by chunk; with gradients each chunk runs under torch.utils.checkpoint,
+    so its logits are recomputed in backward instead of kept. (linear_cross_entropy forms its gradients in
+    the forward pass instead, which needs one upstream gradient for the whole sum; a preference loss
+    weights every sequence's log-probability differently, so here the recomputation is the price.)"""
+    rows = chunk_rows or rows_per_chunk(hidden.device, weight.shape[0])
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = []
+    for h, y in zip(hidden.split(rows), targets.split(rows)):
+        if grads and len(hidden) > rows:
+            parts.append(checkpoint(_chunk_logprobs, h, weight, bias, y, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(h, weight, bias, y))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+# The preference losses take each answer's log-probability under the policy and the reference (summed over
+# its tokens, [B] each) and its token count. "A pair is ranked right" means chosen_reward > rejected_reward
+# (preference_rewards).
+
+
+def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-log sigmoid(z), with label_smoothing e: (1 - e) of it plus e times the flipped pair's -log sigmoid(-z)."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def _log_ratios(chosen, rejected, ref_chosen, ref_rejected) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fp32(chosen) - _fp32(ref_chosen), _fp32(rejected) - _fp32(ref_rejected)
+
+
+def dpo(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+        chosen_len: torch.Tensor, rejected_len: torch.Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0,
+        reduction: str = "mean") -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)));
+    with label_smoothing e > 0 conservative DPO, which assumes each pair flipped with probability e."""
+    c, r = _log_ratios(chosen, rejected, ref_chosen, ref_rejected)
+    per = _smoothed_logistic(beta * (c - r), label_smoothing)
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+def ipo(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+        chosen_len: torch.Tensor, rejected_len: torch.Tensor, *, beta: float = 0.1,
+        reduction: str = "mean") -> torch.Tensor:
+    """IPO (Azar et al. 2023): (c / |c| - r / |r| - 1 / (2 beta))^2 of the answers' log-ratios to the reference,
+    each divided by its token count (as TRL computes it, the form its authors confirmed the paper used)."""
+    c, r = _log_ratios(chosen, rejected, ref_chosen, ref_rejected)
+    per = (c / chosen_len.clamp(min=1) - r / rejected_len.clamp(min=1) - 1 / (2 * beta)) ** 2
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+def simpo(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
+          ref_rejected: torch.Tensor | None, chosen_len: torch.Tensor, rejected_len: torch.Tensor, *,
+          beta: float = 2.0, margin: float = 1.0, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta * (chosen / |c| - rejected / |r|) - margin), the
+    answers' mean token log-probabilities and a target reward margin (gamma); smoothed as dpo is."""
+    c, r = _fp32(chosen) / chosen_len.clamp(min=1), _fp32(rejected) / rejected_len.clamp(min=1)
+    per = _smoothed_logistic(beta * (c - r) - margin, label_smoothing)
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
+REFERENCE_FREE = ("simpo",)  # the preference losses that need no reference model
+
+
+@torch.no_grad()
+def preference_rewards(name: str, chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
+                       beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The implicit rewards of the answers [B] each: beta times the log-ratio to the reference (dpo, ipo), or
+    beta times the mean token log-probability (simpo)."""
+    if name in REFERENCE_FREE:
+        return beta * _fp32(chosen) / chosen_len.clamp(min=1), beta * _fp32(rejected) / rejected_len.clamp(min=1)
+    c, r = _log_ratios(chosen, rejected, ref_chosen, ref_rejected)
+    return beta * c, beta * r
+
+
+def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """-log sigmoid(chosen - rejected) for scores [B] of the preferred and the other answer (a reward model's
+    loss: the Bradley-Terry probability that the chosen answer wins)."""
+    per = -F.logsigmoid(_fp32(chosen) - _fp32(rejected))
+    return _reduce(per.sum(), per.numel(), reduction)
+
+
 # The config's loss.name -> function; config.LOSS_OPTIONS says which loss.* options each one takes.
 LOSSES = {
     "cross_entropy": cross_entropy,
@@ -387,6 +479,10 @@ LOSSES = {
     "hinge": hinge,
     "hinge_crammer_singer": hinge_crammer_singer,
     "hinge_weston_watkins": hinge_weston_watkins,
+    "dpo": dpo,
+    "ipo": ipo,
+    "simpo": simpo,
+    "bradley_terry": bradley_terry,
 }
 
 

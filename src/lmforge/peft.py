@@ -20,6 +20,7 @@ adapter file (save_adapter / load_adapter).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
@@ -59,6 +60,7 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True while B @ A * scale is folded into weight (forward then adds nothing)
+        self.disabled = False  # True inside peft_disabled(): the base layer alone
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float) -> LoRALinear:
@@ -82,7 +84,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
@@ -176,6 +178,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.disabled = False  # True inside peft_disabled(): the sublayer's output passes unchanged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.up(self.act(self.down(x)))
@@ -183,7 +186,7 @@ class Adapter(nn.Module):
     def hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         # a forward hook on block.attn / block.mlp rather than a wrapper module, so that the base names
         # (blocks.0.attn.qkv, ...) stay as they are; a bound method survives copy.deepcopy and pickling
-        return self(output)
+        return output if self.disabled else self(output)
 
 
 ADAPTER_SITES = (("attn", "attn_adapter"), ("mlp", "mlp_adapter"))
@@ -225,14 +228,17 @@ class PrefixAttention(Attention):
         w = attn.qkv.weight
         new.prefix = nn.Parameter(torch.empty(2, attn.n_kv_head, length, attn.head_dim, device=w.device,
                                               dtype=w.dtype).normal_(std=PREFIX_STD))
+        new.disabled = False  # True inside peft_disabled(): no prefix
         return new
 
     @property
     def extra_keys(self) -> int:
-        return self.prefix.shape[2]
+        return 0 if self.disabled else self.prefix.shape[2]
 
     def extend_keys(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
         """P leading True columns on the mask: every query may attend to every prefix position."""
+        if self.disabled:
+            return k, v, mask
         prefix = self.prefix.to(k.dtype)  # under autocast k is bf16 while the parameter stays fp32
         B, P = k.shape[0], prefix.shape[2]
         k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
@@ -281,6 +287,22 @@ def inject_peft(model: nn.Module, pc) -> None:
         _inject_prefix(model, pc)
     elif pc.method != "none":
         raise UserError(f"peft.method = {pc.method}: expected none, lora, adapter or prefix")
+
+
+@contextlib.contextmanager
+def peft_disabled(model: nn.Module):
+    """The base model inside the block: every LoRA update, adapter and prefix skipped. A preference loss's
+    reference for a PEFT run is the same weights with the PEFT modules off, so no second copy is held."""
+    switched = [m for m in model.modules() if isinstance(m, (LoRALinear, Adapter, PrefixAttention))]
+    if any(getattr(m, "merged", False) for m in switched):
+        raise RuntimeError("peft_disabled: a LoRA update is merged into its weight; unmerge_lora first")
+    for m in switched:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.disabled = False
 
 
 def peft_parameter_names(model: nn.Module) -> list[str]:

@@ -39,7 +39,9 @@ FORMAT_SHAPES = {
     "conll": "one `word ... tag` line per word and a blank line between sentences",
 }
 # the JSON object a JSONL line holds, by label kind (field names at their defaults)
-JSON_SHAPE, JSON_SHAPES = '{"text": ..., "label": ...}', {"response": '{"prompt": ..., "response": ...}'}
+JSON_SHAPE = '{"text": ..., "label": ...}'
+JSON_SHAPES = {"response": '{"prompt": ..., "response": ...}',
+               "preference": '{"prompt": ... or "messages": [...], "chosen": ..., "rejected": ...}'}
 SCHEME_PREFIXES = {"BIO": ("B", "I"), "IOBES": ("B", "I", "E", "S")}
 
 
@@ -49,7 +51,8 @@ class Example:
     #                          conversation ({"role", "content"} dicts) of a `messages` line
     pair: str | None = None  # the second sentence of a pair (with finetune.pair_field)
     label: object = None     # by the task's label kind (tasks/registry.py): class: str; value: float; classes:
-    #                          list[str]; tags: list[str]; response: str; None when the file has no label
+    #                          list[str]; tags: list[str]; response: str; preference: (chosen, rejected), the
+    #                          prompt (text) then a string or the turns up to the answers; None when the file has no label
     line: int = 0            # 1-based line in the file (a CoNLL sentence: its first line)
 
 
@@ -295,6 +298,9 @@ def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
             yield Example(list(words), label=tags, line=lineno)
             continue
 
+        if kind == "preference":
+            yield _preference(record, fc, where, require_labels, lineno)
+            continue
         if kind == "response" and "messages" in record:  # a conversation (chat SFT)
             yield _conversation(record["messages"], where, require_labels, lineno)
             continue
@@ -325,6 +331,45 @@ def _conversation(messages, where: str, require_labels: bool, lineno: int) -> Ex
         raise UserError(f"{where}: messages: no assistant turn; expected at least one answer to train on")
     return Example(messages, label=answers[-1] if answers and messages[-1]["role"] == "assistant" else None,
                    line=lineno)
+
+
+def _preference(record: dict, fc, where: str, require_labels: bool, lineno: int) -> Example:
+    """{"prompt": ... | "messages": [... ending with a user turn], "chosen": ..., "rejected": ...}: the prompt or
+    the turns as Example.text, (chosen, rejected) as the label. An answer is a string or, as in TRL's
+    conversational format, a list holding one assistant message."""
+    if "messages" in record:
+        turns = chat.check_messages(record["messages"], where)
+        if turns[-1]["role"] == "assistant":
+            raise UserError(f"{where}: messages end with an assistant turn; expected the turns up to the question, "
+                            f"the answers in '{fc.chosen_field}' and '{fc.rejected_field}'")
+        text = turns
+    elif fc.prompt_field in record:
+        text = _text(record[fc.prompt_field], f"field '{fc.prompt_field}'", where)
+    else:
+        raise UserError(f"{where}: no field '{fc.prompt_field}' or 'messages' (found: {', '.join(record) or 'none'}); "
+                        f"expected {JSON_SHAPES['preference']}")
+    names = (fc.chosen_field, fc.rejected_field)
+    if not require_labels and not any(n in record for n in names):
+        return Example(text, line=lineno)
+    answers = []
+    for name in names:
+        if name not in record:
+            raise UserError(f"{where}: no field '{name}' (found: {', '.join(record)}); expected "
+                            f"{JSON_SHAPES['preference']} (or set finetune.{'chosen' if name == names[0] else 'rejected'}_field)")
+        answers.append(_answer(record[name], name, where))
+    if answers[0] == answers[1]:
+        raise UserError(f"{where}: '{names[0]}' and '{names[1]}' are the same answer; expected two different answers")
+    return Example(text, label=tuple(answers), line=lineno)
+
+
+def _answer(value, name: str, where: str) -> str:
+    """An answer of a preference pair: a non-empty string, or [{"role": "assistant", "content": ...}]."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise UserError(f"{where}: field '{name}' is a list; expected a string or one assistant message "
+                            '[{"role": "assistant", "content": ...}]')
+        value = chat.check_messages(value, f"{where}: {name}")[0]["content"]
+    return _text(value, f"field '{name}'", where)
 
 
 def _read_conll(path: Path, task: str, fc, require_labels: bool) -> Iterator[Example]:

@@ -18,6 +18,7 @@ LABEL_KINDS = {
     "classes": "labels",       # a set of class names (multilabel)
     "tags": "tags",            # one tag per word (tag)
     "response": "a response",  # the text to generate (sft)
+    "preference": "a chosen and a rejected answer",  # two answers to one prompt, the first preferred (dpo, reward)
 }
 # The models model.build_model knows how to build, by the `model` field of a spec.
 MODEL_KINDS = ("gpt", "masked_lm", "sequence_classifier", "token_tagger", "encoder_decoder")
@@ -76,6 +77,9 @@ def names(family: str | None = None) -> tuple[str, ...]:
 
 
 TEXT_FORMATS = ("sst", "csv", "tsv", "jsonl")
+# what a fine-tuned causal LM exports as, by HF architecture (sft, dpo)
+CAUSAL_LM_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "qwen3": "Qwen3ForCausalLM"}
 CLASSIFIERS = ("cross_entropy", "focal", "hinge_crammer_singer", "hinge_weston_watkins")
 
 register(TaskSpec("clm", "lmforge.tasks.clm:CausalLM", "causal LM (GPT)", "pretrain", "gpt", "decoder",
@@ -97,8 +101,11 @@ register(TaskSpec("tag", "lmforge.tasks.tag:TagTask", "token tagging (NER)", "fi
 register(TaskSpec("sft", "lmforge.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM on prompt/response pairs",
                   "finetune", "gpt", "decoder", ("cross_entropy",), label="response", formats=("jsonl",),
                   endpoint="generate", class_weights=False, packs=True,
-                  hf_classes={"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                              "qwen3": "Qwen3ForCausalLM"}))
+                  hf_classes=CAUSAL_LM_CLASSES))
+register(TaskSpec("dpo", "lmforge.tasks.dpo:DPOTask", "preference tuning of a causal LM on chosen/rejected answers "
+                  "(DPO, conservative DPO, IPO, SimPO)", "finetune", "gpt", "decoder", ("dpo", "ipo", "simpo"),
+                  label="preference", formats=("jsonl",), endpoint="generate", class_weights=False, packs=True,
+                  hf_classes=CAUSAL_LM_CLASSES))
 register(TaskSpec("seq2seq", "lmforge.tasks.seq2seq:Seq2SeqTask", "encoder-decoder translation", "pretrain",
                   "encoder_decoder", "encoder_decoder", ("cross_entropy",), endpoint="translate"))
 register(TaskSpec("span", "lmforge.tasks.span:SpanCorruption", "span-corruption pre-training of an encoder-decoder",
