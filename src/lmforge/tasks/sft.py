@@ -170,12 +170,17 @@ class SFTTask(FinetuneTask):
         """The loss of the references, then each example answered greedily: exact match and chrF of the
         answers against the references."""
         full, text = super().report(model, examples, path, confusion)
-        answered = [e for e in examples if e.label is not None]
+        answered = [e for e in examples if self.gold_answer(e) is not None]
+        gold = [self.gold_answer(e) for e in answered]
         answers = self.respond(model, answered, path)
-        exact = sum(a.strip() == e.label.strip() for a, e in zip(answers, answered)) / max(len(answered), 1)
-        chrf = translation_scores(answers, [e.label for e in answered])[0]["chrf"] if answered else 0.0
+        exact = sum(a.strip() == g.strip() for a, g in zip(answers, gold)) / max(len(answered), 1)
+        chrf = translation_scores(answers, gold)[0]["chrf"] if answered else 0.0
         full.update(exact_match=exact, chrf=chrf)
         return full, text.rstrip("\n") + f"  exact_match {exact:.4f}  chrf {chrf:.2f}"
+
+    def gold_answer(self, e: Example) -> str | None:
+        """The answer the report scores the model's own against (the last assistant turn); None: none."""
+        return e.label
 
     def predict(self, model, examples, path) -> list[dict]:
         """Each example's greedy answer (generated, so predictions() is not used)."""
