@@ -226,11 +226,13 @@ def asked_from(source: str, asks: tuple[str, ...], again: str):
     return first, follow
 
 
-first_sentiment, follow_sentiment = asked_from("sst2", SENTIMENT_ASKS, "And this one? {s}")
+SENTIMENT_AGAIN = "And this one? {s}"
+first_sentiment, follow_sentiment = asked_from("sst2", SENTIMENT_ASKS, SENTIMENT_AGAIN)
 
 TRANSLATE_ASKS = ("Translate into German: {s}", "Translate this English sentence to German.\n\n{s}",
                   "How do you say this in German? \"{s}\"")
-first_translate, follow_translate = asked_from("captions", TRANSLATE_ASKS, "Now this one: {s}")
+TRANSLATE_AGAIN = "Now this one: {s}"
+first_translate, follow_translate = asked_from("captions", TRANSLATE_ASKS, TRANSLATE_AGAIN)
 
 
 NAMES_ASKS = ("List the names of people and places in this sentence, separated by commas, or say none.\n\n{s}",
@@ -297,12 +299,16 @@ FOLLOW = {"date": follow_date, "sentiment": follow_sentiment, "translate": follo
 # -- conversations ----------------------------------------------------------------------------------
 
 
-def conversation(rng: random.Random, src: Sources, split: str) -> list[dict]:
+def conversation(rng: random.Random, src: Sources, split: str, kinds: list[str] | None = None) -> list[dict]:
+    """One conversation; `kinds`, when given, gets the kind (KINDS) of each user turn appended (it changes
+    nothing drawn)."""
     turns = rng.choices([t for t, _ in TURNS], [w for _, w in TURNS])[0]
     messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < SYSTEM_SHARE else []
     kind = rng.choice(KINDS)
     question, answer, state = FIRST[kind](rng, src, split)
     messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    kinds = [] if kinds is None else kinds
+    kinds.append(kind)
     for _ in range(turns - 1):
         more = FOLLOW[kind](rng, state, src) if rng.random() < 0.6 and state is not DONE else None
         if more is None:  # a new question, of another kind
@@ -311,16 +317,22 @@ def conversation(rng: random.Random, src: Sources, split: str) -> list[dict]:
         else:
             question, answer, state = more
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        kinds.append(kind)
     return messages
 
 
-def build(seed: int, n_train: int, n_dev: int, data: Path = DATA) -> dict[str, list[list[dict]]]:
-    """{"train": conversations, "dev": conversations}; the same arguments give the same conversations."""
+def build(seed: int, n_train: int, n_dev: int, data: Path = DATA,
+          kinds: dict[str, list[list[str]]] | None = None) -> dict[str, list[list[dict]]]:
+    """{"train": conversations, "dev": conversations}; the same arguments give the same conversations.
+    `kinds`, when given, gets for each split the kinds of each conversation's user turns (as conversation())."""
     out = {}
     for split, n, s in (("train", n_train, seed), ("dev", n_dev, seed + DEV_SEED_OFFSET)):
         rng = random.Random(s)
         src = load_sources(split, random.Random(f"{s}-sources"), data)
-        out[split] = [conversation(rng, src, split) for _ in range(n)]
+        traced = [[] for _ in range(n)]
+        out[split] = [conversation(rng, src, split, t) for t in traced]
+        if kinds is not None:
+            kinds[split] = traced
     return out
 
 
