@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import finetune, make_base, read_metrics, sentences, write_lines
+from helpers import finetune, make_base, read_metrics, sentences, sentiment, write_lines
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.losses import dpo, ipo, preference_rewards, simpo, token_logprobs
@@ -164,11 +164,13 @@ def base(tmp_path_factory) -> Path:
 
 
 def pair_lines(n: int, seed: int) -> list[dict]:
-    """Prompts of random words; the preferred answer is the prompt's first word, the other its last."""
+    """Prompts of random words; the preferred answer is their sentiment by helpers' rule (one of five words
+    present: pos), the other the wrong one."""
     lines = []
     for w in sentences(n, seed):
-        if w[0] != w[-1]:
-            lines.append({"messages": [{"role": "user", "content": " ".join(w)}], "chosen": w[0], "rejected": w[-1]})
+        right = sentiment(w)
+        lines.append({"messages": [{"role": "user", "content": " ".join(w)}], "chosen": right,
+                      "rejected": "neg" if right == "pos" else "pos"})
     return lines
 
 
@@ -261,38 +263,43 @@ def test_the_reference_of_a_lora_run_is_its_base_and_of_a_full_run_a_frozen_copy
     assert simpo_task.reference_model is None and simpo_task.reference_logprobs(model, batch) is None
 
 
-@pytest.mark.slow  # two short preference runs
-def test_lora_dpo_learns_to_rank_held_out_pairs_and_resumes_exactly(base, tmp_path, capsys):
-    train = write_pairs(tmp_path / "train.jsonl", pair_lines(160, 21))
+@pytest.mark.slow  # a preference run
+def test_dpo_learns_to_rank_held_out_pairs(base, tmp_path, capsys):
+    train = write_pairs(tmp_path / "train.jsonl", pair_lines(240, 21))
     dev = write_pairs(tmp_path / "dev.jsonl", pair_lines(60, 22))
-    common = ("--peft.method", "lora", "--peft.lora_rank", "8", "--finetune.chat_template", "chatml",
-              "--finetune.epochs", "6", "--train.checkpoint_every", "10", "--loss.beta", "0.5", "--train.lr", "1e-2",
-              "--eval.every", "15")
-    whole = finetune(tmp_path, base, train, dev, "dpo", *common, run="whole")
-    val = read_metrics(whole, "val")
-    assert val[-1]["reward_accuracy"] > 0.9 and val[-1]["loss"] < 0.3, val[-1]  # untrained: 0.5 and log 2 = 0.69
-    assert val[-1]["margin"] > 0 and val[-1]["chosen_logp"] > val[-1]["rejected_logp"]
-    report = json.loads((whole / "dev_report.json").read_text())
-    assert report["reward_accuracy"] == pytest.approx(val[-1]["reward_accuracy"]) and "exact_match" in report
-
-    part = finetune(tmp_path, base, train, dev, "dpo", *common, "--train.max_time", "1e-9", run="part")
-    assert main(["finetune", "--resume", str(part), "--train.max_time", "0", "--log.progress", "false"]) == 0
-    a, b = read_metrics(whole, "train"), read_metrics(part, "train")
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
-
+    run = finetune(tmp_path, base, train, dev, "dpo", "--finetune.chat_template", "chatml", "--finetune.epochs", "6",
+                   "--train.lr", "1e-2", "--train.warmup_steps", "5", "--eval.every", "15")
+    best = min(read_metrics(run, "val"), key=lambda r: r["loss"])
+    assert best["reward_accuracy"] > 0.75 and best["loss"] < 0.5, best  # untrained: 0 (no margin yet), log 2 = 0.69
+    assert best["margin"] > 0 and best["chosen_reward"] > best["rejected_reward"]
+    report = json.loads((run / "dev_report.json").read_text())  # on the best weights
+    assert report["reward_accuracy"] == pytest.approx(best["reward_accuracy"]) and "exact_match" in report
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(whole), "--data", str(dev), "--device", "cpu"]) == 0
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(dev), "--device", "cpu"]) == 0
     result = capsys.readouterr().out.strip().splitlines()[-1]
     scores = {k: float(v) for k, v in (kv.split("=") for kv in result.split()[1:])}
-    assert scores["reward_accuracy"] == pytest.approx(report["reward_accuracy"])
+    assert scores["reward_accuracy"] == pytest.approx(report["reward_accuracy"], abs=1e-4)  # the reference reloaded
     assert scores["loss"] == pytest.approx(report["loss"], rel=1e-4)
+
+
+@pytest.mark.slow  # two short LoRA preference runs
+def test_lora_dpo_resumes_exactly(base, tmp_path, capsys):
+    train = write_pairs(tmp_path / "train.jsonl", pair_lines(80, 23))
+    common = ("--peft.method", "lora", "--peft.lora_dropout", "0.1", "--finetune.chat_template", "chatml",
+              "--finetune.epochs", "3", "--train.checkpoint_every", "4", "--eval.every", "5", "--finetune.pack", "true", "--log.every", "1")
+    whole = finetune(tmp_path, base, train, None, "dpo", *common, run="whole")
+    part = finetune(tmp_path, base, train, None, "dpo", *common, "--train.max_time", "1e-9", run="part")
+    assert main(["finetune", "--resume", str(part), "--train.max_time", "0", "--log.progress", "false"]) == 0
+    a, b = read_metrics(whole, "train"), read_metrics(part, "train")
+    assert len(a) > 1 and [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    assert read_metrics(whole, "val")[-1] == pytest.approx(read_metrics(part, "val")[-1])
 
 
 @pytest.mark.slow  # a full fine-tuning run with a frozen copy, and accumulation
 def test_full_dpo_accumulated_equals_one_big_batch(base, tmp_path):
     train = write_pairs(tmp_path / "train.jsonl", pair_lines(40, 23))
     common = ("--finetune.chat_template", "chatml", "--finetune.epochs", "0", "--train.max_steps", "2",
-              "--train.warmup_steps", "0", "--finetune.group_by_length", "false", "--model.dropout", "0",
+              "--train.warmup_steps", "0", "--finetune.group_by_length", "false",
               "--finetune.dropout", "0")
     big = finetune(tmp_path, base, train, None, "dpo", *common, "--train.batch_size", "8", run="big")
     acc = finetune(tmp_path, base, train, None, "dpo", *common, "--train.batch_size", "4", "--train.grad_accum", "2",
@@ -301,7 +308,7 @@ def test_full_dpo_accumulated_equals_one_big_batch(base, tmp_path):
 
     a, b = load_run(big)[0].state_dict(), load_run(acc)[0].state_dict()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
     assert [r["loss"] for r in read_metrics(big, "train")] == pytest.approx(
         [r["loss"] for r in read_metrics(acc, "train")], rel=1e-5)
 
