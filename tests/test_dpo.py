@@ -19,6 +19,7 @@ from helpers import finetune, make_base, read_metrics, sentences, sentiment, wri
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.losses import dpo, ipo, preference_rewards, simpo, token_logprobs
+from lmforge.peft import peft_disabled
 
 SPECIALS = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
@@ -367,3 +368,28 @@ def test_dpo_from_an_encoder_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "needs a causal language model" in err, err
     assert not run.exists()
+
+
+@pytest.mark.slow  # two short sft runs
+def test_dpo_starts_from_a_lora_sft_run_with_its_update_merged_and_refuses_an_adapter_run(base, tmp_path):
+    from lmforge.runs import load_run
+
+    talk = [{"messages": [{"role": "user", "content": " ".join(w)}, {"role": "assistant", "content": w[0]}]}
+            for w in sentences(40, 24)]
+    sft_data = write_lines(tmp_path / "sft.jsonl", [json.dumps(t) for t in talk])
+    common = ("--finetune.chat_template", "chatml", "--finetune.epochs", "1")
+    sft = finetune(tmp_path, base, sft_data, None, "sft", "--peft.method", "lora", *common, run="sft")
+    tuned, _, _ = load_run(sft)
+    assert tuned.state_dict()["blocks.0.attn.qkv.lora_B"].abs().sum() > 0
+    pairs = write_pairs(tmp_path / "pairs.jsonl", pair_lines(12, 25))
+    task = dpo_task(sft, pairs, peft={"method": "lora"})
+    model = task.build_model(pretrained=True).eval()
+    ids = torch.tensor([task.train_rows[0].chosen.ids], device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), tuned(ids))  # the sft update is in the weights DPO starts from
+        with peft_disabled(model):
+            torch.testing.assert_close(model(ids), tuned(ids))  # and so in the reference
+
+    adapter = finetune(tmp_path, base, sft_data, None, "sft", "--peft.method", "adapter", *common, run="adapter")
+    with pytest.raises(UserError, match="is a peft.method = adapter run"):
+        dpo_task(adapter, pairs)

@@ -132,8 +132,8 @@ class LossConfig:
     name: str = opt("auto", "the loss; auto = the task's usual one (docs/losses-and-optimizers.md says which to pick)",
                     choices=LOSS_NAMES)
     label_smoothing: float = opt(0.0, "cross_entropy: mass spread evenly over all classes; dpo / simpo: the assumed "
-                                 "chance that a pair's preference is flipped (conservative DPO, 0.1 is usual)",
-                                 check=between(0, 0.5))
+                                 "chance that a pair's preference is flipped (conservative DPO, 0.1 is usual; < 0.5)",
+                                 check=between(0, 1))
     z_loss: float = opt(0.0, "cross_entropy: weight of the z-loss z * logsumexp(logits)^2 (1e-4 is usual)", check=ge(0))
     softcap: float = opt(0.0, "cross_entropy: cap logits to c * tanh(logits / c); 0 = off (30 is usual)", check=ge(0))
     class_weights: list[float] | None = opt(None, "cross_entropy / focal: a weight per class (focal: its alpha)")
@@ -401,6 +401,9 @@ class Config:
                 takes = ", ".join(f"loss.{k}" for k in LOSS_OPTIONS[lc.name]) or "no options"
                 raise ConfigError(f"config: loss.{f.name} = {getattr(lc, f.name)!r} does not apply to "
                                   f"loss.name = {lc.name} (it takes {takes})")
+        if lc.name in ("dpo", "simpo") and lc.label_smoothing >= 0.5:
+            raise ConfigError(f"config: loss.label_smoothing = {lc.label_smoothing} for loss.name = {lc.name} is the "
+                              "chance a preference is flipped; expected < 0.5 (at 0.5 the pairs teach nothing)")
         if not registry.spec(self.task).class_weights and lc.class_weights is not None:
             raise ConfigError(f"config: loss.class_weights: the {self.task} task takes no class weights")
 

@@ -28,7 +28,7 @@ from lmforge.errors import UserError
 from lmforge.hf.load import load_hf
 from lmforge.io import atomic_write, load_weights, read_json, read_weights, save_weights, weights_metadata
 from lmforge.model.build import build_model
-from lmforge.peft import apply_peft
+from lmforge.peft import apply_peft, peft_method, strip_peft
 from lmforge.tasks import registry
 from lmforge.train.checkpoint import (CKPT_DIR, checkpoint_model_state, is_sharded, latest_checkpoint,
                                       load_checkpoint, load_model_state)
@@ -174,7 +174,7 @@ def _with_base(cfg, reference: dict, source: Path) -> torch.nn.Module:
     if is_hf_folder(base_path):
         load_hf(base_path, build=lambda _: model)
     else:
-        base, _, _ = load_run(base_path)
+        base, _, _ = load_as_base(base_path)
         load_matching(model, base.state_dict())
     apply_peft(model, cfg.peft)
     if frozen_fingerprint(model) != reference[BASE_FINGERPRINT]:
@@ -250,6 +250,19 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
         else:
             load_model_state(model, state, source)
     return model.to(device, dtype).eval(), load_tokenizer(run_dir), cfg
+
+
+def load_as_base(path: str | Path) -> tuple[torch.nn.Module, object, object]:
+    """load_run for a model that a new run starts from (finetune.init_from; a PEFT run's base): a LoRA run's
+    update merged into its weights, so that its state dict is the plain model it computes (loaded as it is,
+    the new model would take the base weights and silently drop the update). Adapters and prefixes, which
+    do not fold into weights, are refused."""
+    model, tok, cfg = load_run(path)
+    method = peft_method(model)
+    if method in ("adapter", "prefix"):
+        raise UserError(f"finetune.init_from: {path} is a peft.method = {method} run, whose modules do not fold into "
+                        "the weights; expected a full or LoRA run to start from (or that run's own base)")
+    return strip_peft(model, merge=True, inplace=True), tok, cfg
 
 
 def export_weights(checkpoint: Path, out: Path) -> Path:

@@ -32,7 +32,7 @@ from lmforge.hf.load import load_hf
 from lmforge.model.build import build_model
 from lmforge.peft import apply_peft
 from lmforge.io import atomic_write
-from lmforge.runs import LABELS_FILE, hf_side_files, load_matching, load_run, write_hf_side_files
+from lmforge.runs import LABELS_FILE, hf_side_files, load_as_base, load_matching, write_hf_side_files
 from lmforge.tasks import registry
 from lmforge.tasks.base import Task
 
@@ -134,7 +134,7 @@ class FinetuneTask(Task):
                 print(f"lmforge: note: {note}")
             model, tok, fresh = imported.model, imported.tokenizer, imported.fresh
         else:
-            base, tok, base_cfg = load_run(path)
+            base, tok, base_cfg = load_as_base(path)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)
                 model = self._adopt(base_cfg)
