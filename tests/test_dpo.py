@@ -273,6 +273,7 @@ def test_dpo_learns_to_rank_held_out_pairs(base, tmp_path, capsys):
     best = min(read_metrics(run, "val"), key=lambda r: r["loss"])
     assert best["reward_accuracy"] > 0.75 and best["loss"] < 0.5, best  # untrained: 0 (no margin yet), log 2 = 0.69
     assert best["margin"] > 0 and best["chosen_reward"] > best["rejected_reward"]
+    assert best["logp_accuracy"] > best["ref_logp_accuracy"] + 0.2, best  # the model itself now prefers them
     report = json.loads((run / "dev_report.json").read_text())  # on the best weights
     assert report["reward_accuracy"] == pytest.approx(best["reward_accuracy"]) and "exact_match" in report
     capsys.readouterr()

@@ -11,7 +11,8 @@ The reference is the model the run starts from: for a PEFT run the same weights 
 (peft.peft_disabled, no second copy); for full fine-tuning a frozen copy of the starting weights; SimPO
 needs none. loss.name = dpo (with loss.label_smoothing: conservative DPO), ipo or simpo; loss.beta.
 The dev metrics are the loss, reward accuracy (the chosen answer's implicit reward above the rejected
-one's), the mean margin between them, and the answers' mean log-probabilities and rewards. The final
+one's), the mean margin between them, the answers' mean log-probabilities and rewards, and how often the
+model (logp_accuracy) and the reference (ref_logp_accuracy) find the chosen answer the more likely. The final
 report adds, as sft's does, greedy answers to the dev prompts scored against the chosen answers.
 """
 
@@ -45,21 +46,28 @@ class Pair:
 
 
 class _PairMetrics:
-    """Reward accuracy, margin, and mean log-probabilities and rewards over the dev pairs."""
+    """Over the dev pairs: reward accuracy (the chosen answer's implicit reward the larger), the mean margin,
+    the answers' mean log-probabilities and rewards, and which answer the model itself finds the more likely
+    (logp_accuracy) and the reference found (ref_logp_accuracy: where the run started)."""
+
+    MEANS = ("chosen_logp", "rejected_logp", "chosen_reward", "rejected_reward", "margin")
 
     def __init__(self):
-        self.sums, self.right, self.n = dict.fromkeys(("chosen_logp", "rejected_logp", "chosen_reward",
-                                                       "rejected_reward", "margin"), 0.0), 0, 0
+        self.sums, self.right, self.n = dict.fromkeys(self.MEANS, 0.0), dict.fromkeys(("reward", "logp", "ref"), 0), 0
 
     def update(self, values: dict[str, torch.Tensor]) -> None:
-        for key in self.sums:
+        for key in self.MEANS:
             self.sums[key] += float(values[key].sum())
-        self.right += int((values["margin"] > 0).sum())
+        self.right["reward"] += int((values["margin"] > 0).sum())
+        self.right["logp"] += int((values["chosen_logp"] > values["rejected_logp"]).sum())
+        if values["ref_chosen"] is not None:
+            self.right["ref"] += int((values["ref_chosen"] > values["ref_rejected"]).sum())
         self.n += len(values["margin"])
 
     def result(self) -> dict:
         n = max(self.n, 1)
-        return {"reward_accuracy": self.right / n, **{k: v / n for k, v in self.sums.items()}, "pairs": self.n}
+        return {"reward_accuracy": self.right["reward"] / n, "logp_accuracy": self.right["logp"] / n,
+                "ref_logp_accuracy": self.right["ref"] / n, **{k: v / n for k, v in self.sums.items()}, "pairs": self.n}
 
 
 def with_answer(e: Example, answer: str) -> Example:
@@ -190,10 +198,11 @@ class DPOTask(SFTTask):
     # -- metrics and the report ----------------------------------------------------------------------
 
     def metric_names(self):
-        return ["loss", "reward_accuracy", "margin"]
+        return ["loss", "reward_accuracy", "logp_accuracy", "margin"]
 
     def result_metrics(self):
-        return ("exact_match", "chrf", "loss", "reward_accuracy", "margin", "chosen_logp", "rejected_logp")
+        return ("exact_match", "chrf", "loss", "reward_accuracy", "logp_accuracy", "ref_logp_accuracy", "margin",
+                "chosen_logp", "rejected_logp")
 
     def new_metrics(self):
         return _PairMetrics()
@@ -201,6 +210,7 @@ class DPOTask(SFTTask):
     def update_metrics(self, metrics, outputs, batch, rows, examples) -> None:
         chosen, rejected = preference_rewards(self.cfg.loss.name, **outputs, beta=self.cfg.loss.beta)
         metrics.update({"chosen_logp": outputs["chosen"], "rejected_logp": outputs["rejected"],
+                        "ref_chosen": outputs["ref_chosen"], "ref_rejected": outputs["ref_rejected"],
                         "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected})
 
     def measure(self, model, device, rows, examples):
