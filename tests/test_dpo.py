@@ -394,3 +394,22 @@ def test_dpo_starts_from_a_lora_sft_run_with_its_update_merged_and_refuses_an_ad
     adapter = finetune(tmp_path, base, sft_data, None, "sft", "--peft.method", "adapter", *common, run="adapter")
     with pytest.raises(UserError, match="is a peft.method = adapter run"):
         dpo_task(adapter, pairs)
+
+
+@pytest.mark.slow  # two processes and one
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_lora_dpo_on_two_ranks_equals_one_process(base, tmp_path, parallel):
+    from test_distributed import forked
+
+    train = write_pairs(tmp_path / "train.jsonl", pair_lines(48, 26))
+    common = ["finetune", "--task", "dpo", "--finetune.init_from", str(base), "--finetune.train", str(train),
+              "--finetune.chat_template", "chatml", "--peft.method", "lora", "--finetune.epochs", "0",
+              "--train.max_steps", "3", "--train.warmup_steps", "1", "--train.grad_accum", "2", "--eval.every", "3",
+              "--finetune.group_by_length", "false", "--train.device", "cpu", "--log.progress", "false",
+              "--log.tensorboard", "false", "--log.every", "1"]
+    forked(common + ["--train.batch_size", "2", "--train.parallel", parallel, "--log.run_dir", str(tmp_path / "two")])
+    assert main(common + ["--train.batch_size", "4", "--log.run_dir", str(tmp_path / "one")]) == 0
+    two, one = read_metrics(tmp_path / "two", "train"), read_metrics(tmp_path / "one", "train")
+    assert len(one) == 3 and [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert read_metrics(tmp_path / "two", "val")[-1]["reward_accuracy"] == \
+        pytest.approx(read_metrics(tmp_path / "one", "val")[-1]["reward_accuracy"])
