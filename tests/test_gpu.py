@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from helpers import (GPU_TEST_DEVICE, SEQ2SEQ_TINY, classify_files, conll_lines, finetune, make_base,
-                      number_pairs, read_metrics, sentences, server, synthetic_text, tiny_config, tiny_overrides,
+                      number_pairs, read_metrics, sentences, sentiment, server, synthetic_text, tiny_config, tiny_overrides,
                       write_corpus, write_fixed_perf_cache, write_lines, write_tsv)
 from lmforge.cli import main
 from lmforge.generate import beam_search, generate, greedy_decode
@@ -121,6 +121,7 @@ CASES = {
     "multilabel": ("multilabel", ()),
     "tag": ("tag", FAST),
     "sft": ("sft", FAST),
+    "dpo": ("dpo", (*FAST, "--loss.beta", "0.5", "--finetune.epochs", "8")),
     "seq2seq": ("seq2seq", ()),
     "span": ("span", ()),
     "classify-fgm": ("classify", (*FAST, "--robust.adversarial", "fgm")),
@@ -132,7 +133,7 @@ CASES = {
     "tag-adapter": ("tag", (*FAST, "--peft.method", "adapter", "--peft.adapter_size", "8")),
     "tag-prefix": ("tag", (*FAST, "--peft.method", "prefix", "--peft.prefix_length", "4")),
 }
-FINETUNED = ["classify", "regress", "multilabel", "tag", "sft", "classify-lora", "tag-adapter", "tag-prefix"]
+FINETUNED = ["classify", "regress", "multilabel", "tag", "sft", "dpo", "classify-lora", "tag-adapter", "tag-prefix"]
 ON_DEVICE = ["--train.device", DEV, "--train.precision", "auto", "--log.every", "1"]
 
 
@@ -146,6 +147,9 @@ def finetune_data(tmp: Path, task: str) -> tuple[Path, Path | None]:
         rows = [{"text": " ".join(w), "label": [x for x in ("king", "night") if x in w]} for w in sentences(160, 7)]
     elif task == "sft":
         rows = [{"prompt": " ".join(w) + " =>", "response": " " + w[0]} for w in sentences(120, 11)]
+    elif task == "dpo":  # prefer the sentiment of helpers' rule over the other one
+        rows = [{"prompt": " ".join(w) + " =>", "chosen": " " + sentiment(w),
+                 "rejected": " neg" if sentiment(w) == "pos" else " pos"} for w in sentences(160, 12)]
     else:
         return write_lines(tmp / "train.conll", conll_lines(160, 8)), write_lines(tmp / "dev.conll", conll_lines(40, 9))
     return write_lines(tmp / f"{task}.jsonl", [json.dumps(r) for r in rows]), None
@@ -181,7 +185,7 @@ def train_case(tmp: Path, name: str, bases: dict[str, Path]) -> Path:
                      "--train.warmup_steps", "4", "--eval.batches", "2", "--log.run_dir", str(run), *ON_DEVICE]) == 0
     else:
         train_file, dev = finetune_data(tmp, task)
-        base = bases["decoder" if task == "sft" else "encoder"]
+        base = bases["decoder" if task in ("sft", "dpo") else "encoder"]
         finetune(tmp, base, train_file, dev, task, "--finetune.epochs", FINETUNE_EPOCHS, *extra, *ON_DEVICE)
     exact_fp32()
     return run
@@ -326,6 +330,43 @@ def test_serve_on_the_device_answers_what_the_cpu_answers(runs, capsys):
 # in g would move it by up to 1e-5 with eps 1e-8; with 1e-6 by 1e-7, and the weights compare at 1e-4.
 EXACT = dict(train__precision="fp32", train__tf32=False, model__dropout=0.0, train__eps=1e-6)
 FP32 = dict(**EXACT, train__max_steps=3, eval__every=3, train__warmup_steps=1)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo"])
+def test_lora_preference_loss_and_gradients_on_the_device_equal_the_cpu(bases, tmp_path, monkeypatch, loss):
+    """A LoRA DPO batch on the device (the reference: the adapters switched off; the answers' log-probs
+    through 8-row chunks, recomputed in backward) gives the CPU's loss and LoRA gradients in fp32."""
+    from lmforge import losses as lf
+    from lmforge.config import load_config
+    from lmforge.tasks import make_task
+
+    monkeypatch.setattr(lf, "CHUNK_ELEMENTS", {"cpu": 1, "cuda": 1})
+    monkeypatch.setattr(lf, "MIN_CHUNK_ROWS", 8)
+    exact_fp32()
+    train_file, _ = finetune_data(tmp_path, "dpo")
+    cfg = load_config(base={"task": "dpo", "finetune": {"init_from": str(bases["decoder"]), "train": str(train_file)},
+                            "peft": {"method": "lora"}, "loss": {"name": loss, "beta": 2.0 if loss == "simpo" else 0.1},
+                            "train": {"warmup_steps": 0}})
+    task = make_task(cfg)
+    task.setup()
+    torch.manual_seed(0)
+    model = task.build_model(pretrained=True).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):  # a trained-looking adapter: policy and reference differ
+                p.normal_(std=0.05, generator=torch.Generator(device="cpu").manual_seed(len(name)))
+    batch = task.collate(task.train_rows[:8], task.train_examples[:8])
+    results = []
+    for dev in (DEV, "cpu"):
+        m = model.to(dev)
+        m.zero_grad()
+        value = task.loss(m, {k: v.to(dev) for k, v in batch.items()})
+        value.backward()
+        results.append((value.item(), {n: p.grad.cpu().clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (on_dev, g_dev), (on_cpu, g_cpu) = results
+    assert on_dev == pytest.approx(on_cpu, abs=1e-4) and g_cpu and g_dev.keys() == g_cpu.keys()
+    for name in g_cpu:
+        torch.testing.assert_close(g_dev[name], g_cpu[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["plain", "chunked-loss"])
