@@ -155,11 +155,13 @@ def server(run: Path, *options: str):
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32}
 
 
-def make_base(run: Path, task: str, specials: list[str] | None = None, **model) -> Path:
-    """A pretrained-looking run directory (config.yaml, weights, tokenizer) with random weights."""
+def make_base(run: Path, task: str, specials: list[str] | None = None, texts: list[str] | None = None,
+              vocab: int = 300, **model) -> Path:
+    """A pretrained-looking run directory (config.yaml, weights, tokenizer) with random weights; its tokenizer
+    learnt from `texts` (default: synthetic lines) with `vocab` tokens."""
     kind = "wordpiece" if task == "mlm" else "bpe"
     specials = specials or ([] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"])
-    tok = train_tokenizer(synthetic_text(8000).splitlines(), kind, 300, specials)
+    tok = train_tokenizer(texts or synthetic_text(8000).splitlines(), kind, vocab, specials)
     extra = {"pos": "learned", "type_vocab_size": 2, "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
              "bias": True} if task == "mlm" else {}  # BERT's layout
     cfg = load_config(base={"task": task, "model": {**TINY_MODEL, **extra, **model, "vocab_size": tok.get_vocab_size()},

@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="label a file with a fine-tuned run: JSONL out",
                        description="Predict with a fine-tuned run: the input file is in the run's training format "
                        "(labels optional); each output line is a JSON object with the label and class probabilities, "
-                       "the value, the labels, the tagged words or the generated response.", allow_abbrev=False)
+                       "the value, the labels, the tagged words, the generated response or the reward model's score.",
+                       allow_abbrev=False)
     _checkpoint(p, "a fine-tuned run")
     p.add_argument("--input", required=True, metavar="FILE", help="the file to label, in the run's training format")
     p.add_argument("--output", metavar="FILE", help="the JSONL file to write [default: standard output]")
@@ -544,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="answer HTTP requests with a trained run (FastAPI; OpenAPI schema at /docs)",
                        description="Serve a run or a Hugging Face folder over HTTP. The endpoint follows the model's "
                        "task: POST /v1/generate (clm, sft; stream: true for server-sent events), /v1/classify "
-                       "(classify, regress, multilabel), /v1/tag (tag), /v1/translate (seq2seq); always GET /health "
-                       "and /metadata, and the OpenAPI schema at /openapi.json. Requests that arrive while the model "
+                       "(classify, regress, multilabel), /v1/tag (tag), /v1/translate (seq2seq), /v1/score "
+                       "(reward); always GET /health and /metadata, and the OpenAPI schema at /openapi.json. "
+                       "Requests that arrive while the model "
                        "is busy are answered together in one forward pass. Ctrl-C or SIGTERM finishes the requests "
                        "in flight, then stops.", allow_abbrev=False)
     p.add_argument("run", metavar="RUN_OR_HF_DIR", help="a run directory, one of its checkpoints, or a Hugging Face folder")

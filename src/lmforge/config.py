@@ -180,7 +180,8 @@ class FinetuneConfig:
     label_separator: str = opt("|", "multilabel in csv/tsv: the separator between the labels in one cell")
     tag_column: int = opt(-1, "conll: the column holding the tag (the word is column 0; negative counts from the end)")
     prompt_field: str = opt("prompt", "sft: the JSON field holding the prompt")
-    response_field: str = opt("response", "sft: the JSON field holding the response")
+    response_field: str = opt("response", "sft: the JSON field holding the response; reward: the answer a prediction "
+                              "input scores")
     chosen_field: str = opt("chosen", "dpo / reward: the JSON field holding the preferred answer")
     rejected_field: str = opt("rejected", "dpo / reward: the JSON field holding the other answer")
     chat_template: str = opt("auto", "sft: the chat template conversations and prompt/response pairs are rendered "
@@ -192,8 +193,8 @@ class FinetuneConfig:
                         check=ge(0))
     evals_per_epoch: int = opt(1, "dev evaluations per epoch (sets eval.every); 0 = use eval.every", check=ge(0))
     metric: str = opt("auto", "dev metric for early stopping and the kept best weights: auto = accuracy (classify), "
-                      "pearson (regress), micro_f1 (multilabel), entity_f1 (tag), loss (sft); or any metric the "
-                      "evaluation reports")
+                      "pearson (regress), micro_f1 (multilabel), entity_f1 (tag), loss (sft), accuracy (reward); or "
+                      "any metric the evaluation reports")
     body: str = opt("auto", "the pretrained body: auto = as init_from is (encoder for masked-LM / BERT models, decoder "
                     "for causal LMs)", choices=("auto", "encoder", "decoder"))
     pooling: str = opt("auto", "sentence representation: auto = pooler if the model has BERT's, else cls for an encoder "

@@ -1,7 +1,7 @@
 """`lmforge serve`: a trained run answers HTTP requests (FastAPI on uvicorn).
 
 The endpoint follows the run's task: /v1/generate (clm, sft), /v1/classify (classify, regress, multilabel),
-/v1/tag (tag), /v1/translate (seq2seq); /health and /metadata always. Answers are computed by the same
+/v1/tag (tag), /v1/translate (seq2seq), /v1/score (reward); /health and /metadata always. Answers are computed by the same
 code as the CLI (`task.predict`, `translate`, `generate_text`), so they equal `lmforge predict`,
 `lmforge translate` and `lmforge generate` for the same input.
 
@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lmforge import __version__, chat
-from lmforge.data.labelled import Example
+from lmforge.data.labelled import Example, split_answer
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
 from lmforge.generate import generate_texts, prompt_ids, translate
@@ -102,6 +102,19 @@ class ChatMessage(Body):
     content: str
 
 
+class ScoreInput(Body):
+    messages: list[ChatMessage] | None = Field(None, min_length=2, description="a conversation that ends with the "
+                                               "assistant's answer to score")
+    prompt: str | None = Field(None, description="a prompt (with response: its answer to score)")
+    response: str | None = Field(None, description="the answer to the prompt to score")
+
+
+class ScoreRequest(ScoreInput):
+    """One answer to score ({"messages"} or {"prompt", "response"}), or several ({"inputs": [...]})."""
+    inputs: list[ScoreInput] | None = Field(None, description="several answers to score, each {\"messages\": [...]} "
+                                            "or {\"prompt\": ..., \"response\": ...}")
+
+
 class ChatRequest(Body):
     """OpenAI's chat completions request, the fields lmforge honours (others are refused by name)."""
     model: str | None = Field(None, description="ignored: the server serves one model")
@@ -162,6 +175,37 @@ class Engine:
 
     def predict(self, examples: list) -> list[dict]:
         return self.task.predict(self.model, examples, "request")
+
+    def score_example(self, item: ScoreInput, where: str) -> Example:
+        """A /v1/score input as the reward task's prediction input (what `lmforge predict` reads from a line
+        {"messages": [...]} or {"prompt", "response"}), checked here, before it can join a batch: a 422 naming
+        `where` (inputs[i], or the request's own field) for anything its encoding refuses."""
+        prefix = f"{where}." if where else ""
+        if item.messages is not None:
+            if item.prompt is not None or item.response is not None:
+                raise RequestError(422, f"{prefix}messages", "given with prompt or response; expected either a "
+                                                            "conversation or a prompt and a response")
+            turns = [m.model_dump() for m in item.messages]
+            field = f"{prefix}messages"
+            try:
+                example = Example(*split_answer(chat.check_messages(turns, field), field))
+            except UserError as e:
+                raise RequestError(422, field, str(e).removeprefix(f"{field}: ")) from None
+            text = " ".join(m["content"] for m in turns)
+        else:
+            for name in ("prompt", "response"):
+                if getattr(item, name) is None or not getattr(item, name).strip():
+                    raise RequestError(422, f"{prefix}{name}", "missing or empty; expected {\"messages\": [...]} "
+                                                               "or {\"prompt\": ..., \"response\": ...}")
+            example = Example(item.prompt, item.response)
+            text = f"{item.prompt} {item.response}"
+        field = where or ("messages" if item.messages is not None else "body")
+        self.check_length(text, field)
+        try:
+            self.task.encode_at([example], [field])
+        except UserError as e:
+            raise RequestError(422, field, str(e).removeprefix(f"{field}: ")) from None
+        return example
 
     def translate(self, texts: list[str], beam: int, length_penalty: float) -> list[dict]:
         sc = self.cfg.seq2seq
@@ -344,7 +388,7 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
         return error_response(e.status_code, "body", str(e.detail))
 
     request_model = {"/v1/classify": ClassifyRequest, "/v1/tag": TagRequest, "/v1/translate": TranslateRequest,
-                     "/v1/generate": GenerateRequest, "/v1/chat/completions": ChatRequest}
+                     "/v1/generate": GenerateRequest, "/v1/chat/completions": ChatRequest, "/v1/score": ScoreRequest}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
@@ -415,6 +459,22 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                 engine.check_length(" ".join(words), where)
                 examples.append(Example(words, None, None, i + 1))
             return {"results": await batcher_of(request).submit("tag", examples, engine.predict)}
+
+    if engine.endpoint == "score":
+        @app.post("/v1/score", summary="score answers with a reward model: {\"scores\": [...]}, one per input, as "
+                  "lmforge predict scores them")
+        async def score(req: ScoreRequest, request: Request):
+            if req.inputs is not None:
+                given = [name for name in ("messages", "prompt", "response") if getattr(req, name) is not None]
+                if given:
+                    raise RequestError(422, given[0], "given with inputs; expected one answer at the top level or a "
+                                                      "list of them in inputs")
+                items = _numbered(req.inputs, limits)
+            else:
+                items = [("", req)]
+            examples = [engine.score_example(item, where) for where, item in items]
+            records = await batcher_of(request).submit("score", examples, engine.predict)
+            return {"scores": [r["score"] for r in records]}
 
     if engine.endpoint == "translate":
         @app.post("/v1/translate", summary="translate sentences; the output of lmforge translate")

@@ -49,7 +49,8 @@ SCHEME_PREFIXES = {"BIO": ("B", "I"), "IOBES": ("B", "I", "E", "S")}
 class Example:
     text: str | list         # the sentence; for task "tag" the list of words; for "sft" the prompt, or the
     #                          conversation ({"role", "content"} dicts) of a `messages` line
-    pair: str | None = None  # the second sentence of a pair (with finetune.pair_field)
+    pair: str | None = None  # the second sentence of a pair (with finetune.pair_field); a preference prediction
+    #                          input: the answer to score (reward), `text` being the prompt or the turns before it
     label: object = None     # by the task's label kind (tasks/registry.py): class: str; value: float; classes:
     #                          list[str]; tags: list[str]; response: str; preference: (chosen, rejected), the
     #                          prompt (text) then a string or the turns up to the answers; None when the file has no label
@@ -336,10 +337,16 @@ def _conversation(messages, where: str, require_labels: bool, lineno: int) -> Ex
 def _preference(record: dict, fc, where: str, require_labels: bool, lineno: int) -> Example:
     """{"prompt": ... | "messages": [... ending with a user turn], "chosen": ..., "rejected": ...}: the prompt or
     the turns as Example.text, (chosen, rejected) as the label. An answer is a string or, as in TRL's
-    conversational format, a list holding one assistant message."""
+    conversational format, a list holding one assistant message. A prediction input (require_labels False)
+    without chosen and rejected may carry one answer instead, as Example.pair: {"messages": [..., the
+    assistant's answer]} or {"prompt": ..., "response": ...} (what a reward model scores)."""
+    names = (fc.chosen_field, fc.rejected_field)
+    unpaired = not require_labels and not any(n in record for n in names)
     if "messages" in record:
         turns = chat.check_messages(record["messages"], where)
         if turns[-1]["role"] == "assistant":
+            if unpaired:
+                return Example(*split_answer(turns, where), line=lineno)
             raise UserError(f"{where}: messages end with an assistant turn; expected the turns up to the question, "
                             f"the answers in '{fc.chosen_field}' and '{fc.rejected_field}'")
         text = turns
@@ -348,9 +355,9 @@ def _preference(record: dict, fc, where: str, require_labels: bool, lineno: int)
     else:
         raise UserError(f"{where}: no field '{fc.prompt_field}' or 'messages' (found: {', '.join(record) or 'none'}); "
                         f"expected {JSON_SHAPES['preference']}")
-    names = (fc.chosen_field, fc.rejected_field)
-    if not require_labels and not any(n in record for n in names):
-        return Example(text, line=lineno)
+    if unpaired:
+        answer = _answer(record[fc.response_field], fc.response_field, where) if fc.response_field in record else None
+        return Example(text, pair=answer, line=lineno)
     answers = []
     for name in names:
         if name not in record:
@@ -360,6 +367,15 @@ def _preference(record: dict, fc, where: str, require_labels: bool, lineno: int)
     if answers[0] == answers[1]:
         raise UserError(f"{where}: '{names[0]}' and '{names[1]}' are the same answer; expected two different answers")
     return Example(text, label=tuple(answers), line=lineno)
+
+
+def split_answer(turns: list[dict], where: str) -> tuple[list[dict], str]:
+    """A checked conversation that ends with the assistant's answer -> (the turns before it, the answer)."""
+    if turns[-1]["role"] != "assistant":
+        raise UserError(f"{where}: messages end with a {turns[-1]['role']} turn; expected the assistant's answer last")
+    if len(turns) < 2:
+        raise UserError(f"{where}: messages hold the assistant's answer alone; expected the turns it answers before it")
+    return turns[:-1], _text(turns[-1]["content"], f"messages[{len(turns) - 1}].content", where)
 
 
 def _answer(value, name: str, where: str) -> str:

@@ -117,8 +117,8 @@ def _finetuned_config(arch: Arch, cfg, run) -> dict:
         raise UserError(f"export: {run}: BertForSequenceClassification pools with BERT's pooler; this model has "
                         f"finetune.pooling = {cfg.finetune.pooling}, which transformers cannot compute")
     out = {"architectures": [cls]}
-    if spec.label in (*PROBLEM_TYPES, "tags"):
-        labels = cfg.finetune.labels or ["value"]
+    if spec.label in (*PROBLEM_TYPES, "tags", "preference"):
+        labels = cfg.finetune.labels or ["score" if spec.label == "preference" else "value"]  # one output
         out.update(id2label={str(i): name for i, name in enumerate(labels)},
                    label2id={name: i for i, name in enumerate(labels)})
         out["classifier_dropout"] = cfg.finetune.classifier_dropout

@@ -17,7 +17,8 @@ from lmforge.tasks import registry
 
 def _classifier(cfg) -> SequenceClassifier:
     fc = cfg.finetune
-    n_out = 1 if registry.spec(cfg.task).label == "value" else len(fc.labels)  # regression: one number
+    # one number: a regression's value, a reward model's score
+    n_out = 1 if registry.spec(cfg.task).label in ("value", "preference") else len(fc.labels)
     return SequenceClassifier(cfg.model, n_out, fc.pooling, fc.body == "decoder", fc.classifier_dropout)
 
 

@@ -14,35 +14,32 @@ from lmforge.tasks.finetune import Encoded, FinetuneTask
 
 class SequenceTask(FinetuneTask):
     def encode_all(self, examples: list[Example], path: str) -> list[Encoded]:
-        """[CLS] a [SEP] (b [SEP]) for an encoder, a (eos b) eos for a decoder, cut longest-first to
-        max_length; segment 1 marks b."""
         tok = self.tokenizer
         first = tok.encode_batch([e.text for e in examples], add_special_tokens=False)
         has_pair = any(e.pair is not None for e in examples)
         second = tok.encode_batch([e.pair or "" for e in examples], add_special_tokens=False) if has_pair else None
+        return [self.join(first[i].ids, second[i].ids if second is not None and e.pair is not None else None)
+                for i, e in enumerate(examples)]
+
+    def join(self, a: list[int], b: list[int] | None = None) -> Encoded:
+        """A sentence's token ids, or a pair's, as the model reads them: [CLS] a [SEP] (b [SEP]) for an encoder,
+        a (eos b) eos for a decoder, cut longest-first to max_length; segment 1 marks b."""
         if self.encoder:
             start, mid, end = [self.cls_id] if self.cls_id is not None else [], [self.sep_id], [self.sep_id]
         else:
             start, mid, end = [], [self.eos_id], [self.eos_id]
         mid, end = [i for i in mid if i is not None], [i for i in end if i is not None]
-        rows = []
-        for i, e in enumerate(examples):
-            a = first[i].ids
-            b = second[i].ids if second is not None and e.pair is not None else None
-            budget = self.max_length - len(start) - len(end) - (len(mid) if b is not None else 0)
-            if b is None:
-                a = a[:budget]
-                ids, segments = start + a + end, [0] * (len(start) + len(a) + len(end))
+        budget = self.max_length - len(start) - len(end) - (len(mid) if b is not None else 0)
+        if b is None:
+            a = a[:budget]
+            return Encoded(start + a + end, [0] * (len(start) + len(a) + len(end)))
+        while len(a) + len(b) > budget:  # longest first
+            if len(a) >= len(b):
+                a = a[:-1]
             else:
-                while len(a) + len(b) > budget:  # longest first
-                    if len(a) >= len(b):
-                        a = a[:-1]
-                    else:
-                        b = b[:-1]
-                head = start + a + mid
-                ids, segments = head + b + end, [0] * len(head) + [1] * (len(b) + len(end))
-            rows.append(Encoded(ids, segments))
-        return rows
+                b = b[:-1]
+        head = start + a + mid
+        return Encoded(head + b + end, [0] * len(head) + [1] * (len(b) + len(end)))
 
     def targets(self, rows, examples) -> dict[str, torch.Tensor]:
         return {"label": self.label_tensor(examples)}

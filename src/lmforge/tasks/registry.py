@@ -106,6 +106,10 @@ register(TaskSpec("dpo", "lmforge.tasks.dpo:DPOTask", "preference tuning of a ca
                   "(DPO, conservative DPO, IPO, SimPO)", "finetune", "gpt", "decoder", ("dpo", "ipo", "simpo"),
                   label="preference", formats=("jsonl",), endpoint="generate", class_weights=False, packs=True,
                   hf_classes=CAUSAL_LM_CLASSES))
+register(TaskSpec("reward", "lmforge.tasks.reward:RewardTask", "a reward model: one score per answer, trained on "
+                  "chosen/rejected pairs (Bradley-Terry)", "finetune", "sequence_classifier", "pretrained",
+                  ("bradley_terry",), label="preference", formats=("jsonl",), endpoint="score", class_weights=False,
+                  hf_classes={"llama": "LlamaForSequenceClassification", "bert": "BertForSequenceClassification"}))
 register(TaskSpec("seq2seq", "lmforge.tasks.seq2seq:Seq2SeqTask", "encoder-decoder translation", "pretrain",
                   "encoder_decoder", "encoder_decoder", ("cross_entropy",), endpoint="translate"))
 register(TaskSpec("span", "lmforge.tasks.span:SpanCorruption", "span-corruption pre-training of an encoder-decoder",

@@ -51,13 +51,9 @@ def next_tokens(hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
     return torch.cat([head(h).argmax(-1) for h in hidden.split(rows)])
 
 
-class SFTTask(FinetuneTask):
-    name = "sft"
-    default_metric = "loss"
-    needs_decoder = True
-
-    def label_map(self, train, dev):
-        return None
+class ChatTemplated:
+    """What a fine-tuning task that renders conversations shares (sft, reward): the chat template, read from
+    finetune.init_from while training and from the run itself afterwards. Mixed in before FinetuneTask."""
 
     chat_source: Path | None = None  # where the template and end tokens are read; init_from while training
 
@@ -70,6 +66,15 @@ class SFTTask(FinetuneTask):
         """(template, special-token strings) to render with, or None: a model without a template, auto."""
         name = self.cfg.finetune.chat_template
         return chat_template(self.chat_source or self.cfg.finetune.init_from, None if name == "auto" else name)
+
+
+class SFTTask(ChatTemplated, FinetuneTask):
+    name = "sft"
+    default_metric = "loss"
+    needs_decoder = True
+
+    def label_map(self, train, dev):
+        return None
 
     @functools.cached_property
     def end_ids(self) -> set[int]:
