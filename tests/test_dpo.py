@@ -208,10 +208,10 @@ def test_answer_logprobs_equal_full_logits_padded_or_packed(base, tmp_path, pack
     assert ("doc_ids" in batch) == pack and task.count(batch) == 5
     with torch.no_grad():
         got = task.answer_logprobs(model, batch)
-        expected = [direct_answer_logprob(model, r.chosen) for r in rows] + \
-                   [direct_answer_logprob(model, r.rejected) for r in rows]
+        expected = [direct_answer_logprob(model, r.rows[0]) for r in rows] + \
+                   [direct_answer_logprob(model, r.rows[1]) for r in rows]
     torch.testing.assert_close(got, torch.tensor(expected, device="cpu"), rtol=1e-5, atol=1e-4)
-    assert batch["answer_len"].tolist()[:5] == [sum(t != -100 for t in r.chosen.target) for r in rows]
+    assert batch["answer_len"].tolist()[:5] == [sum(t != -100 for t in r.rows[0].target) for r in rows]
 
 
 def test_packed_pairs_give_the_padded_loss_and_gradients(base, tmp_path):
@@ -385,7 +385,7 @@ def test_dpo_starts_from_a_lora_sft_run_with_its_update_merged_and_refuses_an_ad
     pairs = write_pairs(tmp_path / "pairs.jsonl", pair_lines(12, 25))
     task = dpo_task(sft, pairs, peft={"method": "lora"})
     model = task.build_model(pretrained=True).eval()
-    ids = torch.tensor([task.train_rows[0].chosen.ids], device="cpu")
+    ids = torch.tensor([task.train_rows[0].rows[0].ids], device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(model(ids), tuned(ids))  # the sft update is in the weights DPO starts from
         with peft_disabled(model):

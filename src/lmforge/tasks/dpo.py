@@ -19,7 +19,6 @@ report adds, as sft's does, greedy answers to the dev prompts scored against the
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 
@@ -28,21 +27,8 @@ from lmforge.data.labelled import Example
 from lmforge.errors import UserError
 from lmforge.losses import IGNORE_INDEX, LOSSES, REFERENCE_FREE, loss_options, preference_rewards, token_logprobs
 from lmforge.peft import peft_disabled
-from lmforge.tasks.finetune import Encoded
+from lmforge.tasks.finetune import Answers
 from lmforge.tasks.sft import SFTTask
-
-
-@dataclasses.dataclass
-class Pair:
-    """The chosen and the rejected answer's rows (Encoded: ids and per-token targets) of one example."""
-
-    chosen: Encoded
-    rejected: Encoded
-
-    @property
-    def ids(self) -> list[int]:
-        """The longer of the two: what a batch pads to (length grouping and batch sizes read len(ids))."""
-        return max(self.chosen.ids, self.rejected.ids, key=len)
 
 
 class _PairMetrics:
@@ -107,7 +93,7 @@ class DPOTask(SFTTask):
 
     # -- the pairs -----------------------------------------------------------------------------------
 
-    def encode_all(self, examples: list[Example], path: str) -> list[Pair]:
+    def encode_all(self, examples: list[Example], path: str) -> list[Answers]:
         """Each example's two answers rendered after its prompt as sft renders them; an answer that has no
         token left after the template and the length limit is an error naming its line."""
         if any(e.label is None for e in examples):
@@ -120,16 +106,16 @@ class DPOTask(SFTTask):
                 if all(t == IGNORE_INDEX for t in row.target):
                     raise UserError(f"{path}:{e.line}: the {name} answer has no tokens after the chat template and "
                                     f"finetune.max_length = {self.max_length}; expected a non-empty answer")
-        return [Pair(c, r) for c, r in zip(*sides)]
+        return [Answers([c, r]) for c, r in zip(*sides)]
 
     def targets(self, rows, examples):
         raise NotImplementedError  # collate() builds the whole batch
 
-    def collate(self, rows: list[Pair], examples: list[Example]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[Answers], examples: list[Example]) -> dict[str, torch.Tensor]:
         """2B sequences, the chosen answers then the rejected ones: input, target, `sequence` (the index of
         the sequence each target belongs to; IGNORE_INDEX elsewhere) and `answer_len` [2B]; packed with
         finetune.pack (doc_ids then keep the sequences apart), else right-padded."""
-        seqs = [r.chosen for r in rows] + [r.rejected for r in rows]
+        seqs = [r.rows[0] for r in rows] + [r.rows[1] for r in rows]  # the chosen answers, then the rejected
         ids, targets = [s.ids for s in seqs], [s.target for s in seqs]
         owner = [[k if t != IGNORE_INDEX else IGNORE_INDEX for t in s.target] for k, s in enumerate(seqs)]
         if self.cfg.finetune.pack:

@@ -53,6 +53,19 @@ class Encoded:
     word_starts: list[int] | None = None  # tag: each word's first token
 
 
+@dataclasses.dataclass
+class Answers:
+    """One example's rows, one per answer (dpo, reward): a pair's chosen then its rejected answer, or the one
+    answer a reward model scores."""
+
+    rows: list[Encoded]
+
+    @property
+    def ids(self) -> list[int]:
+        """The longest row's ids: what batching by length and the padding share go by (len(ids))."""
+        return max((r.ids for r in self.rows), key=len)
+
+
 def groups_by_length(fc) -> bool:
     """Whether training batches examples of similar length together: finetune.group_by_length, but not with
     finetune.pack, whose rows have no padding for grouping to save, and where batches of alike examples only

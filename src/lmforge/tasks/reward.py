@@ -21,7 +21,6 @@ server's /v1/score) scores answered lines, {"messages": [..., the assistant's an
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -30,20 +29,8 @@ from lmforge.data.labelled import Example
 from lmforge.errors import UserError
 from lmforge.losses import LOSSES, loss_options
 from lmforge.tasks.classify import SequenceTask
-from lmforge.tasks.finetune import Encoded
+from lmforge.tasks.finetune import Answers, Encoded
 from lmforge.tasks.sft import ChatTemplated
-
-
-@dataclasses.dataclass
-class Answers:
-    """One example's rows, one per answer: a pair's chosen then its rejected answer, or the answer to score."""
-
-    rows: list[Encoded]
-
-    @property
-    def ids(self) -> list[int]:
-        """The longest row's ids: what batching by length and the padding share go by (len(ids))."""
-        return max((r.ids for r in self.rows), key=len)
 
 
 class PreferenceMetrics:
