@@ -23,7 +23,7 @@ LAYERS = {
     "lmforge": 0, "lmforge.errors": 0, "lmforge.fields": 0, "lmforge.io": 0, "lmforge.tasks": 0,
     "lmforge.tasks.registry": 0, "lmforge.model": 0, "lmforge.hf": 0, "lmforge.data": 0, "lmforge.train": 0,
     "lmforge.config": 1, "lmforge.model.": 1, "lmforge.losses": 1, "lmforge.optim": 1, "lmforge.metrics": 1,
-    "lmforge.peft": 1, "lmforge.chat": 1,
+    "lmforge.peft": 1, "lmforge.quant": 1, "lmforge.chat": 1,
     "lmforge.data.": 2, "lmforge.hf.arch": 2, "lmforge.hf.keymap": 2, "lmforge.hf.tokenizer": 2, "lmforge.hf.load": 2,
     "lmforge.runs": 3, "lmforge.train.": 3,
     "lmforge.tasks.": 4, "lmforge.generate": 4,

@@ -247,6 +247,7 @@ class SpanConfig:
 
 
 PEFT_METHODS = ("none", "lora", "adapter", "prefix")
+BASE_DTYPES = ("none", "int8", "nf4")  # peft.base_dtype: how LoRA's frozen base is held (lmforge/quant.py)
 
 
 @dataclass
@@ -262,6 +263,10 @@ class PeftConfig:
     prefix_length: int = opt(16, "prefix: learned key/value positions per layer", check=gt(0))
     freeze_embeddings: bool = opt(False, "freeze the token, position and segment embeddings")
     freeze_layers: int = opt(0, "freeze the bottom k Transformer blocks", check=ge(0))
+    base_dtype: str = opt("none", "lora: hold the frozen Linear weights of the blocks quantised (QLoRA-style, through "
+                          "torchao: pip install 'lmforge[quant]'): int8 (per-row, weight-only) or nf4 (4-bit); the "
+                          "LoRA weights, embeddings, norms and head stay in fp32; none = as loaded",
+                          choices=BASE_DTYPES)
 
 
 @dataclass
@@ -368,6 +373,7 @@ class Config:
                               f"{sc.average_last} (got {t.keep_checkpoints})")
         self._validate_rope()
         self._validate_pack()
+        self._validate_base_dtype()
         self._validate_loss()
 
     def _validate_rope(self) -> None:
@@ -389,6 +395,17 @@ class Config:
                 can = [n for n in registry.names(family) if registry.spec(n).packs]
                 raise ConfigError(f"config: {key} = true: the {self.task} task ({spec.doc}) cannot pack; "
                                   f"{key} applies to {', '.join(can) or 'no task'}")
+
+    def _validate_base_dtype(self) -> None:
+        pc = self.peft
+        if pc.base_dtype == "none":
+            return
+        if not registry.spec(self.task).finetune:
+            raise ConfigError(f"config: peft.base_dtype = {pc.base_dtype}: applies to fine-tuning with peft.method = "
+                              f"lora; the {self.task} task trains its whole model")
+        if pc.method != "lora":
+            raise ConfigError(f"config: peft.base_dtype = {pc.base_dtype} needs peft.method = lora (it is {pc.method}): "
+                              "a quantised base is frozen, so only LoRA's updates can train on it")
 
     def _validate_loss(self) -> None:
         lc, defaults = self.loss, LossConfig()

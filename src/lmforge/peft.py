@@ -34,6 +34,7 @@ from torch import nn
 from lmforge.errors import UserError
 from lmforge.io import atomic_write, write_safetensors
 from lmforge.model.layers import Attention
+from lmforge.quant import QuantLinear, dequantise, is_quantised, linear
 
 # The task heads a fine-tuning model trains in full beside the peft parameters (apply_peft's default).
 TASK_HEADS = ("classifier", "pooler")
@@ -48,7 +49,9 @@ class LoRALinear(nn.Linear):
     """y = x W^T + b + scale * dropout(x) A^T B^T, with A [r, in] and B [out, r], scale = alpha / r.
 
     A subclass of nn.Linear, so `weight` and `bias` keep their names and code that looks for Linear
-    layers (init, FLOP counts) still finds it. B starts at zero: the model starts unchanged."""
+    layers (init, FLOP counts) still finds it. B starts at zero: the model starts unchanged. The base
+    weight may be quantised (peft.base_dtype, quant.py): it is then computed through quant.linear, and
+    merging puts its dequantised values plus the update in its place until unmerge puts it back."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, device=None, dtype=None):
@@ -83,24 +86,44 @@ class LoRALinear(nn.Linear):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return y
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into weight (inference at the base model's cost)."""
-        if not self.merged:
+        """Fold the update into weight (inference at the base model's cost). A quantised base weight is
+        kept aside and replaced by its dequantised values plus the update (for export)."""
+        if self.merged:
+            return
+        if is_quantised(self.weight):
+            self.__dict__["quantised_base"] = self.weight  # not a registered Parameter: no state-dict entry
+            merged = dequantise(self.weight, self.lora_A.dtype) + self.delta_weight()
+            self.weight = nn.Parameter(merged, requires_grad=False)
+        else:
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of weight (equal to the base weight up to float rounding)."""
-        if self.merged:
+        """Take the update back out of weight (equal to the base weight up to float rounding; a quantised
+        base weight exactly: the one kept aside comes back)."""
+        if not self.merged:
+            return
+        base = self.__dict__.pop("quantised_base", None)
+        if base is not None:
+            self.weight = base
+        else:
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
+        self.merged = False
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight, merged or not (quantised where the base is)."""
+        if not self.merged:
+            return self.weight
+        base = self.__dict__.get("quantised_base")
+        return base if base is not None else (self.weight - self.delta_weight().to(self.weight.dtype)).detach()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
@@ -431,7 +454,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     for name, m in lora_layers(model).items():
         if m.merged:
-            state[f"{name}.weight"] = (m.weight - m.delta_weight().to(m.weight.dtype)).detach()
+            state[f"{name}.weight"] = m.base_weight()
     return {k: v for k, v in state.items() if k not in own}
 
 
@@ -442,12 +465,14 @@ def strip_peft(model: nn.Module, merge: bool = False, inplace: bool = False) -> 
     plain = model if inplace else copy.deepcopy(model)
     for name, m in lora_layers(plain).items():
         m.merge() if merge else m.unmerge()
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight, linear.bias = m.weight, m.bias
+        # a quantised base weight (not merged) keeps computing as one
+        cls = QuantLinear if is_quantised(m.weight) else nn.Linear
+        layer = cls(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        layer.weight, layer.bias = m.weight, m.bias
         if hasattr(m, "residual_out"):
-            linear.residual_out = m.residual_out
-        linear.train(m.training)
-        _replace(plain, name, linear)
+            layer.residual_out = m.residual_out
+        layer.train(m.training)
+        _replace(plain, name, layer)
     if hasattr(plain, "blocks"):
         _remove_adapters(plain)
     for name, m in list(plain.named_modules()):

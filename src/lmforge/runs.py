@@ -29,6 +29,7 @@ from lmforge.hf.load import load_hf
 from lmforge.io import atomic_write, load_weights, read_json, read_weights, save_weights, weights_metadata
 from lmforge.model.build import build_model
 from lmforge.peft import apply_peft, peft_method, strip_peft
+from lmforge import quant
 from lmforge.tasks import registry
 from lmforge.train.checkpoint import (CKPT_DIR, checkpoint_model_state, is_sharded, latest_checkpoint,
                                       load_checkpoint, load_model_state)
@@ -131,12 +132,14 @@ def stores_trained_only(cfg) -> bool:
 
 def frozen_fingerprint(model: torch.nn.Module) -> str:
     """A hash of the model's frozen parameters (names, shapes, fp32 values): what a PEFT run's adapter
-    was trained on top of. About a second for 135M parameters."""
+    was trained on top of. About a second for 135M parameters. A quantised weight (peft.base_dtype)
+    counts by its dequantised values, which quantising the same base again reproduces exactly."""
     digest = hashlib.blake2b(digest_size=16)
     for name, p in sorted(model.named_parameters()):
         if not p.requires_grad:
             digest.update(f"{name}{tuple(p.shape)}".encode())
-            digest.update(p.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy())
+            values = quant.dequantise(p.detach(), torch.float32) if quant.is_quantised(p) else p.detach()
+            digest.update(values.to("cpu", torch.float32).contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -170,12 +173,19 @@ def _with_base(cfg, reference: dict, source: Path) -> torch.nn.Module:
     """The run's model, its PEFT modules included, holding its base's weights, which must be those the run
     was trained on (their fingerprint); the trained weights are loaded into it next."""
     base_path = _find_base(cfg, reference, source)
-    model = build_model(cfg)
+    base_dtype = cfg.peft.base_dtype
     if is_hf_folder(base_path):
-        load_hf(base_path, build=lambda _: model)
+        if base_dtype != "none":  # streamed and quantised as the run's own start was
+            model = load_hf(base_path, build=lambda _: build_model(cfg), base_dtype=base_dtype).model
+        else:
+            model = build_model(cfg)
+            load_hf(base_path, build=lambda _: model, base_dtype="none")
     else:
+        model = build_model(cfg)
         base, _, _ = load_as_base(base_path)
         load_matching(model, base.state_dict())
+        del base
+        quant.quantise_model(model, base_dtype)
     apply_peft(model, cfg.peft)
     if frozen_fingerprint(model) != reference[BASE_FINGERPRINT]:
         raise UserError(f"checkpoint: {source}: holds only the trained weights of a PEFT run, and its base "
@@ -249,7 +259,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
             load_weights(model, source)
         else:
             load_model_state(model, state, source)
-    return model.to(device, dtype).eval(), load_tokenizer(run_dir), cfg
+    return quant.to(model, device, dtype).eval(), load_tokenizer(run_dir), cfg
 
 
 def load_as_base(path: str | Path) -> tuple[torch.nn.Module, object, object]:
@@ -258,6 +268,7 @@ def load_as_base(path: str | Path) -> tuple[torch.nn.Module, object, object]:
     the new model would take the base weights and silently drop the update). Adapters and prefixes, which
     do not fold into weights, are refused."""
     model, tok, cfg = load_run(path)
+    quant.dequantise_model(model)  # a run on a quantised base: the fp32 model it computes
     method = peft_method(model)
     if method in ("adapter", "prefix"):
         raise UserError(f"finetune.init_from: {path} is a peft.method = {method} run, whose modules do not fold into "
@@ -269,6 +280,7 @@ def export_weights(checkpoint: Path, out: Path) -> Path:
     """Consolidate a checkpoint of either kind (a sharded one written by several processes included)
     into one safetensors file that `load_run` reads; for `lmforge export`."""
     model, _, _ = load_run(checkpoint)
+    quant.dequantise_model(model)  # a quantised base (peft.base_dtype) is written as its dequantised values
     step = load_checkpoint(checkpoint)["step"]
     save_weights(full_weights(Dist(), model), out, {"step": str(step)})
     return out

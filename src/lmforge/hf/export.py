@@ -21,6 +21,7 @@ from lmforge.hf.load import Imported, load_hf
 from lmforge.hf.tokenizer import special_tokens
 from lmforge.io import atomic_dir, save_weights, write_safetensors
 from lmforge.peft import Adapter, PrefixAttention, lora_layers, peft_method, strip_peft
+from lmforge.quant import dequantise_model
 from lmforge.runs import TOKEN_ID_KEYS, WEIGHTS, hf_side_files, load_run, write_hf_side_files
 from lmforge.tasks import registry
 from lmforge.train.distributed import Dist, full_weights
@@ -173,11 +174,13 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     generation_config.json, chat_template.jinja: a run from an imported model writes its source's side
     files back unchanged); a LoRA run's base model there and its adapter in OUT/adapter in the peft
     library's format (peft.PeftModel.from_pretrained(base, OUT/adapter)), or with `merge` the base plus the
-    LoRA update as one plain model. Returns the config.json written."""
+    LoRA update as one plain model. A run on a quantised base (peft.base_dtype) is written with the base's
+    dequantised values: the weights it computed with. Returns the config.json written."""
 
     out = Path(out)
     _check_out(out, "export")
     trained, tok, cfg = load_run(run)
+    dequantise_model(trained)
     arch = _export_arch(cfg, fmt, run)
     method = peft_method(trained)
     if method not in ("none", "lora"):

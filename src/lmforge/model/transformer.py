@@ -43,6 +43,13 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
+    def reset_buffers(self) -> None:
+        """The buffers computed afresh (the RoPE tables, which are not in a state dict), on the default
+        device: for a model built on the meta device and then loaded tensor by tensor (hf.load's
+        streaming import of a quantised base)."""
+        if self.cfg.pos == "rope":
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg)
+
     def _init(self, module: nn.Module) -> None:
         std = self.cfg.init_std
         if isinstance(module, nn.Linear):

@@ -16,6 +16,7 @@ from lmforge.config import Config, save_config
 from lmforge.errors import UserError
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
+from lmforge import quant
 from lmforge.runs import base_reference, stores_trained_only, write_selection
 from lmforge.tasks import make_task
 from lmforge.train import distributed
@@ -61,6 +62,20 @@ def train(cfg: Config, resume: tuple[Path, dict] | None = None) -> RunResult:
         distributed.teardown(d)
 
 
+def check_base_dtype(cfg: Config, d: distributed.Dist) -> None:
+    """peft.base_dtype (a quantised frozen base for LoRA) where it can run: one process (DDP would broadcast
+    and FSDP shard the torchao weights, which neither supports), torchao installed, an NF4 kernel on the
+    device. One line, before anything is read or written."""
+    base_dtype = cfg.peft.base_dtype
+    if base_dtype == "none":
+        return
+    if d.active:
+        raise UserError(f"config: peft.base_dtype = {base_dtype} trains in one process; under torchrun "
+                        f"(train.parallel = {d.parallel}) DDP and FSDP cannot replicate or shard the quantised "
+                        "weights: run without torchrun, or set peft.base_dtype = none")
+    quant.check(base_dtype, d.device)
+
+
 class Trainer:
     """One run: `__init__` sets it up (resumed where asked), `train` runs the loop. The loop's owners:
     TrainState (the counters), Checkpointer (when and how to save, and the resume), BestKeeper (the best
@@ -70,6 +85,7 @@ class Trainer:
         tc = cfg.train  # a fine-tuning task's setup sets max_steps from its epochs, in place
         self.cfg, self.d, self.precision = cfg, d, precision
         set_tf32(d.device, tc.tf32)
+        check_base_dtype(cfg, d)  # before the task reads anything
         self.scaler = precision.grad_scaler()  # fp16 only
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
@@ -97,6 +113,12 @@ class Trainer:
         if self.base is not None:
             self.say(f"lmforge: peft.method {cfg.peft.method}: checkpoints and the best weights keep only what trains; "
                      f"the frozen rest is read from {self.base['base_model']}")
+        layers = quant.quantised_layers(self.model)
+        if layers:
+            held = sum(quant.storage_bytes(m.weight) for m in layers.values())
+            self.say(f"lmforge: peft.base_dtype {cfg.peft.base_dtype}: {len(layers)} frozen Linear weights of the blocks "
+                     f"held in {held / 2**20:.1f} MiB ({sum(m.weight.numel() for m in layers.values()) * 4 / 2**20:.1f} "
+                     "MiB in fp32); LoRA, embeddings, norms and the head in fp32")
         self.take_step = EagerFallback(self.train_step, self.model, self.optimizer, tc)
 
     def _build(self, pretrained: bool) -> None:
@@ -106,7 +128,7 @@ class Trainer:
         model = self.task.build_model(pretrained=pretrained)
         # what a PEFT run's weights and checkpoints reference instead of copying (fingerprinted before any step)
         self.base = base_reference(cfg, model) if stores_trained_only(cfg) else None
-        self.model = model.to(d.device)
+        self.model = quant.to(model, d.device)
         self.runner = distributed.wrap(d, self.model, tc, self.precision.dtype)  # runner(fn, *args) = fn(model, *args)
         if d.active:
             torch.manual_seed(tc.seed + d.rank)  # but different dropout
