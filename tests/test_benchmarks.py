@@ -37,3 +37,27 @@ def test_sft_vs_hf_smoke_runs_both_sides_and_scores_them_with_one_function(tmp_p
     own, shared = map(float, re.search(r"conversations (\d+\.\d+), the shared evaluation of its export (\d+\.\d+)",
                                        check).groups())
     assert abs(own - shared) < 1e-3, check
+
+
+@pytest.mark.slow  # three subprocesses importing torch and torchao, each a short training run
+def test_qlora_memory_smoke_runs_each_variant_in_its_own_process_and_compares_them(tmp_path):
+    pytest.importorskip("torchao")
+    if not (DATA / "sst2" / "train.txt").is_file():
+        pytest.skip(f"the shared data sets are not at {DATA} (the chat set of scripts/chat_data.py is built from them)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONPYCACHEPREFIX": str(ROOT / ".cache" / "pycache")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qlora_memory.py"), "--smoke"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"RESULT mem_ratio_int8=\d+\.\d\d loss_ratio_int8=\d+\.\d{4} tok_s_ratio_int8=\d+\.\d\d "
+                        r"mem_ratio_nf4=\d+\.\d\d loss_ratio_nf4=\d+\.\d{4} tok_s_ratio_nf4=\d+\.\d\d", lines[-1]), lines[-1]
+    losses = {}
+    for variant in ("fp32", "int8", "nf4"):  # each trained its 2 steps, measured its memory and its dev loss
+        row = next(line for line in lines if line.startswith(f"{variant} ") and " peak " in line)
+        assert re.search(r"tok/s \([\d,]+ real tokens in [\d.]+ s of 2 steps\)", row), row
+        losses[variant] = float(re.search(r"dev loss (\d+\.\d+)", row).group(1))
+    # a random tiny model's loss is ln(vocab) or so on every base: the quantised bases change it little
+    assert abs(losses["int8"] / losses["fp32"] - 1) < 0.01 and abs(losses["nf4"] / losses["fp32"] - 1) < 0.05, losses
+    assert "Failed to load" not in done.stderr + done.stdout  # torchao's CUDA-kernel noise is kept out

@@ -31,6 +31,7 @@ from torch import nn
 
 from lmforge.errors import UserError
 
+MIN_TORCHAO = "0.15"  # the first release with torchao.quantization.Int8Tensor (pyproject's quant extra)
 NF4_BLOCK = 64  # values per NF4 scale (the QLoRA paper's and torchao's block size)
 NF4_SCALER_BLOCK = 256  # NF4 scales per double-quantised second-level scale, at most
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")  # torchao's import logs through these
@@ -66,9 +67,18 @@ def _torchao(base_dtype: str):
         raise UserError(f"config: peft.base_dtype = {base_dtype} needs the torchao library; install it with "
                         "pip install 'lmforge[quant]' (or pip install torchao), or leave peft.base_dtype = none")
     with _quiet():
-        from torchao.quantization import Int8Tensor
-        from torchao.quantization.granularity import PerRow
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
+        import torchao
+
+        try:
+            from torchao.quantization import Int8Tensor
+            from torchao.quantization.granularity import PerRow
+        except ImportError:
+            raise UserError(f"config: peft.base_dtype = {base_dtype} needs torchao {MIN_TORCHAO} or newer (its Int8Tensor); "
+                            f"this is torchao {getattr(torchao, '__version__', '?')}: pip install -U 'lmforge[quant]'") from None
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
+        except ImportError:  # where torchao kept it before
+            from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
     _TYPES = (Int8Tensor, NF4Tensor)
     return Int8Tensor, PerRow, NF4Tensor, to_nf4
 
@@ -106,13 +116,35 @@ def quantise(weight: torch.Tensor, base_dtype: str, name: str = "weight") -> tor
 
 def dequantise(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A quantised weight's values as a plain tensor (in `dtype`, default its own logical dtype); a plain
-    tensor as it is (cast to dtype)."""
+    tensor as it is (cast to dtype). Computed in fp32 and then cast, as torchao's own dequantisation, with
+    the same values, but several times faster on a CPU (every forward and backward pass of a quantised layer
+    dequantises its weight): int8 codes times their row's scale; NF4 through a 256-entry table that decodes
+    both 4-bit codes of a byte at once, times their block's scale."""
     if not is_quantised(weight):
         return weight if dtype is None else weight.to(dtype)
     dtype = dtype or weight.dtype
     if kind(weight) == "int8":
-        return weight.dequantize(dtype)
-    return weight.get_original_weight().to(dtype)
+        return _dequantise_int8(weight).to(dtype)
+    return _dequantise_nf4(weight).to(dtype)
+
+
+def _dequantise_int8(w) -> torch.Tensor:
+    scale = w.scale
+    if w.qdata.dim() != 2 or tuple(scale.shape) != (w.qdata.shape[0], 1):  # not per row: torchao's general path
+        return w.dequantize(torch.float32)
+    if w.zero_point is not None and bool(w.zero_point.any()):  # zero for the symmetric quantisation used here
+        return (w.qdata.to(torch.float32) - w.zero_point.to(torch.float32)) * scale.to(torch.float32)
+    return w.qdata * scale.to(torch.float32)  # one pass: int8 times fp32 is computed in fp32
+
+
+def _dequantise_nf4(w) -> torch.Tensor:
+    if not w.is_contiguous():  # a transposed view: torchao's own path
+        return w.get_original_weight().to(torch.float32)
+    codes = torch.arange(256, device=w.nf4.device)
+    pairs = torch.stack([w.nf4[codes >> 4], w.nf4[codes & 0b1111]], dim=-1)  # byte -> (first, second) value
+    values = pairs.index_select(0, w.quantized_data.to(torch.int32)).view(-1, w.block_size)
+    scalers = w.dequantize_scalers(w.quantized_scalers, w.quantization_factor, w.scaler_block_size)
+    return (values * scalers.unsqueeze(-1)).to(torch.float32).reshape(w.shape)
 
 
 def storage_bytes(t: torch.Tensor) -> int:

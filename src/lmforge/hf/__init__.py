@@ -6,6 +6,7 @@ sliding window, Qwen2 with its q/k/v biases, Qwen3 with its q/k norms), as `save
                 and the map of a LoRA adapter to the peft library's keys
   tokenizer.py  rebuilding a `tokenizers` tokenizer from a folder, and the special-token roles HF names
   load.py       `load_hf(folder, build)`: the lmforge model in memory, built by the caller's builder
+                (with base_dtype int8 / nf4: built on the meta device and streamed in, block weights quantised)
   export.py     `import_hf` (a folder -> a run directory), `export_hf` (a run -> a folder transformers
                 and peft load), `write_peft_adapter`
 
