@@ -160,6 +160,19 @@ def test_lora_on_a_quantised_base_trains_like_on_the_fp32_base_and_the_base_stay
     assert len(cosines) == 16 and min(cosines.values()) > every and sum(cosines.values()) / 16 > mean, cosines
 
 
+def test_activation_checkpointing_recomputes_a_quantised_base_exactly():
+    from lmforge.train.device import set_compiled
+
+    plain, checkpointed = lora(gpt(), "int8"), lora(gpt(), "int8")
+    set_compiled(checkpointed, False, checkpointed=True)
+    clm_loss(plain).backward()
+    clm_loss(checkpointed).backward()
+    grads = dict(plain.named_parameters())
+    for name, p in checkpointed.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_merge_on_a_quantised_base_adds_to_the_dequantised_weight_and_unmerge_gives_it_back():
     model = lora(gpt(), "int8")
     idx = torch.randint(0, 96, (2, 10))
