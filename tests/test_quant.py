@@ -332,7 +332,7 @@ def test_an_int8_run_learns_reloads_resumes_exactly_and_exports_the_dequantised_
     # the run keeps the LoRA matrices only; loaded again (its base quantised again, the fingerprint the same)
     # it evaluates to the loss its training run reported on the same dev set
     report = json.loads((whole / "dev_report.json").read_text())
-    assert evaluate_loss(capsys, whole, dev) == pytest.approx(report["loss"], abs=1e-5)
+    assert evaluate_loss(capsys, whole, dev) == pytest.approx(report["loss"], abs=6e-5)  # RESULT prints 4 decimals
     model, _, cfg = load_run(whole)
     assert cfg.peft.base_dtype == "int8" and quant.base_dtype_of(model) == "int8"
 
@@ -367,8 +367,21 @@ def test_an_nf4_run_trains_and_reloads_on_the_cpu(tmp_path, hf_base, capsys):
     run = finetune(tmp_path, hf_base, train, train, "sft", "--peft.method", "lora", "--peft.base_dtype", "nf4",
                    "--finetune.epochs", "1", "--train.warmup_steps", "0", "--train.precision", "fp32")
     report = json.loads((run / "dev_report.json").read_text())
-    assert evaluate_loss(capsys, run, train) == pytest.approx(report["loss"], abs=1e-5)
+    assert evaluate_loss(capsys, run, train) == pytest.approx(report["loss"], abs=6e-5)  # RESULT prints 4 decimals
     assert quant.base_dtype_of(load_run(run)[0]) == "nf4"
+
+
+@pytest.mark.slow  # a short fine-tuning run
+def test_a_run_directory_base_is_quantised_after_loading(tmp_path, hf_base, capsys):
+    data = [{"prompt": " ".join(w) + " =>", "response": " " + w[0]} for w in sentences(40, 12)]
+    train = write_lines(tmp_path / "sft.jsonl", [json.dumps(d) for d in data])
+    base = hf_base.parent / "run"  # the lmforge run the folder was exported from
+    run = finetune(tmp_path, base, train, train, "sft", "--peft.method", "lora", "--peft.base_dtype", "int8",
+                   "--finetune.epochs", "1", "--train.warmup_steps", "0", "--train.precision", "fp32")
+    report = json.loads((run / "dev_report.json").read_text())
+    assert evaluate_loss(capsys, run, train) == pytest.approx(report["loss"], abs=6e-5)  # RESULT prints 4 decimals
+    model = load_run(run)[0]
+    assert set(quant.quantised_layers(model)) == set(quant.targets(model)) and quant.base_dtype_of(model) == "int8"
 
 
 # -- CUDA ---------------------------------------------------------------------------------------------------

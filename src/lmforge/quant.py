@@ -73,8 +73,9 @@ def _torchao(base_dtype: str):
             from torchao.quantization import Int8Tensor
             from torchao.quantization.granularity import PerRow
         except ImportError:
-            raise UserError(f"config: peft.base_dtype = {base_dtype} needs torchao {MIN_TORCHAO} or newer (its Int8Tensor); "
-                            f"this is torchao {getattr(torchao, '__version__', '?')}: pip install -U 'lmforge[quant]'") from None
+            found = getattr(torchao, "__version__", "?")
+            raise UserError(f"config: peft.base_dtype = {base_dtype} needs torchao {MIN_TORCHAO} or newer (its "
+                            f"Int8Tensor); this is torchao {found}: pip install -U 'lmforge[quant]'") from None
         try:
             from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
         except ImportError:  # where torchao kept it before

@@ -11,6 +11,7 @@ so the import never holds the full-precision base at once."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import json
 import struct
@@ -301,8 +302,23 @@ def _stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     return found.pop() if len(found) == 1 else torch.float32
 
 
+_BASE_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("lmforge_import_base_dtype", default="none")
+
+
+@contextlib.contextmanager
+def quantised_imports(base_dtype: str):
+    """Inside the block, load_hf calls that do not say a base_dtype import with this one: the training loop
+    sets peft.base_dtype around a task's set-up, so that the task's own import of its pretrained model
+    streams into quantised layers without the task knowing of quantisation."""
+    token = _BASE_DTYPE.set(base_dtype)
+    try:
+        yield
+    finally:
+        _BASE_DTYPE.reset(token)
+
+
 def load_hf(folder: str | Path, build: Callable | None = None, dtype: torch.dtype | None = torch.float32,
-            base_dtype: str = "none") -> Imported:
+            base_dtype: str | None = None) -> Imported:
     """A Hugging Face model folder -> the equivalent lmforge model, its tokenizer and config, in memory.
 
     build(config) makes the model to fill instead of the arch's own (a fine-tuning model on the same
@@ -313,7 +329,7 @@ def load_hf(folder: str | Path, build: Callable | None = None, dtype: torch.dtyp
     the memory, for inference). Training and import keep fp32: autocast expects fp32 master weights.
 
     base_dtype: int8 or nf4 quantises every Linear of the blocks while streaming the checkpoint in (see the
-    module's doc); none copies it into a model built as usual."""
+    module's doc); none copies it into a model built as usual; None (the default) takes quantised_imports'."""
     folder = Path(folder)
     where = f"hf: {folder}"
     if not (folder / "config.json").is_file():
@@ -321,6 +337,7 @@ def load_hf(folder: str | Path, build: Callable | None = None, dtype: torch.dtyp
     hf_cfg = read_json(folder / "config.json", where)
     arch, source = _find_arch(hf_cfg, where)
     tok, notes = hf_tokenizer(folder, where)
+    base_dtype = _BASE_DTYPE.get() if base_dtype is None else base_dtype
     streaming = base_dtype != "none"
     if streaming:
         quant.check(base_dtype, torch.device("cpu"))  # torchao missing: one line before reading anything

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import Config, save_config
+from lmforge.hf.load import quantised_imports
 from lmforge.errors import UserError
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
@@ -91,8 +92,10 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.task = make_task(cfg)
         self.task.shard = (d.rank, d.world)
-        with distributed.main_first(d):  # rank 0 fills the token cache, the others then read it
-            self.task.setup()  # the task's one set-up; bad data stops the run here, before anything is written
+        with distributed.main_first(d), quantised_imports(cfg.peft.base_dtype):  # rank 0 fills the token cache first
+            # the task's one set-up; bad data stops the run here, before anything is written. A pretrained model
+            # it imports from a Hugging Face folder streams into quantised layers where peft.base_dtype says so
+            self.task.setup()
         # a PEFT run's checkpoints hold only what trains: it resumes on its base's weights too
         self._build(pretrained=resume is None or stores_trained_only(cfg))
         self.run_dir = new_run_dir(cfg)
@@ -115,10 +118,10 @@ class Trainer:
                      f"the frozen rest is read from {self.base['base_model']}")
         layers = quant.quantised_layers(self.model)
         if layers:
-            held = sum(quant.storage_bytes(m.weight) for m in layers.values())
-            self.say(f"lmforge: peft.base_dtype {cfg.peft.base_dtype}: {len(layers)} frozen Linear weights of the blocks "
-                     f"held in {held / 2**20:.1f} MiB ({sum(m.weight.numel() for m in layers.values()) * 4 / 2**20:.1f} "
-                     "MiB in fp32); LoRA, embeddings, norms and the head in fp32")
+            held = sum(quant.storage_bytes(m.weight) for m in layers.values()) / 2**20
+            fp32 = sum(m.weight.numel() for m in layers.values()) * 4 / 2**20
+            self.say(f"lmforge: peft.base_dtype {cfg.peft.base_dtype}: {len(layers)} frozen Linear weights of the "
+                     f"blocks held in {held:.1f} MiB ({fp32:.1f} MiB in fp32); LoRA, embeddings, norms and the head in fp32")
         self.take_step = EagerFallback(self.train_step, self.model, self.optimizer, tc)
 
     def _build(self, pretrained: bool) -> None:
@@ -126,6 +129,9 @@ class Trainer:
         cfg, tc, d = self.cfg, self.cfg.train, self.d
         # the same initial weights on every rank (FSDP shards them as they are)
         model = self.task.build_model(pretrained=pretrained)
+        # peft.base_dtype: a base the import did not quantise as it streamed (one from a run directory) is
+        # quantised here, layer by layer; layers quantised already are left as they are
+        quant.quantise_model(model, cfg.peft.base_dtype)
         # what a PEFT run's weights and checkpoints reference instead of copying (fingerprinted before any step)
         self.base = base_reference(cfg, model) if stores_trained_only(cfg) else None
         self.model = quant.to(model, d.device)
