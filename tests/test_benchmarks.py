@@ -60,4 +60,3 @@ def test_qlora_memory_smoke_runs_each_variant_in_its_own_process_and_compares_th
         losses[variant] = float(re.search(r"dev loss (\d+\.\d+)", row).group(1))
     # a random tiny model's loss is ln(vocab) or so on every base: the quantised bases change it little
     assert abs(losses["int8"] / losses["fp32"] - 1) < 0.01 and abs(losses["nf4"] / losses["fp32"] - 1) < 0.05, losses
-    assert "Failed to load" not in done.stderr + done.stdout  # torchao's CUDA-kernel noise is kept out
