@@ -21,6 +21,7 @@ it), with its start-up log lines about CUDA kernels that a CPU machine cannot lo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import warnings
@@ -265,7 +266,27 @@ def quantise_model(model: nn.Module, base_dtype: str) -> nn.Module:
         layer = model.get_submodule(name)
         if not is_quantised(layer.weight):
             set_quantised(layer, layer.weight, base_dtype, f"{name}.weight")
+            release_freed()
     return model
+
+
+def release_freed() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere). Quantising a
+    weight frees its full-precision temporaries (the tensor read, q/k/v or gate/up joined, quantisation's
+    intermediates) at once, but glibc keeps freed blocks of these sizes resident: the streamed int8 import of
+    SmolLM2-135M ended at 550 MiB resident for 210 MiB of weights. Trimmed after each weight, it peaks at
+    234 MiB: what the model holds plus one weight's temporaries."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None  # libc's malloc_trim, once looked up (False where there is none)
 
 
 def quantised_layers(model: nn.Module) -> dict[str, nn.Linear]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import json
 import struct
 from dataclasses import dataclass
@@ -214,25 +213,6 @@ def _load_weights(model: torch.nn.Module, arch: Arch, hf: dict[str, torch.Tensor
     return notes, _modules(fresh).split(", ") if fresh else []
 
 
-def _release_freed() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere). Each weight's
-    full-precision temporaries (the tensors read, q/k/v or gate/up joined, quantisation's intermediates) are
-    freed as soon as it is quantised, but glibc keeps freed blocks of these sizes resident, and the import of
-    SmolLM2-135M to int8 then ends at 550 MiB resident for 210 MiB of weights; trimmed after each weight, the
-    resident memory stays at what the model holds plus one weight's temporaries."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None  # libc's malloc_trim, once looked up (False where there is none)
-
-
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, param)
@@ -259,7 +239,7 @@ def _stream(model: nn.Module, arch: Arch, hf: dict, mapping: dict[str, tuple[str
             module = model.get_submodule(lm.rpartition(".")[0])
             quant.set_quantised(module, tensor.to(torch.float32), base_dtype, lm)
             del tensor
-            _release_freed()
+            quant.release_freed()
             continue
         param = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=params[lm].requires_grad)
         for alias in names_of[id(params[lm])]:  # one Parameter under each name of a tied weight
