@@ -112,16 +112,6 @@ def tiny_model(folder: Path, train_file: Path) -> Path:
     return folder
 
 
-def smollm_folder(args, tmp: Path) -> Path:
-    if args.smollm:
-        folder = Path(args.smollm)
-        if not (folder / "config.json").is_file():
-            sys.exit(f"qlora_memory: --smollm {folder}: no config.json (expected scripts/smollm2_to_hf.py's folder)")
-        return folder
-    print("converting SmolLM2-135M-Instruct (scripts/smollm2_to_hf.py; --smollm DIR reuses a folder) ...", flush=True)
-    return load_script("smollm2_to_hf").convert(tmp / "smollm2")
-
-
 def run_variant(variant: str, spec: Path, out: Path, threads: int) -> dict:
     """This script with --variant in a fresh process; its measurements from the JSON file it writes."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -202,15 +192,10 @@ def child(args) -> None:
 
 
 def main() -> None:
+    from sft_vs_hf import lora_sft_options, smollm_folder
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps (each variant)")
-    ap.add_argument("--batch", type=int, default=16, help="conversations per step")
-    ap.add_argument("--max-length", type=int, default=256, help="tokens per conversation (and per packed row)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: a tenth of --steps)")
-    ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / rank)")
-    ap.add_argument("--seed", type=int, default=42)
+    lora_sft_options(ap)
     ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32", help="train.precision of every variant")
     ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="train.activation_checkpointing in every variant (default on, as QLoRA trains: each block keeps "
@@ -258,7 +243,7 @@ def main() -> None:
         train_file, dev_file = tmp / "train.jsonl", tmp / "dev.jsonl"
         train_file.write_text(chat_data.jsonl(sets["train"]), encoding="utf-8")
         dev_file.write_text(chat_data.jsonl(sets["dev"]), encoding="utf-8")
-        model_dir = tiny_model(tmp / "tiny", train_file) if args.smoke else smollm_folder(args, tmp)
+        model_dir = tiny_model(tmp / "tiny", train_file) if args.smoke else smollm_folder(args, tmp, "qlora_memory")
         spec = {"model": str(model_dir), "train": str(train_file), "dev": str(dev_file), "max_length": args.max_length,
                 "batch": args.batch, "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
                 "rank": args.rank, "alpha": args.alpha, "precision": args.precision, "checkpointing": args.checkpointing,

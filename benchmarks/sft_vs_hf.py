@@ -121,11 +121,12 @@ def release_memory() -> None:
 # -- the model ---------------------------------------------------------------------------------------
 
 
-def smollm_folder(args, tmp: Path) -> Path:
+def smollm_folder(args, tmp: Path, benchmark: str = "sft_vs_hf") -> Path:
+    """--smollm's folder, or SmolLM2 converted into `tmp` (this benchmark's and qlora_memory.py's)."""
     if args.smollm:
         folder = Path(args.smollm)
         if not (folder / "config.json").is_file():
-            sys.exit(f"sft_vs_hf: --smollm {folder}: no config.json (expected scripts/smollm2_to_hf.py's folder)")
+            sys.exit(f"{benchmark}: --smollm {folder}: no config.json (expected scripts/smollm2_to_hf.py's folder)")
         return folder
     print("converting SmolLM2-135M-Instruct (scripts/smollm2_to_hf.py; --smollm DIR reuses a folder) ...", flush=True)
     return load_script("smollm2_to_hf").convert(tmp / "smollm2")
@@ -388,9 +389,9 @@ def dev_loss(model, rows, batch: int = 8) -> float:
 # -- the run -----------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps on both sides")
+def lora_sft_options(ap: argparse.ArgumentParser) -> None:
+    """The LoRA SFT settings both chat-SFT benchmarks take (this one and qlora_memory.py)."""
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps (each side, each variant)")
     ap.add_argument("--batch", type=int, default=16, help="conversations per step")
     ap.add_argument("--max-length", type=int, default=256, help="tokens per conversation (and per packed row)")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -398,6 +399,11 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / rank)")
     ap.add_argument("--seed", type=int, default=42)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    lora_sft_options(ap)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="fp32, or bf16 autocast (both sides)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     ap.add_argument("--train", type=int, default=None, metavar="N", help="use the first N training conversations")

@@ -345,12 +345,17 @@ def missing(data: Path = DATA) -> list[Path]:
 
 
 def write(out_dir: Path, seed: int, n_train: int, n_dev: int, data: Path = DATA) -> dict[str, Path]:
-    sets = build(seed, n_train, n_dev, data)
+    return write_splits(out_dir, {split: [{"messages": m} for m in conversations]
+                                  for split, conversations in build(seed, n_train, n_dev, data).items()})
+
+
+def write_splits(out_dir: Path, sets: dict[str, list[dict]]) -> dict[str, Path]:
+    """OUT_DIR/SPLIT.jsonl for each split's lines (JSON objects, non-ASCII kept): the paths by split."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, conversations in sets.items():
+    for split, lines in sets.items():
         paths[split] = out_dir / f"{split}.jsonl"
-        paths[split].write_bytes(jsonl(conversations).encode("utf-8"))
+        paths[split].write_bytes("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
     return paths
 
 

@@ -206,18 +206,8 @@ def build(seed: int, n_train: int, n_dev: int, data: Path = DATA) -> dict[str, l
     return {split: pairs(chats[split], kinds[split], random.Random(f"pref-{seed}-{split}")) for split in chats}
 
 
-def jsonl(lines: list[dict]) -> str:
-    return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-
-
 def write(out_dir: Path, seed: int, n_train: int, n_dev: int, data: Path = DATA) -> dict[str, Path]:
-    sets = build(seed, n_train, n_dev, data)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, lines in sets.items():
-        paths[split] = out_dir / f"{split}.jsonl"
-        paths[split].write_bytes(jsonl(lines).encode("utf-8"))
-    return paths
+    return chat_data.write_splits(out_dir, build(seed, n_train, n_dev, data))
 
 
 def shares(lines: list[dict], key: str = "corruption") -> dict[str, float]:

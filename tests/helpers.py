@@ -247,3 +247,35 @@ SEQ2SEQ_TINY = ["--model.n_layer", "2", "--model.n_head", "4", "--model.d_model"
 # The GPU tier's device: cuda, or what LMFORGE_GPU_TEST_DEVICE names (cpu: a dry run of the tier's own
 # logic on a machine without a GPU; its CUDA-versus-CPU comparisons then compare the CPU with itself).
 GPU_TEST_DEVICE = os.environ.get("LMFORGE_GPU_TEST_DEVICE", "cuda")
+
+
+def one_line_error(capsys, argv: list[str], *expected: str) -> str:
+    """`lmforge ARGV` fails as a user error should: exit 2, one line on stderr naming each of `expected`."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmforge: error: "), err
+    for text in expected:
+        assert text in err[0], err[0]
+    return err[0]
+
+
+class FixedBatches:
+    """A train_batches() stand-in: the given batches, in order, forever."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return {k: v.clone() for k, v in b.items()}
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]

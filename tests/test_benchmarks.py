@@ -14,16 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
+def benchmark_env() -> dict[str, str]:
+    """A benchmark subprocess's environment: lmforge's source first, and bytecode cached under .cache/ as
+    `make test-fast` does (peft, transformers and torchao otherwise recompile at each start)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONPYCACHEPREFIX": str(ROOT / ".cache" / "pycache")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 @pytest.mark.slow  # a subprocess importing torch, transformers and peft, and two short training runs
 def test_sft_vs_hf_smoke_runs_both_sides_and_scores_them_with_one_function(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     if not (DATA / "sst2" / "train.txt").is_file():
         pytest.skip(f"the shared data sets are not at {DATA} (the chat set of scripts/chat_data.py is built from them)")
-    # bytecode cached under .cache/ as `make test-fast` does: peft and transformers otherwise recompile each start
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "PYTHONPYCACHEPREFIX": str(ROOT / ".cache" / "pycache")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = benchmark_env()
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sft_vs_hf.py"), "--smoke"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -44,9 +50,7 @@ def test_qlora_memory_smoke_runs_each_variant_in_its_own_process_and_compares_th
     pytest.importorskip("torchao")
     if not (DATA / "sst2" / "train.txt").is_file():
         pytest.skip(f"the shared data sets are not at {DATA} (the chat set of scripts/chat_data.py is built from them)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "PYTHONPYCACHEPREFIX": str(ROOT / ".cache" / "pycache")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = benchmark_env()
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qlora_memory.py"), "--smoke"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import (SHARED_DATA, classify_files, conll_lines, finetune, make_base, read_metrics, sentences,
-                      sentiment, write_lines)
+from helpers import (SHARED_DATA, classify_files, conll_lines, finetune, make_base, one_line_error, read_metrics,
+                     sentences, sentiment, write_lines)
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml
 from lmforge.data.labelled import read_examples
@@ -323,16 +323,6 @@ def test_fgm_and_pgd_runs_train(tmp_path, encoder):
 
 
 # -- mistakes -----------------------------------------------------------------------------------------
-
-
-def one_line_error(capsys, argv: list[str], *expected: str) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lmforge: error: "), err
-    for text in expected:
-        assert text in err[0], err[0]
-    return err[0]
 
 
 @pytest.mark.slow  # a fine-tuning run

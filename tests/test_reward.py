@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import SHARED_DATA, finetune, make_base, read_metrics, sentences, server, write_lines
+from helpers import (SHARED_DATA, FixedBatches, finetune, make_base, one_line_error, read_metrics, sentences, server,
+                     write_lines)
 from lmforge import chat
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml
@@ -65,16 +66,6 @@ def reward_task(base: Path, train: Path, *overrides: tuple[str, object]) -> Rewa
     task = make_task(cfg)
     task.setup()
     return task
-
-
-def one_line_error(capsys, argv: list[str], *expected: str) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lmforge: error: "), err
-    for text in expected:
-        assert text in err[0], err[0]
-    return err[0]
 
 
 # -- the loss ---------------------------------------------------------------------------------------
@@ -168,27 +159,6 @@ def test_pairs_are_read_as_the_model_reads_them_chosen_rows_first(tmp_path, chat
         assert row.segments == [0] * (len(a) + 2) + [1] * (len(b) + 1)
     assert task.cfg.finetune.pooling == "cls"  # the tiny encoder has no trained pooler
     assert task.build_model().classifier.out_features == 1
-
-
-class FixedBatches:
-    """A train_batches() stand-in: the given batches, in order, forever."""
-
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        return {k: v.clone() for k, v in b.items()}
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, state):
-        self.i = state["i"]
 
 
 @pytest.mark.slow  # two training runs

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from helpers import read_metrics, shakespeare_text, tiny_config, write_corpus
+from helpers import FixedBatches, read_metrics, shakespeare_text, tiny_config, write_corpus
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml
 from lmforge.losses import IGNORE_INDEX
@@ -116,27 +116,6 @@ def test_resume_can_extend_max_steps(tmp_path):
     assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, 8))
     assert ckpt(run, 7).is_file()
     assert read_yaml(run / "config.yaml")["train"]["max_steps"] == 7
-
-
-class FixedBatches:
-    """A train_batches() stand-in: the given batches, in order, forever."""
-
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        return {k: v.clone() for k, v in b.items()}
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, state):
-        self.i = state["i"]
 
 
 @pytest.mark.slow
