@@ -25,12 +25,13 @@ Measured there:
 Goals (issue): int8 peak memory <= 0.5x the fp32 base's; int8 dev loss within 3% of the fp32 base's.
 
 What decides the memory ratio (measured on this 2-core CPU, SmolLM2-135M): importing the fp32 base peaks at
-1,566 MiB above the baseline (the plain import holds the checkpoint, its fused tensors and the model at once)
-and leaves 550 MiB resident; the streamed int8 import peaks at 234 MiB (210 MiB of parameters: 102 MiB of
-int8 block weights, the 108 MiB fp32 embedding that is also the head, the norms), nf4 at 318 MiB (160 MiB
-held). The training steps then add the activations, the same for every variant: without checkpointing
-about 1.1 GB for 2 steps of 4 conversations already, so the activations, not the base, decide the peak of
-any batch worth training on (0.87x for int8 there); with checkpointing the blocks keep their inputs only.
+1,573 MiB above the baseline (the plain import holds the checkpoint, its fused tensors and the model at once)
+and leaves 550 MiB resident; the streamed int8 import peaks at 259 MiB (210 MiB of parameters: 102 MiB of
+int8 block weights, the 108 MiB fp32 embedding that is also the head, the norms), nf4 at 330 MiB. The
+training steps then add the activations, the same for every variant: with checkpointing the blocks keep
+their inputs only. Each variant runs with glibc's mmap threshold fixed (MMAP_THRESHOLD): with glibc's
+default the heap keeps 1-1.5 GB of freed activations resident after a few steps in every variant, and the
+steps' peak says more about the allocator than about the base (int8 1.02x of fp32 in the first full run).
 Last line: RESULT mem_ratio_int8=... loss_ratio_int8=... tok_s_ratio_int8=... (mem_ratio_nf4=... loss_ratio_nf4=...
 tok_s_ratio_nf4=... where nf4 ran); each ratio is the variant's over the fp32 base's.
 
@@ -112,9 +113,20 @@ def tiny_model(folder: Path, train_file: Path) -> Path:
     return folder
 
 
-def run_variant(variant: str, spec: Path, out: Path, threads: int) -> dict:
+# glibc's malloc serves a large block from its heap once a block that size has been freed (its mmap threshold
+# rises up to 32 MiB), and keeps freed heap memory resident: after a few steps the process holds 1-1.5 GB it
+# does not use, the same in every variant, which hid the base's share (steps peak 2,059 MiB for the fp32 base
+# in 2 steps; 807 MiB with the threshold fixed). Every variant runs with the threshold fixed at 64 KiB, so a
+# large tensor is returned to the system when freed and the high-water mark is what the run needs (tokens/s
+# pays for the page faults in every variant alike). --glibc-default measures the process as it runs by default.
+MMAP_THRESHOLD = "65536"
+
+
+def run_variant(variant: str, spec: Path, out: Path, threads: int, glibc_default: bool = False) -> dict:
     """This script with --variant in a fresh process; its measurements from the JSON file it writes."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--spec", str(spec), "--out", str(out),
            "--threads", str(threads)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -203,6 +215,7 @@ def main() -> None:
                          "the activations of a batch of 16 then outweigh the whole base)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of fp32 (always run), int8, nf4")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each variant (default: torch's)")
+    ap.add_argument("--glibc-default", action="store_true", help="leave glibc's mmap threshold as it is (see MMAP_THRESHOLD)")
     ap.add_argument("--train", type=int, default=None, metavar="N", help="use the first N training conversations")
     ap.add_argument("--dev", type=int, default=None, metavar="N", help="evaluate the first N dev conversations")
     ap.add_argument("--data-seed", type=int, default=0, help="scripts/chat_data.py's --seed")
@@ -251,7 +264,8 @@ def main() -> None:
         (tmp / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
         print(f"LoRA chat SFT of {'a tiny random Llama (--smoke)' if args.smoke else 'SmolLM2-135M-Instruct'} with its "
               f"frozen base in {', '.join(variants)}; torch {torch.__version__}, CPU, {threads} threads, {args.precision}"
-              f"{', activation checkpointing' if args.checkpointing else ''}")
+              f"{', activation checkpointing' if args.checkpointing else ''}, glibc mmap threshold "
+              f"{'as glibc sets it' if args.glibc_default else MMAP_THRESHOLD + ' bytes (MMAP_THRESHOLD)'}")
         print(f"settings (every variant, each in a fresh process): {len(sets['train'])} train and {len(sets['dev'])} dev "
               f"conversations, {args.steps} steps of {args.batch}, packed rows of {args.max_length}, LoRA r {args.rank} "
               f"alpha {args.alpha:g} on qkv, proj, up, down, AdamW lr {args.lr:g} (warmup {args.warmup}, cosine to 0), "
@@ -259,7 +273,7 @@ def main() -> None:
         res = {}
         for variant in variants:
             load = os.getloadavg()[0]
-            res[variant] = run_variant(variant, tmp / "spec.json", tmp / f"{variant}.json", threads)
+            res[variant] = run_variant(variant, tmp / "spec.json", tmp / f"{variant}.json", threads, args.glibc_default)
             print(f"{variant} done: {res[variant]['train_s']:.1f} s in training steps (load average {load:.1f} before, "
                   f"{os.getloadavg()[0]:.1f} after)", flush=True)
     wall = time.perf_counter() - wall
