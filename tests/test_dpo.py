@@ -413,3 +413,26 @@ def test_lora_dpo_on_two_ranks_equals_one_process(base, tmp_path, parallel):
     assert len(one) == 3 and [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert read_metrics(tmp_path / "two", "val")[-1]["reward_accuracy"] == \
         pytest.approx(read_metrics(tmp_path / "one", "val")[-1]["reward_accuracy"])
+
+
+def test_lora_dpo_on_an_int8_base_refers_to_the_quantised_base(base, tmp_path):
+    pytest.importorskip("torchao")
+    from lmforge import quant
+
+    train = write_pairs(tmp_path / "pairs.jsonl", pair_lines(12, 27))
+    task = dpo_task(base, train, peft={"method": "lora", "base_dtype": "int8"})
+    model = task.build_model(pretrained=True)
+    plain = [task.answer_logprobs(model.eval(), task.collate(task.train_rows[:4], task.train_examples[:4])).detach()]
+    quant.quantise_model(model, "int8")  # as the loop does for a base from a run directory
+    assert quant.quantised_layers(model)
+    batch = task.collate(task.train_rows[:4], task.train_examples[:4])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.fill_(0.05)
+    reference = task.reference_logprobs(model, batch)
+    torch.testing.assert_close(reference, plain[0], atol=0.05, rtol=0.01)  # the base, up to int8 rounding
+    assert not torch.allclose(task.answer_logprobs(model, batch).detach(), reference)
+    task.loss(model.train(), batch).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(n.endswith(("lora_A", "lora_B")) for n in grads)
