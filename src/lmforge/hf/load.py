@@ -80,7 +80,7 @@ class Stored:
 
     def load(self) -> torch.Tensor:
         if not self.nbytes:
-            return torch.empty(self.shape, dtype=self.dtype)
+            return torch.empty(self.shape, dtype=self.dtype, device="cpu")
         buffer = bytearray(self.nbytes)
         try:
             with open(self.path, "rb") as f:

@@ -96,9 +96,9 @@ class DPOTask(SFTTask):
     def encode_all(self, examples: list[Example], path: str) -> list[Answers]:
         """Each example's two answers rendered after its prompt as sft renders them; an answer that has no
         token left after the template and the length limit is an error naming its line."""
-        if any(e.label is None for e in examples):
-            e = next(e for e in examples if e.label is None)
-            raise UserError(f"{path}:{e.line}: no '{self.cfg.finetune.chosen_field}' and "
+        unpaired = next((e for e in examples if e.label is None), None)
+        if unpaired is not None:
+            raise UserError(f"{path}:{unpaired.line}: no '{self.cfg.finetune.chosen_field}' and "
                             f"'{self.cfg.finetune.rejected_field}' answers; expected a preference pair")
         sides = [super(DPOTask, self).encode_all([with_answer(e, e.label[k]) for e in examples], path) for k in (0, 1)]
         for e, chosen, rejected in zip(examples, *sides):
@@ -107,9 +107,6 @@ class DPOTask(SFTTask):
                     raise UserError(f"{path}:{e.line}: the {name} answer has no tokens after the chat template and "
                                     f"finetune.max_length = {self.max_length}; expected a non-empty answer")
         return [Answers([c, r]) for c, r in zip(*sides)]
-
-    def targets(self, rows, examples):
-        raise NotImplementedError  # collate() builds the whole batch
 
     def collate(self, rows: list[Answers], examples: list[Example]) -> dict[str, torch.Tensor]:
         """2B sequences, the chosen answers then the rejected ones: input, target, `sequence` (the index of
