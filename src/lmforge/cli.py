@@ -596,7 +596,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except OSError as e:  # a write the code did not expect to fail: a full or read-only disk is still one line
+        from lmforge.io import write_fault
+
+        fault = write_fault(Path(e.filename or "."), e)
+        if fault is None:
+            raise
+        print(f"lmforge: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130

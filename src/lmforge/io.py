@@ -6,6 +6,8 @@ directory, the caches, exports and reports all write through it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file
 
-from lmforge.errors import UserError
+from lmforge.errors import EnvironmentFault, UserError
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,28 +29,121 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename it to `path`: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+# -- a failed write is the machine's fault or the user's, in one line --------------------------------------
+
+# what the messages of libraries that do not raise OSError (torch.save's zip writer, safetensors' and
+# tokenizers' Rust code) say when the disk is full
+_FULL_DISK_WORDS = ("No space left", "os error 28", "StorageFull", "file write failed", "unexpected pos")
+
+
+def free_space(path: Path) -> str:
+    """The free space on the file system that holds `path` (its nearest existing parent), for a message."""
+    for folder in [path, *path.parents]:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+            return f"{free / 2**20:.1f} MiB free" if free < 2**30 else f"{free / 2**30:.1f} GiB free"
+    return "free space unknown"
+
+
+def write_fault(path: Path, e: BaseException) -> UserError | None:
+    """The one line for a write of `path` that failed with `e`, or None where `e` is not about the file
+    system (a bug, which keeps its traceback)."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and any(w in str(e) for w in _FULL_DISK_WORDS)):
+        return EnvironmentFault(f"{path}: cannot be written: the disk is full ({free_space(path)}); free some space or "
+                                "write elsewhere")
+    if code == errno.EROFS:
+        return EnvironmentFault(f"{path}: cannot be written: the file system is read-only; write elsewhere")
+    if code in (errno.EACCES, errno.EPERM):
+        return EnvironmentFault(f"{path}: cannot be written: permission denied; write elsewhere")
+    if code == errno.EISDIR:
+        return UserError(f"{path}: is a folder; expected the path of a file to write")
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return UserError(f"{path}: a file is in the way ({e.strerror}); expected a folder there, or no file")
+    if isinstance(e, OSError):
+        return EnvironmentFault(f"{path}: cannot be written ({e.strerror or e})")
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Whatever is written under `path` inside this block: a file system that refuses it is one line."""
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # OSError, and the libraries' own errors for a full disk
+        fault = write_fault(Path(path), e)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+# -- writes that are whole or absent ---------------------------------------------------------------------
+
+TEMP_TAG = ".tmp"  # a write in progress: .NAME.tmp-PID beside its target (.NAME.tmp: a sharded checkpoint's)
+
+
+def temp_path(path: Path) -> Path:
+    """Where a write of `path` goes first: a hidden sibling named after the writing process."""
+    return path.with_name(f".{path.name}{TEMP_TAG}-{os.getpid()}")
+
+
+def _writer_gone(name: str) -> bool:
+    """A temp name's writer has exited (a killed write), as far as this machine can tell."""
+    pid = name.rpartition(f"{TEMP_TAG}-")[2]
+    if not pid.isdigit():
+        return True  # no process of its own: a sharded checkpoint's folder, stale once the run starts again
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
+
+
+def sweep_temps(folder: Path) -> list[Path]:
+    """Remove what killed writes left in `folder` (temp files and folders whose process has exited); the
+    removed paths, for a note."""
+    swept = []
+    for p in folder.glob(f".*{TEMP_TAG}*") if folder.is_dir() else []:
+        if _writer_gone(p.name):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                swept.append(p)
+    return swept
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync it, then rename it to `path`: readers see the old file or the new one.
+    A full or read-only disk is one line, and leaves neither a temp file nor half a file."""
+    tmp = temp_path(path)
+    try:
+        with writing(path):
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_dir(final: Path, fill) -> None:
     """fill(tmp) builds a temporary sibling folder that is then renamed to `final` (replacing an empty
     folder there), so no reader sees half of it and a failure leaves nothing at `final`."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = temp_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        fill(tmp)
-        os.replace(tmp, final)
+        with writing(final):
+            tmp.mkdir(parents=True)
+            fill(tmp)
+            os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
