@@ -33,6 +33,7 @@ def setup_files(tmp: Path) -> None:
     (tmp / "bad_yaml.yaml").write_text("train:\n  lr: 0.1\n  batch_size: [1, 2\nmodel: {}\n")
     (tmp / "unknown_key.yaml").write_text("model:\n  n_layer: 2\n  d_modle: 64\n")
     (tmp / "busy_run" / "checkpoints").mkdir(parents=True)
+    (tmp / "busy_run" / "checkpoints" / "step_00000002.pt").write_bytes(b"a checkpoint")  # a run that saved one
     (tmp / "busy_run" / "config.yaml").write_text("task: clm\n")
 
 

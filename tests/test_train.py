@@ -227,27 +227,36 @@ def test_resume_auto_skips_damaged_checkpoint(tmp_path, capsys):
     ckpt(run, 4).write_bytes(b"not a checkpoint" * 100)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "split": "tr')  # a crash in the middle of a write
+    capsys.readouterr()
 
     run_dir, (path, state) = find_resume("auto", tmp_path / "runs", run)
     assert (run_dir, path, state["step"]) == (run, ckpt(run, 2), 2)
+    err = capsys.readouterr().err
+    assert "set aside as step_00000004.pt.damaged" in err and err.count("\n") == 1
+    assert (run / "checkpoints" / "step_00000004.pt.damaged").is_file()  # kept, not deleted
     # auto without a run directory finds the newest run under out_dir
     run_dir, (path, _) = find_resume("auto", tmp_path, None)
     assert (run_dir, path) == (run, ckpt(run, 2))
     for name, value in good["model"].items():
         assert torch.equal(state["model"][name], value)
-    capsys.readouterr()
 
     assert main(["pretrain", "--resume", "auto", "--log.run_dir", str(run)]) == 0
     out = capsys.readouterr()
-    assert "skipping" in out.err and ckpt(run, 4).name in out.err
     assert f"from {ckpt(run, 2).name} (step 2)" in out.out
-    assert load_checkpoint(ckpt(run, 4))["step"] == 4  # the damaged file was replaced by a good one
+    assert load_checkpoint(ckpt(run, 4))["step"] == 4  # a good step 4 beside the damaged one
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4]
 
-    # every checkpoint damaged: an error in one line, not a silent fresh start or a confusing message
+    # every checkpoint damaged: --resume auto says so, sets them aside and starts the run over
     for step in (2, 4):
         ckpt(run, step).write_bytes(b"\0" * 64)
-    assert main(["pretrain", "--resume", "auto", "--log.run_dir", str(run)]) == 2
+    assert main(["pretrain", "--resume", "auto", "--log.run_dir", str(run)]) == 0
+    out = capsys.readouterr()
+    assert out.err.count("set aside") == 2 and "starting the run from step 0" in out.out
+    assert load_checkpoint(ckpt(run, 4))["step"] == 4 and load_checkpoint(ckpt(run, 2))["step"] == 2
+    # naming the run itself (not auto) still refuses a run whose checkpoints are all damaged
+    for step in (2, 4):
+        ckpt(run, step).write_bytes(b"\0" * 64)
+    assert main(["pretrain", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lmforge: error: checkpoint: none of the 2 checkpoints")
 

@@ -7,6 +7,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -97,6 +98,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 def cmd_train(args) -> int:
     """pretrain and finetune: one loop, different defaults."""
     from lmforge.config import load_config, read_yaml
+    from lmforge.runs import WEIGHTS
     from lmforge.tasks import registry
     from lmforge.train.checkpoint import find_resume
     from lmforge.train.loop import train  # refuses a run directory that already holds a run
@@ -121,6 +123,8 @@ def cmd_train(args) -> int:
     resume = None
     if args.resume:
         run_dir, resume = find_resume(args.resume, Path(cfg.log.out_dir), Path(cfg.log.run_dir) if cfg.log.run_dir else None)
+        if resume is None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it
+            print(f"lmforge: --resume {args.resume}: {run_dir} holds no checkpoint to resume; starting the run from step 0")
         saved = run_dir / "config.yaml"
         if saved.is_file() and not args.config:
             base = read_yaml(saved)
@@ -132,12 +136,17 @@ def cmd_train(args) -> int:
     if result.text:
         print(result.text)
     print(f"\nrun directory: {result.run_dir}")
-    print(f"weights:       {result.run_dir / 'model.safetensors'} (best val {result.metric} {result.best:.4f})")
+    weights = result.run_dir / WEIGHTS
+    if weights.is_file():
+        print(f"weights:       {weights} (best val {result.metric} {result.best:.4f})")
+    else:  # no evaluation gave a finite score
+        print(f"weights:       none saved: no evaluation scored a finite val {result.metric}")
     if result.plot:
         print(f"plot:          {result.plot}")
     if cfg.log.tensorboard:
         print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
-    _print_next_steps(registry.spec(cfg.task), result.run_dir)
+    if weights.is_file():
+        _print_next_steps(registry.spec(cfg.task), result.run_dir)
     return 0
 
 

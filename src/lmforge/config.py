@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.io import atomic_text
 from lmforge.fields import between, choices_of, device_name, fraction_open, ge, gt, opt, section
 from lmforge.model.config import LLAMA3_ROPE_FIELDS, PRESETS, ModelConfig
 from lmforge.tasks import registry
@@ -88,6 +89,8 @@ class TrainConfig:
     layer_decay: float = opt(1.0, "layer-wise lr decay: layer i of L gets lr * layer_decay^(L + 1 - i), embeddings i = 0",
                              check=between(0, 1))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", check=ge(0))
+    skip_nonfinite: int = opt(0, "a step whose loss or gradient norm is not finite (NaN, inf) stops the run (exit 3); "
+                              "allow this many such steps to be skipped instead (not applied, logged)", check=ge(0))
     precision: str = opt("auto", "auto = bf16 autocast on CUDA with bf16 (else fp16 with loss scaling); on a CPU bf16 "
                          "where it has native bf16 and a timing shows the gain, else fp32; fp16 is CUDA only",
                          choices=("auto", "fp32", "bf16", "fp16"))
@@ -619,7 +622,7 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    atomic_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))  # a killed write leaves the old one
 
 
 def help_rows(base: dict | None = None):

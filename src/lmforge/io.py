@@ -1,7 +1,8 @@
 """Files that are whole or absent: atomic writes of files and folders, and safetensors weights.
 
 A leaf module (it imports no other lmforge module but errors): the training checkpoints, the run
-directory, the caches, exports and reports all write through it.
+directory, the caches, exports and reports all write through it. torch and safetensors are imported
+where weights are read or written, so the config and the CLI can write files without loading torch.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file
+from typing import TYPE_CHECKING
 
 from lmforge.errors import EnvironmentFault, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def fsync_dir(path: Path) -> None:
@@ -151,6 +152,8 @@ def atomic_dir(final: Path, fill) -> None:
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """save_file, then the mode any new file gets (0666 less the umask): safetensors creates its files
     0600, which would make a run or an export unreadable to the other users of a shared folder."""
+    from safetensors.torch import save_file
+
     save_file(tensors, str(path), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
@@ -164,6 +167,8 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """A safetensors file into `model`, strictly; a damaged file or one of another model is one line."""
+    from safetensors.torch import load_model
+
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as e:  # a damaged file (SafetensorError) or tensors of other shapes (RuntimeError)
@@ -180,6 +185,8 @@ def _unreadable(path: Path, e: Exception) -> UserError:
 
 def weights_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's metadata (its header only: the tensors are not read)."""
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}
@@ -189,6 +196,8 @@ def weights_metadata(path: Path) -> dict[str, str]:
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A safetensors file's tensors and metadata; a damaged or foreign file is one line."""
+    from safetensors.torch import load_file
+
     metadata = weights_metadata(path)
     try:
         return load_file(str(path)), metadata

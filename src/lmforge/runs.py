@@ -259,7 +259,18 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
             load_weights(model, source)
         else:
             load_model_state(model, state, source)
+    check_finite(model, source)
     return quant.to(model, device, dtype).eval(), load_tokenizer(run_dir), cfg
+
+
+def check_finite(model: torch.nn.Module, source: Path) -> None:
+    """Weights with a NaN or an infinity (written by a run that diverged before lmforge checked) would answer
+    every input with garbage or crash the sampler: refused in one line."""
+    plain = [(n, p) for n, p in model.named_parameters() if type(p.data) is torch.Tensor and p.is_floating_point()]
+    bad = [n for n, p in plain if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserError(f"checkpoint: {source}: {len(bad)} of {len(plain)} weight tensors hold NaN or infinite values "
+                        f"(first: {bad[0]}); the run that wrote them diverged: train it again with a lower train.lr")
 
 
 def load_as_base(path: str | Path) -> tuple[torch.nn.Module, object, object]:

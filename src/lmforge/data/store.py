@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tokenizers import Tokenizer
 from lmforge.data.formats import corpus_files, embedded_corpus, read_corpus, resolve_format
 from lmforge.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from lmforge.errors import UserError
-from lmforge.io import atomic_dir
+from lmforge.io import atomic_dir, atomic_write, sweep_temps, writing
 
 STORE_VERSION = 1
 ENCODE_BATCH = 256  # pieces per encode_batch call (the tokenizers library encodes them in parallel)
@@ -38,13 +40,23 @@ def _digest(*parts: str | bytes) -> str:
     return h.hexdigest()
 
 
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+
+
 def corpus_digest(files: list[Path]) -> str:
     h = hashlib.blake2b(digest_size=12)
     for f in files:
         h.update(str(f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        _hash_file(h, f)
+    return h.hexdigest()
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    _hash_file(h, path)
     return h.hexdigest()
 
 
@@ -57,28 +69,28 @@ def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:
     cache = Path(data_cfg.cache_dir)
     pieces = lambda: read_corpus(path, fmt, data_cfg.text_field)  # noqa: E731
 
+    sweep_temps(cache)  # what killed writes left (a tokenizer, a half-encoded store)
     tc = data_cfg.tokenizer
     if tc.path:
         tok = load_tokenizer(tc.path)
     else:  # train one, or reuse the one trained before on the same corpus with the same settings
         tok_file = cache / f"tokenizer-{_digest(corpus_key, tc.kind, str(tc.vocab_size), *tc.special_tokens, str(tc.lowercase))}.json"
-        if tok_file.is_file():
-            tok = load_tokenizer(tok_file)
-        else:
+        tok = _cached_tokenizer(tok_file)
+        if tok is None:
             tok = train_tokenizer((text for text, _ in pieces()), tc.kind, tc.vocab_size, tc.special_tokens, tc.lowercase)
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = tok_file.with_suffix(f".tmp-{os.getpid()}")
-            tok.save(str(tmp))
-            os.replace(tmp, tok_file)
+            with writing(cache):
+                cache.mkdir(parents=True, exist_ok=True)
+            atomic_write(tok_file, lambda tmp: tok.save(str(tmp)))
 
     store = cache / f"store-{_digest(corpus_key, tok.to_str(), str(data_cfg.val_fraction), str(STORE_VERSION))}"
-    if not (store / "meta.json").is_file():
+    meta = _checked_meta(store)
+    if meta is None:
         try:
             atomic_dir(store, lambda tmp: _encode(pieces(), tok, tmp, data_cfg.val_fraction, str(path)))
-        except OSError:
-            if not (store / "meta.json").is_file():  # a real I/O failure, not another process winning the rename
+        except UserError:
+            if _checked_meta(store) is None:  # a real I/O failure, not another process winning the rename
                 raise
-    meta = json.loads((store / "meta.json").read_text())
+        meta = json.loads((store / "meta.json").read_text())
     tokens = np.memmap(store / "tokens.bin", dtype=meta["dtype"], mode="r")
     train, val = tokens[:meta["split"]], tokens[meta["split"]:]
     need = seq_len + 1
@@ -87,6 +99,58 @@ def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:
                         f"{need} (one context window of model.max_seq_len = {seq_len} plus one) - use a longer corpus, "
                         "a shorter context or another data.val_fraction")
     return TokenSplits(train, val, tok, path)
+
+
+def _cached_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer trained before on this corpus, or None to train it (again, with a note, if the file is damaged)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_tokenizer(path)
+    except UserError as e:
+        print(f"lmforge: note: the cached tokenizer cannot be read ({e}); training it again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+
+
+META_KEYS = {"version": int, "dtype": str, "tokens": int, "split": int, "bytes": int, "checksum": str}
+
+
+def _store_problem(store: Path) -> str | None:
+    """Why a token store cannot be trusted (None: it matches its record). The record is meta.json: the size
+    and checksum of tokens.bin as written. A file cut short or damaged since would otherwise train on
+    fewer tokens, or on wrong ones, without a word."""
+    try:
+        meta = json.loads((store / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"meta.json cannot be read ({type(e).__name__})"
+    wrong = [k for k, kind in META_KEYS.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        return f"meta.json lacks {', '.join(wrong)} (written by an older lmforge, or damaged)"
+    tokens = store / "tokens.bin"
+    size = tokens.stat().st_size if tokens.is_file() else -1
+    if meta["dtype"] not in ("uint16", "uint32") or not 0 <= meta["split"] <= meta["tokens"] \
+            or meta["bytes"] != meta["tokens"] * np.dtype(meta["dtype"]).itemsize:
+        return "meta.json's sizes do not agree with each other"
+    if size != meta["bytes"]:
+        return f"tokens.bin holds {size} bytes, its record {meta['bytes']}"
+    if file_checksum(tokens) != meta["checksum"]:  # ~1 s per GB, once per run: the price of never training on garbage
+        return "tokens.bin's checksum differs from its record"
+    return None
+
+
+def _checked_meta(store: Path) -> dict | None:
+    """A token store's meta.json when the store matches it; None when there is none yet or it must be built
+    again (then the damaged store is removed, with a note)."""
+    if not store.exists():
+        return None
+    problem = _store_problem(store)
+    if problem is None:
+        return json.loads((store / "meta.json").read_text(encoding="utf-8"))
+    print(f"lmforge: note: the token cache {store} does not match its record ({problem}); building it again",
+          file=sys.stderr)
+    shutil.rmtree(store, ignore_errors=True)
+    return None
 
 
 def _encode(pieces, tok: Tokenizer, out: Path, val_fraction: float, source: str) -> None:
@@ -114,5 +178,6 @@ def _encode(pieces, tok: Tokenizer, out: Path, val_fraction: float, source: str)
         os.fsync(f.fileno())
     split = total - int(round(total * val_fraction))
     meta = {"version": STORE_VERSION, "source": source, "dtype": np.dtype(dtype).name, "tokens": total,
-            "split": split, "documents": docs, "vocab_size": vocab}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+            "split": split, "documents": docs, "vocab_size": vocab, "bytes": total * np.dtype(dtype).itemsize,
+            "checksum": file_checksum(out / "tokens.bin")}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))  # inside atomic_dir's temporary folder

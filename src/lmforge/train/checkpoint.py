@@ -8,6 +8,7 @@ on any number of processes; `sharded_model_state` and `export_weights` consolida
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -209,26 +210,48 @@ def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
     return {name: (t / len(paths)).float() for name, t in total.items()}
 
 
+def _newest_readable(run_dir: Path) -> tuple[tuple[Path, dict] | None, list[tuple[Path, UserError]]]:
+    """(the newest checkpoint in run_dir that loads, or None; the newer ones that did not, newest first)."""
+    damaged = []
+    for path in reversed(checkpoints(run_dir / CKPT_DIR)):
+        try:
+            return (path, load_checkpoint(path)), damaged
+        except UserError as e:
+            damaged.append((path, e))
+    return None, damaged
+
+
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint in run_dir that loads, skipping damaged ones (with a warning).
 
     None when the run has no checkpoint; a UserError when it has some but none can be read, since
     starting over (or giving up) silently would lose the run.
     """
-    damaged = []
-    for path in reversed(checkpoints(run_dir / CKPT_DIR)):
-        try:
-            found = path, load_checkpoint(path)
-        except UserError as e:
-            damaged.append(e)
-            continue
-        for e in damaged:
-            print(f"lmforge: warning: skipping {e}", file=sys.stderr)
-        return found
-    if damaged:
+    found, damaged = _newest_readable(run_dir)
+    if found is None and damaged:
         raise UserError(f"checkpoint: none of the {len(damaged)} checkpoints in {run_dir / CKPT_DIR} can be read "
-                        f"(newest: {str(damaged[0]).removeprefix('checkpoint: ')})")
-    return None
+                        f"(newest: {str(damaged[0][1]).removeprefix('checkpoint: ')})")
+    for _, e in damaged:
+        print(f"lmforge: warning: skipping {e}", file=sys.stderr)
+    return found
+
+
+DAMAGED = ".damaged"  # a checkpoint that cannot be read, set aside by --resume auto (kept for a post-mortem)
+
+
+def _auto_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """--resume auto's checkpoint in run_dir: the newest that loads; None to start the run over when there
+    is none, with any that cannot be read renamed step_N.pt.damaged, so the new run's checkpoints and
+    pruning do not mix with them (a restarted job always finds its way, and nothing is deleted)."""
+    if not run_dir.is_dir():
+        return None
+    found, damaged = _newest_readable(run_dir)
+    for path, e in damaged:
+        aside = path.with_name(path.name + DAMAGED)
+        with contextlib.suppress(OSError):  # under torchrun every rank tries; one rename wins
+            os.replace(path, aside)
+        print(f"lmforge: warning: {e}; set aside as {aside.name}", file=sys.stderr)
+    return found
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: Path, trained_only: bool = False) -> None:
@@ -244,7 +267,7 @@ def find_resume(resume: str, out_dir: Path, run_dir: Path | None) -> tuple[Path,
     """--resume auto | RUN_DIR | CHECKPOINT -> (run directory, (checkpoint, its state) or None to start fresh).
 
     `auto` takes the newest readable checkpoint of log.run_dir, or of the newest run under log.out_dir,
-    and starts fresh when there is none yet (so a restarted job can always pass --resume auto).
+    and starts fresh when there is none that loads (so a restarted job can always pass --resume auto).
     """
     if resume == "auto":
         if run_dir is None:
@@ -252,7 +275,7 @@ def find_resume(resume: str, out_dir: Path, run_dir: Path | None) -> tuple[Path,
             if not runs:
                 raise UserError(f"--resume auto: no run with checkpoints under {out_dir}; set --log.run_dir to start one")
             run_dir = max(runs, key=lambda d: max(p.stat().st_mtime for p in checkpoints(d / CKPT_DIR)))
-        return run_dir, latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        return run_dir, _auto_checkpoint(run_dir)
     p = Path(resume)
     if p.is_file() or is_sharded(p):
         return p.parent.parent, (p, load_checkpoint(p))

@@ -22,8 +22,8 @@ from lmforge.train import distributed
 from lmforge.io import load_weights, read_weights, save_weights
 from lmforge.peft import trained_names
 from lmforge.runs import BASE_FINGERPRINT, BASE_MODEL, WEIGHTS
-from lmforge.train.checkpoint import (CKPT_DIR, load_model_state, load_training_state, rng_state, save_checkpoint,
-                                      save_sharded_checkpoint, set_rng_state)
+from lmforge.train.checkpoint import (CKPT_DIR, checkpoints, load_model_state, load_training_state, rng_state,
+                                      save_checkpoint, save_sharded_checkpoint, set_rng_state)
 
 
 @dataclass
@@ -34,12 +34,15 @@ class TrainState:
     best: float = math.inf  # the best value of the selection metric so far (its direction: BestKeeper.worst)
     bad_evals: int = 0  # evaluations since it last improved
     tokens: int = 0  # input tokens trained on, all ranks together
+    skipped: int = 0  # steps not applied because their loss or gradient norm was not finite
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "best": self.best, "bad_evals": self.bad_evals, "tokens": self.tokens}
+        return {"step": self.step, "best": self.best, "bad_evals": self.bad_evals, "tokens": self.tokens,
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best, self.bad_evals, self.tokens = state["step"], state["best"], state["bad_evals"], state["tokens"]
+        self.skipped = state.get("skipped", 0)  # absent from checkpoints written before the guard
 
 
 class Checkpointer:
@@ -56,7 +59,7 @@ class Checkpointer:
         """Continue from `resume` (a checkpoint and its loaded state, as the CLI found them); without one,
         refuse a run directory that already holds a run rather than mix two runs' checkpoints."""
         if resume is None:
-            if (self.run_dir / CKPT_DIR).is_dir():
+            if checkpoints(self.run_dir / CKPT_DIR):  # temp files of a killed first checkpoint are no run
                 raise UserError(f"log.run_dir: {self.run_dir} already holds a run; use --resume auto or another directory")
             return
         path, state = resume
@@ -128,7 +131,8 @@ class BestKeeper:
         """Count an evaluation's `metrics` (rank 0's, on every rank) and keep the weights when they are
         the best so far. Every rank calls it: FSDP gathers the shards, rank 0 writes."""
         score = metrics[self.metric]
-        if not (score > train_state.best if self.higher_better else score < train_state.best):
+        better = score > train_state.best if self.higher_better else score < train_state.best
+        if not (math.isfinite(score) and better):  # a NaN or infinite score is never the best
             train_state.bad_evals += 1
             return
         train_state.best, train_state.bad_evals = score, 0

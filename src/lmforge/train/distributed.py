@@ -206,6 +206,13 @@ def full_weights(d: Dist, model: nn.Module) -> dict[str, torch.Tensor] | None:
     return {k: v.contiguous() for k, v in state.items() if k not in drop}
 
 
+def trained_weights_finite(d: Dist, model: nn.Module) -> bool:
+    """Whether every parameter that trains is finite, on every rank (each checks its own FSDP shards)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+    finite = bool(torch.stack([torch.isfinite(p).all() for p in local]).all()) if local else True
+    return not any_rank(d, not finite)
+
+
 def grad_norm_value(norm) -> float:
     """clip_grad_norm_'s result as a float; under FSDP it is a DTensor."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

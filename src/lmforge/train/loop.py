@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 import warnings
@@ -14,7 +15,8 @@ import torch
 
 from lmforge.config import Config, save_config
 from lmforge.hf.load import quantised_imports
-from lmforge.errors import UserError
+from lmforge.errors import Diverged, UserError
+from lmforge.io import sweep_temps, weights_metadata
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
 from lmforge import quant
@@ -22,6 +24,7 @@ from lmforge.runs import base_reference, stores_trained_only, write_selection
 from lmforge.tasks import make_task
 from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
+from lmforge.train.checkpoint import CKPT_DIR, checkpoints
 from lmforge.train.checkpointer import BestKeeper, Checkpointer, TrainState
 from lmforge.train.device import pick_device, set_compiled
 from lmforge.train.perf import peak_flops
@@ -99,6 +102,11 @@ class Trainer:
         # a PEFT run's checkpoints hold only what trains: it resumes on its base's weights too
         self._build(pretrained=resume is None or stores_trained_only(cfg))
         self.run_dir = new_run_dir(cfg)
+        if d.main:  # what killed writes left is stale now: no process of this run is writing yet
+            swept = sweep_temps(self.run_dir) + sweep_temps(self.run_dir / CKPT_DIR)
+            if swept:
+                self.say(f"lmforge: removed {len(swept)} temporary file(s) that killed writes left in {self.run_dir} "
+                         f"({', '.join(p.name for p in swept[:3])})")
         self.keeper = BestKeeper(d, self.run_dir, self.task.selection(), cfg.eval.patience, self.base)
         self.state = TrainState(best=self.keeper.worst)
         self.checkpointer = Checkpointer(d, self.run_dir, tc, self.model, self.optimizer, self.batches, self.scaler,
@@ -156,24 +164,42 @@ class Trainer:
         cfg, tc, d, state = self.cfg, self.cfg.train, self.d, self.state
         tracker = Tracker(self.run_dir, cfg.log, tc.max_steps, state.step) if d.main else NullTracker()
         self.runner.train()
-        last_val, stop_reason = {}, "max_steps"
         self.meter.start()
+        try:
+            last_val, stop_reason = self._steps(tracker)
+        finally:  # a diverged run keeps its logged rows and curves too
+            plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)], metric=self.keeper.metric)
+        train_seconds = self.meter.train_seconds()
+        self.say(f"lmforge: stopped at step {state.step} ({stop_reason}); best val {self.keeper.metric} {state.best:.4f}")
+        return RunResult(self.run_dir, state.step, state.best, self.keeper.metric, last_val, train_seconds, plot,
+                         self.finish(), d.main)
+
+    def _steps(self, tracker) -> tuple[dict, str]:
+        """The loop itself, until max_steps, early stopping or the time budget; (last val metrics, why it stopped)."""
+        cfg, tc, d, state = self.cfg, self.cfg.train, self.d, self.state
+        last_val, stop_reason = {}, "max_steps"
         while state.step < tc.max_steps:
             micro_batches = [next(self.batches) for _ in range(tc.grad_accum)]
             lr = lr_at(state.step, tc)
-            loss, grad_norm = self.take_step(micro_batches)
+            loss, grad_norm, applied = self.take_step(micro_batches)
             state.step += 1
             n_tokens = sum(b["input"].numel() for b in micro_batches) * d.world
             state.tokens += n_tokens
             self.meter.count(n_tokens)
             tracker.advance()
-            if state.step % cfg.log.every == 0 or state.step == tc.max_steps:
+            if not applied:
+                tracker.log(state.step, "skipped", {"loss": loss, "grad_norm": grad_norm, "lr": lr})
+                self.nonfinite_step(loss, grad_norm)  # stops the run unless train.skip_nonfinite allows one more
+            elif state.step % cfg.log.every == 0 or state.step == tc.max_steps:
                 tracker.log(state.step, "train", {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                                   **self.meter.window(state.tokens)})
             with self.meter.paused():  # evaluation and checkpoints are not counted in throughput
                 out_of_time = tc.max_time and distributed.any_rank(d, self.meter.elapsed() >= tc.max_time)
                 final = state.step == tc.max_steps or out_of_time
-                if (cfg.eval.every and state.step % cfg.eval.every == 0) or final:
+                evaluating = (cfg.eval.every and state.step % cfg.eval.every == 0) or final
+                if evaluating or self.checkpointer.due(state.step, final):
+                    self.check_weights_finite()  # no NaN is ever kept as the best weights or checkpointed
+                if evaluating:
                     last_val = self.evaluate()
                     self.keeper.observe(state, last_val, self.model)
                     tracker.log(state.step, "val", last_val)
@@ -185,14 +211,43 @@ class Trainer:
                     self.checkpointer.save(state)
             if final:
                 break
-        train_seconds = self.meter.train_seconds()
-        plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)], metric=self.keeper.metric)
-        self.say(f"lmforge: stopped at step {state.step} ({stop_reason}); best val {self.keeper.metric} {state.best:.4f}")
-        return RunResult(self.run_dir, state.step, state.best, self.keeper.metric, last_val, train_seconds, plot,
-                         self.finish(), d.main)
+        return last_val, stop_reason
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
-        """One optimizer step over the micro-batches; (mean loss per target, gradient norm before clipping)."""
+    def nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        """A step that was not applied because its loss or gradient norm was NaN or infinite: skipped with a
+        warning while train.skip_nonfinite allows, otherwise the run stops with one line (exit 3)."""
+        tc, state = self.cfg.train, self.state
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if state.skipped < tc.skip_nonfinite:
+            state.skipped += 1
+            self.say(f"lmforge: warning: step {state.step}: {what}; the step was skipped, not applied "
+                     f"({state.skipped} of train.skip_nonfinite = {tc.skip_nonfinite})")
+            return
+        allowed = f"all {tc.skip_nonfinite} skips that train.skip_nonfinite allows are used" if tc.skip_nonfinite \
+            else "or allow skipping such steps with train.skip_nonfinite N"
+        self.diverged(f"step {state.step}: {what}; the step was not applied", allowed)
+
+    def check_weights_finite(self) -> None:
+        """Weights that a finite step still drove to NaN or infinity (an enormous learning rate) stop the run
+        before they are evaluated, kept as the best or checkpointed."""
+        if not distributed.trained_weights_finite(self.d, self.model):
+            self.diverged(f"step {self.state.step}: the weights are no longer finite after this step", "")
+
+    def diverged(self, what: str, more: str) -> None:
+        """Stop a run that diverged, naming what it keeps and what to change."""
+        tc = self.cfg.train
+        saved = checkpoints(self.run_dir / CKPT_DIR)
+        kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved"
+        best = self.keeper.path
+        kept += f", the best weights {best} (step {weights_metadata(best).get('step', '?')})" if best.is_file() else \
+            ", and no best weights"
+        clip = f"clip harder with train.grad_clip (now {tc.grad_clip:g})" if tc.grad_clip else "set train.grad_clip (now off)"
+        raise Diverged(f"train: training diverged at {what}; {kept}. Lower train.lr (now {tc.lr:g}), {clip}"
+                       f"{', ' + more if more else ''}")
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
+        """One optimizer step over the micro-batches; (mean loss per target, gradient norm before clipping,
+        whether it was applied: not when the loss or gradient norm is NaN or infinite)."""
         # Normalise by the real target tokens of all micro-batches of all ranks together, so k accumulated
         # micro-batches on n ranks give exactly the gradient of one batch k x n times larger (not a mean
         # of means). DDP and FSDP average gradients over ranks: dividing by count / world makes that a sum.
@@ -203,8 +258,13 @@ class Trainer:
         for i, b in enumerate(micro_batches):
             with distributed.no_sync(self.runner, skip=i < len(micro_batches) - 1):  # sync once, on the last
                 total += self._forward_backward(self._to_device(b), n_targets / d.world)
-        grad_norm = self._optimizer_step()
-        return distributed.sum_over_ranks(d, total)[0] / n_targets, distributed.grad_norm_value(grad_norm)
+        loss = distributed.sum_over_ranks(d, total)[0] / n_targets
+        grad_norm = distributed.grad_norm_value(self._unscale_and_clip())
+        # every rank sees the same summed loss and the same global norm, so they all agree to skip.
+        # fp16: an overflowing gradient is the loss scaler's business (it skips the step and lowers the scale)
+        applied = math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaler is not None)
+        self._apply_step() if applied else self._drop_step()
+        return loss, grad_norm, applied
 
     def _forward_backward(self, batch: dict, divisor: float) -> float:
         """Backward of the batch's summed loss / divisor (plus any adversarial loss); returns the sum."""
@@ -222,23 +282,33 @@ class Trainer:
         """fp16: the loss times the loss scale, so small gradients survive."""
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Clip, set this step's learning rate and step; returns the gradient norm before clipping."""
-        tc, scaler, optimizer = self.cfg.train, self.scaler, self.optimizer
-        parts = getattr(optimizer, "optimizers", (optimizer,))  # Muon + AdamW are stepped as one
+    def _optimizer_parts(self) -> tuple:
+        return getattr(self.optimizer, "optimizers", (self.optimizer,))  # Muon + AdamW are stepped as one
+
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """Clip the gradients (unscaled first under fp16); returns their norm before clipping."""
+        if self.scaler is not None:
+            for part in self._optimizer_parts():
+                self.scaler.unscale_(part)  # clip the true gradients
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
+
+    def _apply_step(self) -> None:
+        """Set this step's learning rate and step."""
+        scaler, optimizer = self.scaler, self.optimizer
+        set_lr(optimizer, self.state.step, self.cfg.train)
         if scaler is not None:
-            for part in parts:
-                scaler.unscale_(part)  # clip the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
-        set_lr(optimizer, self.state.step, tc)
-        if scaler is not None:
-            for part in parts:
+            for part in self._optimizer_parts():
                 scaler.step(part)  # skipped when a gradient overflowed; then the scale halves
             scaler.update()
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+
+    def _drop_step(self) -> None:
+        """Forget a step's gradients without applying them (fp16: the scale still halves, as for an overflow)."""
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items()}
@@ -273,7 +343,7 @@ class EagerFallback:
         self.checkpointed = tc.activation_checkpointing
         self.compiled = set_compiled(model, tc.compile, self.checkpointed)
 
-    def __call__(self, micro_batches: list[dict]) -> tuple[float, float]:
+    def __call__(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
         try:
             return self.step(micro_batches)
         except Exception as e:
