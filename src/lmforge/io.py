@@ -42,7 +42,8 @@ def free_space(path: Path) -> str:
     for folder in [path, *path.parents]:
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(folder).free
-            return f"{free / 2**20:.1f} MiB free" if free < 2**30 else f"{free / 2**30:.1f} GiB free"
+            unit, size = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if free >= s or s == 2**10)
+            return f"{free / size:.1f} {unit} free"
     return "free space unknown"
 
 

@@ -165,10 +165,15 @@ class Trainer:
         tracker = Tracker(self.run_dir, cfg.log, tc.max_steps, state.step) if d.main else NullTracker()
         self.runner.train()
         self.meter.start()
+        close = lambda: tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)],  # noqa: E731
+                                      metric=self.keeper.metric)
         try:
             last_val, stop_reason = self._steps(tracker)
-        finally:  # a diverged run keeps its logged rows and curves too
-            plot = tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)], metric=self.keeper.metric)
+        except BaseException:  # a diverged run keeps its logged rows and curves too; the error is the news
+            with contextlib.suppress(Exception):  # a full disk, say, cannot take the plot either
+                close()
+            raise
+        plot = close()
         train_seconds = self.meter.train_seconds()
         self.say(f"lmforge: stopped at step {state.step} ({stop_reason}); best val {self.keeper.metric} {state.best:.4f}")
         return RunResult(self.run_dir, state.step, state.best, self.keeper.metric, last_val, train_seconds, plot,
