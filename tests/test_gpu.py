@@ -545,6 +545,30 @@ def test_fp16_with_loss_scaling_trains_and_resumes_exactly(tmp_path, corpus, cap
     assert_close_states(end_b["model"], end_a["model"], atol=1e-5)
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="train.precision fp16 runs on CUDA only (refused on a CPU by design)")
+def test_fp16_nan_loss_is_skipped_not_applied_and_the_scale_halves(tmp_path, corpus, capsys, monkeypatch):
+    """Under fp16 the guard skips a NaN loss as it does in fp32 (train.skip_nonfinite), and the GradScaler
+    treats it as an overflow: the step is not applied (AdamW counts one step less) and the scale halves
+    there instead of growing; without the allowance the run stops with exit 3."""
+    from lmforge.train import precision
+    from test_guard import argv, nan_loss_at
+
+    init_scale = 2.0 ** 14
+    monkeypatch.setattr(precision.Precision, "grad_scaler", lambda self: torch.amp.GradScaler(
+        self.device.type, init_scale=init_scale, growth_interval=1) if self.name == "fp16" else None)
+    nan_loss_at(monkeypatch, {2})
+    common = dict(train__device=DEV, train__precision="fp16", train__max_steps=3, train__checkpoint_every=1,
+                  train__keep_checkpoints=5)
+    assert main(argv(tmp_path, corpus, train__skip_nonfinite=1, **common)) == 0
+    assert "step 2: loss nan; the step was skipped" in capsys.readouterr().out
+    scales = [load_checkpoint(ckpt(tmp_path / "run", s))["scaler"]["scale"] for s in (1, 2, 3)]
+    assert scales == [init_scale * 2, init_scale, init_scale * 2]
+    state = load_checkpoint(ckpt(tmp_path / "run", 3))
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {2.0}
+    nan_loss_at(monkeypatch, {2})
+    assert main(argv(tmp_path, corpus, log__run_dir=str(tmp_path / "stopped"), **common)) == 3
+
+
 # -- a checkpoint resumes on the other device -----------------------------------------------------------
 
 RESUME_STEPS = 4

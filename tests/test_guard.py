@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from helpers import read_metrics, shakespeare_text, tiny_overrides, write_corpus
+from helpers import read_metrics, tiny_overrides
 from lmforge.cli import main
 from lmforge.io import read_weights, save_weights
 from lmforge.tasks.clm import CausalLM
@@ -19,11 +19,6 @@ from lmforge.train.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow  # short training runs
 
 STEP_CKPT = "step_{:08d}.pt"
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path, shakespeare_text(30_000))
 
 
 def argv(tmp_path, corpus, **extra) -> list[str]:

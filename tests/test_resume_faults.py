@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import shakespeare_text, tiny_config, tiny_overrides, write_corpus
+from helpers import tiny_config, tiny_overrides
 from lmforge.cli import main
 from lmforge.data.store import prepare_tokens
 from lmforge.train.checkpoint import load_checkpoint
@@ -21,11 +21,6 @@ from lmforge.train.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow  # subprocesses and short training runs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path, shakespeare_text(30_000))
 
 
 def cli_args(overrides: dict) -> list[str]:
