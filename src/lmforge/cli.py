@@ -298,12 +298,13 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from lmforge.generate import generate_text
+    from lmforge.generate import check_seed, generate_text
     from lmforge import chat
     from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run
     from lmforge.tasks import registry
     from lmforge.train.device import pick_device
 
+    check_seed(args.seed, args.num_samples, "generate: --seed")
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device, INFERENCE_DTYPES[args.dtype])
     end_ids = end_token_ids(args.checkpoint)  # an imported chat model's own end of turn

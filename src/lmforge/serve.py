@@ -27,20 +27,20 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Union
+from typing import Annotated, Callable, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lmforge import __version__, chat
 from lmforge.data.labelled import Example, split_answer
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
-from lmforge.generate import generate_texts, prompt_ids, translate
+from lmforge.generate import SEED_MAX, generate_texts, prompt_ids, translate
 from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run, run_dir_of
 from lmforge.tasks import make_task, registry
 from lmforge.tasks.seq2seq import source_tokenizer
@@ -58,10 +58,30 @@ def error_response(status: int, field: str, message: str) -> JSONResponse:
     return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
 
 
-# -- request bodies: strict types (a number is not a text), unknown fields refused -----------------------
+# -- request bodies: strict types (a number is not a text), unknown fields refused, every count and number
+# bounded, so that nothing a client sends can fail inside a batch it shares with others -----------------
+
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # each stop string is matched against every row's text at every token
+MAX_MESSAGES = 1024
+# below it, logits / temperature overflow float32 into NaN probabilities (0 is greedy, which divides nothing)
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6  # a smaller mass is 0 in float32, which drops even the most likely token
+
+
+def _sampling_temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"expected 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
+
+
+Temperature = Annotated[float, AfterValidator(_sampling_temperature)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]  # "" would stop before every text
+Stops = Annotated[list[StopText], Field(max_length=MAX_STOPS)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]  # one torch takes (as lmforge generate --seed)
+
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # Python's JSON reads NaN
 
 
 class TextPair(Body):
@@ -89,22 +109,23 @@ class GenerateRequest(Body):
     prompt: str = Field(description="text to continue; empty = the start of a document")
     max_new_tokens: int | None = Field(None, ge=1, description="at most this many new tokens [default: the "
                                        "server's --max-new-tokens]")
-    temperature: float = Field(0.8, ge=0, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens; 0 = all")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
-    stop: list[str] | None = Field(None, description="stop before any of these strings")
-    seed: int = Field(0, description="sampling seed (as lmforge generate --seed)")
+    temperature: Temperature = Field(0.8, ge=0, le=100, description=f"0 = greedy, else at least {MIN_TEMPERATURE}")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="sample from the k most likely tokens; 0 = all")
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1, description="nucleus sampling mass; 1 = off")
+    stop: Stops | None = Field(None, description=f"stop before any of these strings (at most {MAX_STOPS}, each 1 to "
+                                                 f"{MAX_STOP_CHARS} characters)")
+    seed: Seed = Field(0, description="sampling seed (as lmforge generate --seed)")
     stream: bool = Field(False, description="send the text as server-sent events while it is generated")
 
 
 class ChatMessage(Body):
-    role: str = Field(description="system, user or assistant")
+    role: str = Field(max_length=32, description="system, user or assistant")
     content: str
 
 
 class ScoreInput(Body):
-    messages: list[ChatMessage] | None = Field(None, min_length=2, description="a conversation that ends with the "
-                                               "assistant's answer to score")
+    messages: list[ChatMessage] | None = Field(None, min_length=2, max_length=MAX_MESSAGES, description="a "
+                                               "conversation that ends with the assistant's answer to score")
     prompt: str | None = Field(None, description="a prompt (with response: its answer to score)")
     response: str | None = Field(None, description="the answer to the prompt to score")
 
@@ -117,15 +138,15 @@ class ScoreRequest(ScoreInput):
 
 class ChatRequest(Body):
     """OpenAI's chat completions request, the fields lmforge honours (others are refused by name)."""
-    model: str | None = Field(None, description="ignored: the server serves one model")
-    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    model: str | None = Field(None, max_length=256, description="ignored: the server serves one model")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, description="the conversation so far")
     max_tokens: int | None = Field(None, ge=1, description="at most this many new tokens [default: the server's "
                                    "--max-new-tokens]")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
-    stop: Union[str, list[str], None] = Field(None, description="stop before this string (or any of these)")
-    seed: int | None = Field(None, description="sampling seed")
+    temperature: Temperature = Field(1.0, ge=0, le=2, description=f"0 = greedy, else at least {MIN_TEMPERATURE}")
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1, description="nucleus sampling mass; 1 = off")
+    stop: Union[StopText, Stops, None] = Field(None, description="stop before this string (or any of these)")
+    seed: Seed | None = Field(None, description="sampling seed")
     stream: bool = Field(False, description="send chat.completion.chunk server-sent events, then data: [DONE]")
 
 
@@ -309,12 +330,12 @@ def _numbered(inputs, limits: Limits) -> list[tuple[str, object]]:
 
 def _field(loc) -> str:
     """pydantic's location ('body', 'inputs', 'list[str]', 3) as inputs[3]; the branch names of a union
-    (a type's name in the location) are not fields."""
+    (a type's name in the location: str, list[str], constrained-str, TextPair) are not fields."""
     out = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" not in part and part not in ("str", "TextPair"):
+        elif "[" not in part and "-" not in part and part not in ("str", "TextPair"):
             out += f".{part}" if out else part
     return out or "body"
 
@@ -401,8 +422,9 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             return error_response(422, "body", "missing; expected a JSON object (Content-Type: application/json)")
         if first["type"] == "model_attributes_type":
             return error_response(422, "body", "expected a JSON object")
-        # a union reports one error per branch: the deepest one names the field best
-        error = max(errors, key=lambda x: len(x["loc"]))
+        # a union reports one error per branch: the deepest one names the field best, and of equally deep
+        # ones, one that is not "a valid <other branch's type>"
+        error = max(errors, key=lambda x: (len(x["loc"]), not x["type"].endswith("_type")))
         where = _field(error["loc"])
         if error["type"] == "extra_forbidden":
             return error_response(422, where, "unknown field; see /docs for the request's fields")
