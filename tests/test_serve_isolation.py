@@ -1,19 +1,26 @@
-"""`lmforge serve` against hostile clients: every request field is bounded before it can join a batch.
+"""`lmforge serve` against hostile clients: every request field is bounded before it can join a batch, a 500 names a request id (never the
+exception) and keeps its keep-alive connection.
 
-The server runs in this process (Starlette's TestClient) on a random-weight GPT."""
+The server runs in this process (Starlette's TestClient, or uvicorn on a thread for what only a real socket
+shows) on a random-weight GPT, so the engine can be made to fail on purpose."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from helpers import make_base, one_line_error
+from helpers import free_port, make_base, one_line_error
 from lmforge.config import ServeLimits
 from lmforge.generate import SEED_MAX
 from lmforge.serve import (ChatRequest, ClassifyRequest, Engine, GenerateRequest, ScoreRequest, TagRequest,
-                           TranslateRequest, create_app)
+                           TranslateRequest, _server_class, create_app, server_config)
 from test_serve import refused
 
 
@@ -85,3 +92,52 @@ def test_generate_refuses_a_seed_that_torch_cannot_take(gpt_run, capsys):
     one_line_error(capsys, base + ["--seed", str(2**64)], "--seed", str(SEED_MAX))
     one_line_error(capsys, base + ["--seed", str(SEED_MAX), "--num-samples", "2"], "--seed", str(SEED_MAX - 1))
     one_line_error(capsys, base + ["--seed", "-1"], "--seed")
+
+
+# -- 3. a 500 keeps the connection ----------------------------------------------------------------------------
+
+@contextmanager
+def uvicorn_thread(engine: Engine, **app_options):
+    """`lmforge serve`'s uvicorn server for `engine`, on a thread of this process; yields its port."""
+    port = free_port()
+    server = _server_class()(server_config(create_app(engine, **app_options), "127.0.0.1", port, engine.limits))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "uvicorn did not start within 30 s"
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def post(conn: http.client.HTTPConnection, body: dict) -> tuple[int, dict, http.client.HTTPResponse]:
+    conn.request("POST", "/v1/generate", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read()), response
+
+
+@pytest.mark.slow  # a server on a thread
+def test_a_500_keeps_the_keep_alive_connection_and_hides_the_exception(gpt_run, monkeypatch, capsys):
+    engine = engine_of(gpt_run)
+    real = engine.generate
+
+    def generate(items, req, on_text=None):
+        if req.prompt == "fail":
+            raise ValueError("secret detail of the engine")
+        return real(items, req, on_text)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    with uvicorn_thread(engine) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(2):
+            status, body, response = post(conn, generate_body("fail"))
+            assert status == 500 and "secret" not in json.dumps(body)
+            assert body["request_id"] == response.getheader("X-Request-Id") and body["field"] is None
+            status, body, response = post(conn, generate_body("the king"))  # the same connection
+            assert status == 200 and body["prompt"] == "the king" and response.getheader("X-Request-Id")
+        conn.close()
+    assert "secret detail of the engine" in capsys.readouterr().err

@@ -20,8 +20,10 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -371,6 +373,48 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+def internal_error(request_id: str) -> JSONResponse:
+    return JSONResponse({"error": f"internal error; request id {request_id}", "field": None,
+                         "request_id": request_id}, status_code=500)
+
+
+def log_internal_error(request_id: str, error: BaseException) -> None:
+    """The traceback goes to the server's stderr under the id its client got, never to the client."""
+    trace = "".join(traceback.format_exception(error))
+    print(f"lmforge serve: internal error; request id {request_id}\n{trace}", end="", file=sys.stderr, flush=True)
+
+
+class RequestIds:
+    """ASGI middleware, the outermost: every answer carries an X-Request-Id header, and an error that escapes a
+    handler is answered here, as a 500 naming only that id (internal_error; the traceback goes to stderr under
+    the same id). Answering here rather than in an `Exception` handler keeps the connection open: Starlette
+    re-raises after such a handler has answered, and uvicorn closes a connection whose application raised."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = os.urandom(8).hex()
+        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id, for a stream's error
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:  # noqa: BLE001 - a server bug: answered and logged, the server goes on
+            log_internal_error(request_id, e)
+            if not started:  # else too late for a status: uvicorn closes a connection whose answer is incomplete
+                await internal_error(request_id)(scope, receive, send_with_id)
+
+
 def create_app(engine: Engine, batching: bool = True) -> FastAPI:
     limits = engine.limits
 
@@ -387,6 +431,7 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                   description=f"{engine.cfg.task} model from {engine.run}: POST /v1/{engine.endpoint}")
 
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(RequestIds)  # the last added is the outermost: a request id for every answer
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
@@ -435,10 +480,6 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
         if info is not None and info.description and len(errors) > 1:
             message += f"; {top}: expected {info.description}"
         return error_response(422, where, message)
-
-    @app.exception_handler(Exception)
-    async def internal(request, e: Exception):  # starlette re-raises it after this answer: uvicorn logs the traceback
-        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}", "field": None}, status_code=500)
 
     @app.get("/health", summary="liveness: 200 while the server answers")
     async def health():
@@ -529,7 +570,8 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                                                   "from; expected some text") from None
             batcher = batcher_of(request)
             if req.stream:
-                return StreamingResponse(_events(batcher, engine, ids, req), media_type="text/event-stream")
+                return StreamingResponse(_events(batcher, engine, ids, req, request.state.request_id),
+                                         media_type="text/event-stream")
             # requests with the same settings share forward passes (prompts left-padded to the longest, which
             # must leave each its room for new tokens; each sampled row keeps its own seed's generator)
             fits = len(ids) + req.max_new_tokens <= engine.cfg.model.max_seq_len
@@ -561,8 +603,8 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                                   stop=[req.stop] if isinstance(req.stop, str) else req.stop, seed=req.seed or 0)
             reply = ChatReply(engine, len(ids), limit)
             if req.stream:
-                return StreamingResponse(_events(batcher_of(request), engine, ids, gen, reply.chunk, "[DONE]"),
-                                         media_type="text/event-stream")
+                return StreamingResponse(_events(batcher_of(request), engine, ids, gen, request.state.request_id,
+                                                 reply.chunk, "[DONE]"), media_type="text/event-stream")
             answer = (await batcher_of(request).submit(object(), [(ids, gen.seed)],
                                                         lambda items: engine.generate(items, gen)))[0]
             return reply.completion(answer)
@@ -615,10 +657,11 @@ def _generate_events(piece: str | None, whole: str | None = None) -> list[dict]:
     return events + ([{"done": True, "text": whole}] if whole is not None else [])
 
 
-async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: GenerateRequest, shape=_generate_events,
-                  last: str | None = None):
+async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: GenerateRequest, request_id: str,
+                  shape=_generate_events, last: str | None = None):
     """Server-sent events of one generation: each new piece of text as it is made, then the whole text, in
-    `shape`'s objects (piece, whole=None) -> events; `last` a closing line (OpenAI's [DONE])."""
+    `shape`'s objects (piece, whole=None) -> events; `last` a closing line (OpenAI's [DONE]). An error is an
+    event {"error": ...}: a user's mistake in one line, a server bug as internal_error's text."""
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue = asyncio.Queue()
     gone = threading.Event()
@@ -633,8 +676,11 @@ async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: Generat
         try:
             final = await batcher.submit(object(), [(ids, req.seed)], lambda items: engine.generate(items, req, on_text))
             updates.put_nowait(("done", final[0]))
-        except Exception as e:  # noqa: BLE001 - reported in the stream: the status line is already sent
-            updates.put_nowait(("error", f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)))
+        except UserError as e:  # reported in the stream: the status line is already sent
+            updates.put_nowait(("error", str(e)))
+        except Exception as e:  # noqa: BLE001 - a server bug: logged under the id, which is all the client gets
+            log_internal_error(request_id, e)
+            updates.put_nowait(("error", f"internal error; request id {request_id}"))
 
     producer = asyncio.create_task(produce())
     sent = ""
@@ -693,10 +739,16 @@ def _server_class():
     return Server
 
 
-def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", threads: int | None = None,
-          batching: bool = True, log_requests: bool = False, limits: Limits | None = None, dtype: str = "auto") -> None:
+def server_config(app, host: str, port: int, limits: Limits, log_requests: bool = False):
+    """uvicorn's settings for `lmforge serve`: 30 s to finish the requests in flight."""
     import uvicorn
 
+    return uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
+                          timeout_graceful_shutdown=30)
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", threads: int | None = None,
+          batching: bool = True, log_requests: bool = False, limits: Limits | None = None, dtype: str = "auto") -> None:
     limits = limits or Limits()
     for name, value in asdict(limits).items():
         if value is not None and value < 1:
@@ -714,6 +766,5 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "au
           f"  POST {url}/v1/{engine.endpoint}   GET {url}/health  {url}/metadata   schema: {url}/docs\n"
           f"  batching {'on' if batching else 'off'}, {torch.get_num_threads()} model thread(s); Ctrl-C stops after "
           "the requests in flight", flush=True)
-    _server_class()(uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
-                                   timeout_graceful_shutdown=30)).run()
+    _server_class()(server_config(app, host, port, limits, log_requests)).run()
     print("lmforge: server stopped", flush=True)
