@@ -1,4 +1,5 @@
-"""`lmforge serve` against hostile clients: every request field is bounded before it can join a batch, a 500 names a request id (never the
+"""`lmforge serve` against hostile clients: every request field is bounded before it can join a batch, a batch
+that fails is retried one request at a time so only the bad request fails, a 500 names a request id (never the
 exception) and keeps its keep-alive connection.
 
 The server runs in this process (Starlette's TestClient, or uvicorn on a thread for what only a real socket
@@ -6,6 +7,7 @@ shows) on a random-weight GPT, so the engine can be made to fail on purpose."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import threading
@@ -92,6 +94,47 @@ def test_generate_refuses_a_seed_that_torch_cannot_take(gpt_run, capsys):
     one_line_error(capsys, base + ["--seed", str(2**64)], "--seed", str(SEED_MAX))
     one_line_error(capsys, base + ["--seed", str(SEED_MAX), "--num-samples", "2"], "--seed", str(SEED_MAX - 1))
     one_line_error(capsys, base + ["--seed", "-1"], "--seed")
+
+
+# -- 2. a failure inside a batch fails only its request ------------------------------------------------------
+
+@pytest.mark.slow  # loads the server's stack
+def test_a_batch_that_fails_is_retried_per_request_so_only_the_bad_one_fails(gpt_run, monkeypatch, capsys):
+    engine = engine_of(gpt_run)
+    prompts = ["the king", "sweet prince", "what is this", "good night", "we are such stuff", "our little life"]
+    bad = "rome shall speak"
+    bodies = [generate_body(p) for p in prompts[:1] + [bad] + prompts[1:]]
+    with TestClient(create_app(engine)) as client:
+        alone = {p: client.post("/v1/generate", json=generate_body(p)).json()["text"] for p in prompts}
+        bad_ids = engine.check_length(bad, "prompt")
+        real, calls, batcher = engine.generate, [], client.app.state.batcher
+
+        def generate(items, req, on_text=None):
+            calls.append([ids for ids, _ in items])
+            deadline = time.time() + 30
+            while len(calls) == 1 and len(batcher.jobs) < len(bodies) - 1 and time.time() < deadline:
+                time.sleep(0.01)  # the first request holds the worker until the others queue up behind it
+            if bad_ids in calls[-1]:
+                raise RuntimeError("secret detail of the engine")
+            return real(items, req, on_text)
+
+        monkeypatch.setattr(engine, "generate", generate)
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            first = pool.submit(client.post, "/v1/generate", json=bodies[0])
+            while not calls:
+                time.sleep(0.01)
+            answers = [first] + [pool.submit(client.post, "/v1/generate", json=body) for body in bodies[1:]]
+            answers = [a.result() for a in answers]
+    assert any(bad_ids in rows and len(rows) > 1 for rows in calls), calls  # the bad input shared a batch
+    assert [a.status_code for a in answers] == [200, 500] + [200] * (len(prompts) - 1)
+    assert [a.json()["text"] for a in answers if a.status_code == 200] == [alone[p] for p in prompts]
+    failed = answers[1]
+    request_id = failed.headers["x-request-id"]
+    assert failed.json() == {"error": f"internal error; request id {request_id}", "field": None,
+                             "request_id": request_id}
+    assert all(a.headers["x-request-id"] != request_id for a in answers[:1] + answers[2:])
+    log = capsys.readouterr().err
+    assert request_id in log and "secret detail of the engine" in log and "Traceback" in log
 
 
 # -- 3. a 500 keeps the connection ----------------------------------------------------------------------------

@@ -263,7 +263,7 @@ class Batcher:
         self.wake = asyncio.Event()
         self.closing = False
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-model")
-        self.stats = {"requests": 0, "forward_batches": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "forward_batches": 0, "largest_batch": 0, "retried_batches": 0}
 
     async def submit(self, key, items: list, run: Callable[[list], list]) -> list:
         job = Job(key, items, run, asyncio.get_running_loop().create_future())
@@ -287,30 +287,39 @@ class Batcher:
         return [j for j in batch if not j.future.done()]  # a client that went away is not computed for
 
     async def work(self) -> None:
-        loop = asyncio.get_running_loop()
         while self.jobs or not self.closing:
             if not self.jobs:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             batch = self._take()
-            if not batch:
-                continue
-            items = [x for job in batch for x in job.items]
-            self.stats["forward_batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
-            try:
-                answers = await loop.run_in_executor(self.pool, batch[0].run, items)
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the server goes on
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                continue
-            start = 0
+            if batch:
+                await self._answer(batch)
+
+    async def _answer(self, batch: list[Job]) -> None:
+        """Computes a batch on the model's thread and settles its jobs. A batch that fails is computed again
+        one job at a time, so that an input the model fails on fails its own request only, and the requests
+        that shared its batch get their answers (each the answer it would get alone)."""
+        items = [x for job in batch for x in job.items]
+        self.stats["forward_batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+        try:
+            answers = await asyncio.get_running_loop().run_in_executor(self.pool, batch[0].run, items)
+        except Exception as e:  # noqa: BLE001 - the request's own error (a 500 for it alone); the server goes on
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(e)
+                return
+            self.stats["retried_batches"] += 1
             for job in batch:
                 if not job.future.done():
-                    job.future.set_result(answers[start:start + len(job.items)])
-                start += len(job.items)
+                    await self._answer([job])
+            return
+        start = 0
+        for job in batch:
+            if not job.future.done():
+                job.future.set_result(answers[start:start + len(job.items)])
+            start += len(job.items)
 
     def close(self) -> None:
         self.closing = True
