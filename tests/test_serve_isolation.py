@@ -1,6 +1,6 @@
 """`lmforge serve` against hostile clients: every request field is bounded before it can join a batch, a batch
 that fails is retried one request at a time so only the bad request fails, a 500 names a request id (never the
-exception) and keeps its keep-alive connection.
+exception) and keeps its keep-alive connection, a huge prompt is tokenized off the event loop.
 
 The server runs in this process (Starlette's TestClient, or uvicorn on a thread for what only a real socket
 shows) on a random-weight GPT, so the engine can be made to fail on purpose."""
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from helpers import free_port, make_base, one_line_error
+from helpers import free_port, make_base, one_line_error, synthetic_text
 from lmforge.config import ServeLimits
 from lmforge.generate import SEED_MAX
 from lmforge.serve import (ChatRequest, ClassifyRequest, Engine, GenerateRequest, ScoreRequest, TagRequest,
@@ -184,3 +184,22 @@ def test_a_500_keeps_the_keep_alive_connection_and_hides_the_exception(gpt_run, 
             assert status == 200 and body["prompt"] == "the king" and response.getheader("X-Request-Id")
         conn.close()
     assert "secret detail of the engine" in capsys.readouterr().err
+
+
+# -- 4. tokenization off the event loop -----------------------------------------------------------------------
+
+@pytest.mark.slow  # tokenizes a megabyte
+def test_health_answers_while_a_huge_prompt_is_tokenized(gpt_run):
+    engine = engine_of(gpt_run)
+    prompt = synthetic_text(1_000_000)
+    with TestClient(create_app(engine)) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        big = pool.submit(client.post, "/v1/generate", json=generate_body(prompt))
+        time.sleep(0.3)  # the body is in, its tokenization under way (a second or two on this tokenizer)
+        asked = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        answered = time.perf_counter()
+        refused(big.result(), 422, "prompt", "tokens; expected at most 31")
+        done = time.perf_counter()
+    assert answered < done - 0.2, f"/health waited for the prompt ({answered - started:.2f} s of {done - started:.2f} s)"
+    assert answered - asked < 0.5, f"/health took {answered - asked:.2f} s"

@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lmforge import __version__, chat
@@ -190,7 +191,9 @@ class Engine:
                 "device": str(self.device), "lmforge": __version__}
 
     def check_length(self, text: str, where: str, tok=None) -> list[int]:
-        ids = (tok or self.tok).encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: it lets go of the GIL, so that while a long text is tokenized on a thread
+        # (create_app's `checked`) the event loop goes on answering (encode held it ~1.5 s for 1 MB)
+        ids = (tok or self.tok).encode_batch([text], add_special_tokens=False)[0].ids
         if len(ids) > self.max_input_tokens:
             raise RequestError(422, where, f"{len(ids)} tokens; expected at most {self.max_input_tokens} "
                                            "(the server's --max-input-tokens or the model's context)")
@@ -502,12 +505,16 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
     def batcher_of(request: Request) -> Batcher:
         return request.app.state.batcher
 
+    async def checked(check: Callable, *args):
+        """check(*args), what reads an input (tokenizing, the length checks, a chat template), on a thread of
+        Starlette's pool for blocking calls: not on the event loop, which would stop answering (/health too)
+        for the second a 1 MB prompt takes, nor on the model's thread, where it would wait behind the batches."""
+        return await run_in_threadpool(check, *args)
+
     if engine.endpoint == "classify":
         pair_model = engine.cfg.finetune.pair_field is not None
 
-        @app.post("/v1/classify", summary="label texts (classify), score them (regress) or tag them with labels "
-                  "(multilabel); the records of lmforge predict")
-        async def classify(req: ClassifyRequest, request: Request):
+        def classify_examples(req: ClassifyRequest) -> list[Example]:
             examples = []
             for i, (where, item) in enumerate(_numbered(req.inputs, limits)):
                 if pair_model != isinstance(item, TextPair):
@@ -517,11 +524,16 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                 text, pair = (item.text, item.pair) if pair_model else (item, None)
                 engine.check_length(text + (" " + pair if pair else ""), where)
                 examples.append(Example(text, pair, None, i + 1))
+            return examples
+
+        @app.post("/v1/classify", summary="label texts (classify), score them (regress) or tag them with labels "
+                  "(multilabel); the records of lmforge predict")
+        async def classify(req: ClassifyRequest, request: Request):
+            examples = await checked(classify_examples, req)
             return {"results": await batcher_of(request).submit("classify", examples, engine.predict)}
 
     if engine.endpoint == "tag":
-        @app.post("/v1/tag", summary="tag each word (NER); the records of lmforge predict")
-        async def tag(req: TagRequest, request: Request):
+        def tag_examples(req: TagRequest) -> list[Example]:
             examples = []
             for i, (where, item) in enumerate(_numbered(req.inputs, limits)):
                 words = item.split() if isinstance(item, str) else item
@@ -530,6 +542,11 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                                                    "spaces")
                 engine.check_length(" ".join(words), where)
                 examples.append(Example(words, None, None, i + 1))
+            return examples
+
+        @app.post("/v1/tag", summary="tag each word (NER); the records of lmforge predict")
+        async def tag(req: TagRequest, request: Request):
+            examples = await checked(tag_examples, req)
             return {"results": await batcher_of(request).submit("tag", examples, engine.predict)}
 
     if engine.endpoint == "score":
@@ -544,25 +561,30 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                 items = _numbered(req.inputs, limits)
             else:
                 items = [("", req)]
-            examples = [engine.score_example(item, where) for where, item in items]
+            examples = await checked(lambda: [engine.score_example(item, where) for where, item in items])
             records = await batcher_of(request).submit("score", examples, engine.predict)
             return {"scores": [r["score"] for r in records]}
 
     if engine.endpoint == "translate":
         @app.post("/v1/translate", summary="translate sentences; the output of lmforge translate")
         async def translate(req: TranslateRequest, request: Request):
-            items = []
-            for where, text in _numbered(req.inputs, limits):
-                engine.check_length(text, where, engine.source_tok)
-                items.append(text)
+            items = _numbered(req.inputs, limits)
+            await checked(lambda: [engine.check_length(text, where, engine.source_tok) for where, text in items])
             sc = engine.cfg.seq2seq
             beam = req.beam or sc.beam_size
             penalty = sc.length_penalty if req.length_penalty is None else req.length_penalty
-            answers = await batcher_of(request).submit(("translate", beam, penalty), items,
+            answers = await batcher_of(request).submit(("translate", beam, penalty), [text for _, text in items],
                                                        lambda texts: engine.translate(texts, beam, penalty))
             return {"results": answers}
 
     if engine.endpoint == "generate":
+        def prompt_tokens(prompt: str) -> list[int]:
+            try:  # an empty prompt starts a document, as lmforge generate does
+                return engine.check_length(prompt, "prompt") or prompt_ids(engine.tok, "")
+            except UserError:
+                raise RequestError(422, "prompt", "empty, and this tokenizer has no end-of-text token to start "
+                                                  "from; expected some text") from None
+
         @app.post("/v1/generate", summary="continue a prompt (the output of lmforge generate); stream: true "
                   "sends server-sent events: data: {\"text\": new text} ..., then data: {\"done\": true, \"text\": "
                   "the whole text}")
@@ -572,11 +594,7 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             if req.max_new_tokens > limits.max_new_tokens:
                 raise RequestError(422, "max_new_tokens", f"{req.max_new_tokens}; expected at most "
                                                           f"{limits.max_new_tokens} (the server's --max-new-tokens)")
-            try:  # an empty prompt starts a document, as lmforge generate does
-                ids = engine.check_length(req.prompt, "prompt") or prompt_ids(engine.tok, "")
-            except UserError:
-                raise RequestError(422, "prompt", "empty, and this tokenizer has no end-of-text token to start "
-                                                  "from; expected some text") from None
+            ids = await checked(prompt_tokens, req.prompt)
             batcher = batcher_of(request)
             if req.stream:
                 return StreamingResponse(_events(batcher, engine, ids, req, request.state.request_id),
@@ -590,6 +608,13 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             text = (await batcher.submit(key, [(ids, req.seed)], lambda items: engine.generate(items, req)))[0]
             return {"prompt": req.prompt, "text": text}
 
+        def chat_prompt(messages: list[dict]) -> tuple[str, list[int]]:
+            try:
+                text = chat.render(engine.chat[0], messages, True, engine.chat[1], "template")
+            except UserError as e:
+                raise RequestError(422, "messages", str(e)) from None
+            return text, engine.check_length(text, "messages")
+
         @app.post("/v1/chat/completions", summary="OpenAI-style chat: the conversation in the model's chat template, "
                   "answered as the assistant's message (stream: true sends chat.completion.chunk events)")
         async def chat_completions(req: ChatRequest, request: Request):
@@ -599,11 +624,7 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             for i, m in enumerate(messages):
                 if m["role"] not in chat.ROLES:
                     raise RequestError(422, f"messages[{i}].role", f"{m['role']!r}; expected one of {', '.join(chat.ROLES)}")
-            try:
-                text = chat.render(engine.chat[0], messages, True, engine.chat[1], "template")
-            except UserError as e:
-                raise RequestError(422, "messages", str(e)) from None
-            ids = engine.check_length(text, "messages")
+            text, ids = await checked(chat_prompt, messages)
             limit = req.max_completion_tokens or req.max_tokens or limits.max_new_tokens
             if limit > limits.max_new_tokens:
                 raise RequestError(422, "max_tokens", f"{limit}; expected at most {limits.max_new_tokens} "
