@@ -1,6 +1,7 @@
 """`lmforge serve` against hostile clients: every request field is bounded before it can join a batch, a batch
 that fails is retried one request at a time so only the bad request fails, a 500 names a request id (never the
-exception) and keeps its keep-alive connection, a huge prompt is tokenized off the event loop.
+exception) and keeps its keep-alive connection, a huge prompt is tokenized off the event loop, stalled
+connections are closed.
 
 The server runs in this process (Starlette's TestClient, or uvicorn on a thread for what only a real socket
 shows) on a random-weight GPT, so the engine can be made to fail on purpose."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -203,3 +205,38 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(gpt_run):
         done = time.perf_counter()
     assert answered < done - 0.2, f"/health waited for the prompt ({answered - started:.2f} s of {done - started:.2f} s)"
     assert answered - asked < 0.5, f"/health took {answered - asked:.2f} s"
+
+
+# -- 5. stalled connections are closed ----------------------------------------------------------------------
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+@pytest.mark.slow  # a server on a thread, and waits for its timeouts
+def test_stalled_and_idle_connections_are_closed(gpt_run):
+    engine = engine_of(gpt_run, read_timeout=1, keep_alive=1)
+    with uvicorn_thread(engine) as port:
+        def connect() -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.settimeout(5)  # a server that never closes fails the test by recv's timeout
+            return sock
+
+        with connect() as half_head:
+            half_head.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Le")
+            start = time.perf_counter()
+            assert read_until_closed(half_head) == b"" and time.perf_counter() - start < 3
+        with connect() as silent:  # connected, sent nothing
+            assert read_until_closed(silent) == b""
+        with connect() as no_body:
+            no_body.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            answer = read_until_closed(no_body)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b'"field":"body"' in answer, answer
+        with connect() as idle:
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            start = time.perf_counter()
+            assert read_until_closed(idle).startswith(b"HTTP/1.1 200 ") and time.perf_counter() - start < 3

@@ -358,11 +358,14 @@ class BodyTooLarge(Exception):
     pass
 
 
-class BodyLimit:
-    """ASGI middleware: a body over the limit is refused from its Content-Length, or (chunked) as it arrives."""
+class BodyReader:
+    """ASGI middleware: reads a request's whole body before the application sees it, refusing one over
+    --max-body-bytes (413: from its Content-Length, or counted as a chunked body arrives) and one that has not
+    arrived within --read-timeout seconds (408, and the connection is closed: a client that stalls mid-body
+    would otherwise hold the connection and a request task for ever)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -372,17 +375,44 @@ class BodyLimit:
             response = error_response(413, "body", f"{length.decode(errors='replace')} bytes; expected at most "
                                                    f"{self.limit} (the server's --max-body-bytes)")
             return await response(scope, receive, send)
-        seen = 0
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
+        except BodyTooLarge:
+            response = error_response(413, "body", f"expected at most {self.limit} bytes (the server's "
+                                                   "--max-body-bytes)")
+            return await response(scope, receive, send)
+        except TimeoutError:
+            response = error_response(408, "body", f"incomplete after {self.timeout} s; expected the whole body "
+                                                   "within the server's --read-timeout")
+            response.headers["Connection"] = "close"  # the rest of the body may still come: no next request
+            return await response(scope, receive, send)
+        if body is None:
+            return  # the client went away
 
-        async def counted():
-            nonlocal seen
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # after the body: http.disconnect, which a streaming answer listens for
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The body, or None when the client disconnects first."""
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge()  # FastAPI turns it into an HTTPException, answered as 413 below
-            return message
-
-        await self.app(scope, counted, send)
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                raise BodyTooLarge()
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 def internal_error(request_id: str) -> JSONResponse:
@@ -442,8 +472,9 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
     app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan,
                   description=f"{engine.cfg.task} model from {engine.run}: POST /v1/{engine.endpoint}")
 
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    app.add_middleware(RequestIds)  # the last added is the outermost: a request id for every answer
+    # the last added is the outermost: a request id for every answer, then the body is read
+    app.add_middleware(BodyReader, limit=limits.max_body_bytes, timeout=limits.read_timeout)
+    app.add_middleware(RequestIds)
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
@@ -455,9 +486,6 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        if isinstance(e.__cause__, BodyTooLarge):
-            return error_response(413, "body", f"expected at most {limits.max_body_bytes} bytes "
-                                               "(the server's --max-body-bytes)")
         if e.status_code == 404:
             return error_response(404, "path", f"{request.url.path} is not served here; this {engine.cfg.task} "
                                                f"model answers POST /v1/{engine.endpoint} (see /docs)")
@@ -769,12 +797,40 @@ def _server_class():
     return Server
 
 
+def _protocol_class(read_timeout: float):
+    """uvicorn's HTTP protocol (httptools or h11, as uvicorn picks), with a deadline for each request's head."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeadDeadline(AutoHTTPProtocol):
+        # uvicorn's keep-alive timer stops at a request's first byte, and nothing else times a connection: one
+        # that sends nothing after connecting, or half a request line or of its headers, was held for ever
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._expect_head()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._expect_head()
+
+        def _expect_head(self):
+            self.loop.call_later(read_timeout, self._close_without_head, self.cycle)
+
+        def _close_without_head(self, cycle):
+            # still the same request cycle, answered (or none yet): no request head has come in time
+            if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline
+
+
 def server_config(app, host: str, port: int, limits: Limits, log_requests: bool = False):
-    """uvicorn's settings for `lmforge serve`: 30 s to finish the requests in flight."""
+    """uvicorn's settings for `lmforge serve`: the limits' timeouts, 30 s to finish the requests in flight."""
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
-                          timeout_graceful_shutdown=30)
+                          timeout_graceful_shutdown=30, timeout_keep_alive=limits.keep_alive,
+                          http=_protocol_class(limits.read_timeout))
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", threads: int | None = None,
