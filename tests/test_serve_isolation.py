@@ -1,7 +1,7 @@
 """`lmforge serve` against hostile clients: every request field is bounded before it can join a batch, a batch
 that fails is retried one request at a time so only the bad request fails, a 500 names a request id (never the
 exception) and keeps its keep-alive connection, a huge prompt is tokenized off the event loop, stalled
-connections are closed.
+connections are closed, and --api-key guards every endpoint but /health.
 
 The server runs in this process (Starlette's TestClient, or uvicorn on a thread for what only a real socket
 shows) on a random-weight GPT, so the engine can be made to fail on purpose."""
@@ -21,10 +21,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from helpers import free_port, make_base, one_line_error, synthetic_text
+from lmforge.cli import main
 from lmforge.config import ServeLimits
 from lmforge.generate import SEED_MAX
 from lmforge.serve import (ChatRequest, ClassifyRequest, Engine, GenerateRequest, ScoreRequest, TagRequest,
-                           TranslateRequest, _server_class, create_app, server_config)
+                           TranslateRequest, _server_class, create_app, exposure_warning, server_config)
 from test_serve import refused
 
 
@@ -240,3 +241,40 @@ def test_stalled_and_idle_connections_are_closed(gpt_run):
             idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             start = time.perf_counter()
             assert read_until_closed(idle).startswith(b"HTTP/1.1 200 ") and time.perf_counter() - start < 3
+
+
+# -- 6. --api-key -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # loads the server's stack
+def test_an_api_key_guards_every_endpoint_but_health(gpt_run):
+    with TestClient(create_app(engine_of(gpt_run), api_key="s3cret")) as client:
+        assert client.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for answer in (client.post("/v1/generate", json=generate_body("the king"), headers=headers),
+                           client.get("/metadata", headers=headers), client.get("/docs", headers=headers)):
+                refused(answer, 401, "authorization", "Bearer")
+                assert answer.headers["www-authenticate"] == "Bearer"
+        key = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/generate", json=generate_body("the king"), headers=key).status_code == 200
+        assert client.get("/metadata", headers=key).json()["task"] == "clm"
+
+
+def test_the_api_key_comes_from_the_option_or_the_environment(monkeypatch, capsys):
+    import lmforge.serve
+
+    seen = []
+    monkeypatch.setattr(lmforge.serve, "serve", lambda *args, **kw: seen.append(kw["api_key"]))
+    assert main(["serve", "RUN", "--api-key", "k1"]) == 0
+    monkeypatch.setenv("LMFORGE_API_KEY", "k2")
+    assert main(["serve", "RUN"]) == 0 and main(["serve", "RUN", "--api-key", "k1"]) == 0
+    monkeypatch.delenv("LMFORGE_API_KEY")
+    assert main(["serve", "RUN"]) == 0
+    assert seen == ["k1", "k2", "k1", None]
+
+
+def test_a_server_open_beyond_this_machine_without_a_key_warns():
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert exposure_warning(host, None) is None
+    assert exposure_warning("0.0.0.0", "k") is None
+    warning = exposure_warning("0.0.0.0", None)
+    assert "\n" not in warning and "0.0.0.0" in warning and "--api-key" in warning

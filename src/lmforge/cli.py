@@ -367,12 +367,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
+
     from lmforge.config import ServeLimits
     from lmforge.serve import serve
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
     serve(args.run, args.host, args.port, args.device, args.threads, batching=not args.no_batching,
-          log_requests=args.log_requests, limits=limits, dtype=args.dtype)
+          log_requests=args.log_requests, limits=limits, dtype=args.dtype, api_key=api_key)
     return 0
 
 
@@ -561,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ServeLimits):  # the limits are declared once, in config.py
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, metavar="N",
                        help=f"{f.metadata['doc']} [default: {f.default}]")
+    p.add_argument("--api-key", metavar="KEY", help="require the header Authorization: Bearer KEY on every endpoint but "
+                   "/health [default: the environment variable LMFORGE_API_KEY, else no key]")
     p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
     p.add_argument("--log-requests", action="store_true", help="print one access-log line per request")
     p.set_defaults(func=cmd_serve)

@@ -16,6 +16,7 @@ Every client mistake is a 4xx JSON body {"error": "FIELD: what is wrong; expecte
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import signal
@@ -415,6 +416,23 @@ class BodyReader:
                 return b"".join(chunks)
 
 
+class BearerAuth:
+    """ASGI middleware (--api-key): every path but /health needs the header `Authorization: Bearer KEY`, checked
+    before the body is read, so that a client without the key cannot make the server read or compute anything."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        given = dict(scope.get("headers", ())).get(b"authorization", b"")
+        if scope["type"] != "http" or scope["path"] == "/health" or hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        response = error_response(401, "authorization", "missing or wrong; expected the header Authorization: "
+                                                        "Bearer KEY (the server's --api-key)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
 def internal_error(request_id: str) -> JSONResponse:
     return JSONResponse({"error": f"internal error; request id {request_id}", "field": None,
                          "request_id": request_id}, status_code=500)
@@ -457,7 +475,8 @@ class RequestIds:
                 await internal_error(request_id)(scope, receive, send_with_id)
 
 
-def create_app(engine: Engine, batching: bool = True) -> FastAPI:
+def create_app(engine: Engine, batching: bool = True, api_key: str | None = None) -> FastAPI:
+    """The server's application; api_key: every path but /health needs `Authorization: Bearer API_KEY`."""
     limits = engine.limits
 
     @asynccontextmanager
@@ -472,8 +491,10 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
     app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan,
                   description=f"{engine.cfg.task} model from {engine.run}: POST /v1/{engine.endpoint}")
 
-    # the last added is the outermost: a request id for every answer, then the body is read
+    # the last added is the outermost: a request id for every answer, then the key, then the body is read
     app.add_middleware(BodyReader, limit=limits.max_body_bytes, timeout=limits.read_timeout)
+    if api_key is not None:
+        app.add_middleware(BearerAuth, key=api_key)
     app.add_middleware(RequestIds)
 
     @app.exception_handler(RequestError)
@@ -833,24 +854,40 @@ def server_config(app, host: str, port: int, limits: Limits, log_requests: bool 
                           http=_protocol_class(limits.read_timeout))
 
 
+LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """One line when anyone on the network could use the model: listening beyond this machine without a key."""
+    if api_key or host in LOCAL_HOSTS:
+        return None
+    return (f"lmforge: warning: serving on {host} without --api-key (or LMFORGE_API_KEY): anyone who can reach "
+            "this address can use the model")
+
+
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", threads: int | None = None,
-          batching: bool = True, log_requests: bool = False, limits: Limits | None = None, dtype: str = "auto") -> None:
+          batching: bool = True, log_requests: bool = False, limits: Limits | None = None, dtype: str = "auto",
+          api_key: str | None = None) -> None:
     limits = limits or Limits()
     for name, value in asdict(limits).items():
         if value is not None and value < 1:
             raise UserError(f"serve: --{name.replace('_', '-')} = {value}: expected a positive number")
     if threads is not None and threads < 1:
         raise UserError(f"serve: --threads = {threads}: expected a positive number")
+    if api_key is not None and not api_key.strip():
+        raise UserError("serve: --api-key is empty; expected the secret that clients send as Authorization: Bearer KEY")
     _check_port(host, port)
     # the HTTP loop needs a core of its own: intra-op threads that wait on each other are slowed down badly
     # by any neighbour (on 2 cores, 2 model threads beside the loop were ~10x slower for small batches)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
     engine = Engine(run, device, limits, dtype)
-    app = create_app(engine, batching)
+    app = create_app(engine, batching, api_key)
     url = f"http://{host}:{port}"
     print(f"serving {run} ({engine.cfg.task}, {engine.model.num_params() / 1e6:.2f}M parameters) at {url}\n"
           f"  POST {url}/v1/{engine.endpoint}   GET {url}/health  {url}/metadata   schema: {url}/docs\n"
           f"  batching {'on' if batching else 'off'}, {torch.get_num_threads()} model thread(s); Ctrl-C stops after "
           "the requests in flight", flush=True)
+    if warning := exposure_warning(host, api_key):
+        print(warning, file=sys.stderr, flush=True)
     _server_class()(server_config(app, host, port, limits, log_requests)).run()
     print("lmforge: server stopped", flush=True)
