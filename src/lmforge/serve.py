@@ -8,9 +8,17 @@ code as the CLI (`task.predict`, `translate`, `generate_text`), so they equal `l
 Batching: one worker thread owns the model. Requests are queued; whenever the worker is free it takes
 the oldest request together with every queued request that can share its forward pass (same endpoint and
 decoding settings), up to --max-batch inputs. Nothing waits for a batch to fill: an idle server answers
-at once, a busy one answers many requests per forward pass.
+at once, a busy one answers many requests per forward pass. A batch that fails is computed again one request
+at a time, so only the request that fails gets an error. Reading a request (tokenizing, the length checks)
+runs on a thread pool, neither on the event loop nor on the model's thread.
 
-Every client mistake is a 4xx JSON body {"error": "FIELD: what is wrong; expected what", "field": FIELD}.
+Every client mistake is a 4xx JSON body {"error": "FIELD: what is wrong; expected what", "field": FIELD},
+found before the request can join a batch (every count and number of a request is bounded). A server bug is
+a 500 {"error": "internal error; request id ID", "field": null, "request_id": ID} that keeps the connection;
+the traceback goes to stderr under the id, and every answer carries an X-Request-Id header. A connection
+that does not send a request's head or body within --read-timeout is closed (a stalled body gets a 408), an
+idle one after --keep-alive seconds. With --api-key (or LMFORGE_API_KEY) every path but /health needs
+`Authorization: Bearer KEY` (401 otherwise).
 """
 
 from __future__ import annotations
