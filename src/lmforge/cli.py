@@ -307,12 +307,13 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from lmforge.generate import generate_text
+    from lmforge.generate import check_seed, generate_text
     from lmforge import chat
     from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run
     from lmforge.tasks import registry
     from lmforge.train.device import pick_device
 
+    check_seed(args.seed, args.num_samples, "generate: --seed")
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device, INFERENCE_DTYPES[args.dtype])
     end_ids = end_token_ids(args.checkpoint)  # an imported chat model's own end of turn
@@ -375,12 +376,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
+
     from lmforge.config import ServeLimits
     from lmforge.serve import serve
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
     serve(args.run, args.host, args.port, args.device, args.threads, batching=not args.no_batching,
-          log_requests=args.log_requests, limits=limits, dtype=args.dtype)
+          log_requests=args.log_requests, limits=limits, dtype=args.dtype, api_key=api_key)
     return 0
 
 
@@ -569,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ServeLimits):  # the limits are declared once, in config.py
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, metavar="N",
                        help=f"{f.metadata['doc']} [default: {f.default}]")
+    p.add_argument("--api-key", metavar="KEY", help="require the header Authorization: Bearer KEY on every endpoint but "
+                   "/health [default: the environment variable LMFORGE_API_KEY, else no key]")
     p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
     p.add_argument("--log-requests", action="store_true", help="print one access-log line per request")
     p.set_defaults(func=cmd_serve)

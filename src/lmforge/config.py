@@ -307,13 +307,17 @@ class LogConfig:
 
 @dataclass
 class ServeLimits:
-    """What `lmforge serve` refuses (a 4xx answer naming the field); its --max-* options are these fields."""
+    """What `lmforge serve` refuses (a 4xx answer naming the field) and how long it waits for a client; its
+    --max-* and timeout options are these fields."""
 
     max_input_tokens: int | None = opt(None, "refuse an input longer than this many tokens [None: the model's context]",
                                        check=gt(0))
     max_new_tokens: int = opt(256, "refuse a generation request asking for more new tokens", check=gt(0))
     max_body_bytes: int = opt(1 << 20, "refuse a larger request body (bytes)", check=gt(0))
     max_batch: int = opt(64, "refuse a request with more inputs", check=gt(0))
+    read_timeout: int = opt(30, "close a connection that takes longer to send a request's head, or answer 408 to "
+                            "one that takes longer to send its body (seconds)", check=gt(0))
+    keep_alive: int = opt(5, "close a connection idle for this long between requests (seconds)", check=gt(0))
 
 
 @dataclass

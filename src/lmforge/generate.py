@@ -12,6 +12,18 @@ from tokenizers import Tokenizer
 from lmforge.data.tokenizer import eos_id, seq2seq_special_ids
 from lmforge.errors import UserError
 
+# torch.Generator.manual_seed takes a signed 64-bit seed on some versions and devices, an unsigned one on
+# others: a seed in 0 .. 2**63 - 1 is taken by every one (a larger one raised inside a server's batch)
+SEED_MAX = 2**63 - 1
+
+
+def check_seed(seed: int, samples: int, where: str) -> None:
+    """Sample i of `lmforge generate` draws from seed + i: every one of them must be a seed torch takes."""
+    top = SEED_MAX - max(samples - 1, 0)
+    if not 0 <= seed <= top:
+        raise UserError(f"{where} = {seed}: expected 0 to {top}" + (f" (sample i of {samples} uses the seed + i)"
+                                                                    if samples > 1 else ""))
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:

@@ -8,39 +8,51 @@ code as the CLI (`task.predict`, `translate`, `generate_text`), so they equal `l
 Batching: one worker thread owns the model. Requests are queued; whenever the worker is free it takes
 the oldest request together with every queued request that can share its forward pass (same endpoint and
 decoding settings), up to --max-batch inputs. Nothing waits for a batch to fill: an idle server answers
-at once, a busy one answers many requests per forward pass.
+at once, a busy one answers many requests per forward pass. A batch that fails is computed again one request
+at a time, so only the request that fails gets an error. Reading a request (tokenizing, the length checks)
+runs on a thread pool, neither on the event loop nor on the model's thread.
 
-Every client mistake is a 4xx JSON body {"error": "FIELD: what is wrong; expected what", "field": FIELD}.
+Every client mistake is a 4xx JSON body {"error": "FIELD: what is wrong; expected what", "field": FIELD},
+found before the request can join a batch (every count and number of a request is bounded). A server bug is
+a 500 {"error": "internal error; request id ID", "field": null, "request_id": ID} that keeps the connection;
+the traceback goes to stderr under the id, and every answer carries an X-Request-Id header. A connection
+that does not send a request's head or body within --read-timeout is closed (a stalled body gets a 408), an
+idle one after --keep-alive seconds. With --api-key (or LMFORGE_API_KEY) every path but /health needs
+`Authorization: Bearer KEY` (401 otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Union
+from typing import Annotated, Callable, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lmforge import __version__, chat
 from lmforge.data.labelled import Example, split_answer
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
-from lmforge.generate import generate_texts, prompt_ids, translate
+from lmforge.generate import SEED_MAX, generate_texts, prompt_ids, translate
 from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run, run_dir_of
 from lmforge.tasks import make_task, registry
 from lmforge.tasks.seq2seq import source_tokenizer
@@ -58,10 +70,30 @@ def error_response(status: int, field: str, message: str) -> JSONResponse:
     return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
 
 
-# -- request bodies: strict types (a number is not a text), unknown fields refused -----------------------
+# -- request bodies: strict types (a number is not a text), unknown fields refused, every count and number
+# bounded, so that nothing a client sends can fail inside a batch it shares with others -----------------
+
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # each stop string is matched against every row's text at every token
+MAX_MESSAGES = 1024
+# below it, logits / temperature overflow float32 into NaN probabilities (0 is greedy, which divides nothing)
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6  # a smaller mass is 0 in float32, which drops even the most likely token
+
+
+def _sampling_temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"expected 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
+
+
+Temperature = Annotated[float, AfterValidator(_sampling_temperature)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]  # "" would stop before every text
+Stops = Annotated[list[StopText], Field(max_length=MAX_STOPS)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]  # one torch takes (as lmforge generate --seed)
+
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # Python's JSON reads NaN
 
 
 class TextPair(Body):
@@ -89,22 +121,23 @@ class GenerateRequest(Body):
     prompt: str = Field(description="text to continue; empty = the start of a document")
     max_new_tokens: int | None = Field(None, ge=1, description="at most this many new tokens [default: the "
                                        "server's --max-new-tokens]")
-    temperature: float = Field(0.8, ge=0, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens; 0 = all")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
-    stop: list[str] | None = Field(None, description="stop before any of these strings")
-    seed: int = Field(0, description="sampling seed (as lmforge generate --seed)")
+    temperature: Temperature = Field(0.8, ge=0, le=100, description=f"0 = greedy, else at least {MIN_TEMPERATURE}")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="sample from the k most likely tokens; 0 = all")
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1, description="nucleus sampling mass; 1 = off")
+    stop: Stops | None = Field(None, description=f"stop before any of these strings (at most {MAX_STOPS}, each 1 to "
+                                                 f"{MAX_STOP_CHARS} characters)")
+    seed: Seed = Field(0, description="sampling seed (as lmforge generate --seed)")
     stream: bool = Field(False, description="send the text as server-sent events while it is generated")
 
 
 class ChatMessage(Body):
-    role: str = Field(description="system, user or assistant")
+    role: str = Field(max_length=32, description="system, user or assistant")
     content: str
 
 
 class ScoreInput(Body):
-    messages: list[ChatMessage] | None = Field(None, min_length=2, description="a conversation that ends with the "
-                                               "assistant's answer to score")
+    messages: list[ChatMessage] | None = Field(None, min_length=2, max_length=MAX_MESSAGES, description="a "
+                                               "conversation that ends with the assistant's answer to score")
     prompt: str | None = Field(None, description="a prompt (with response: its answer to score)")
     response: str | None = Field(None, description="the answer to the prompt to score")
 
@@ -117,15 +150,15 @@ class ScoreRequest(ScoreInput):
 
 class ChatRequest(Body):
     """OpenAI's chat completions request, the fields lmforge honours (others are refused by name)."""
-    model: str | None = Field(None, description="ignored: the server serves one model")
-    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    model: str | None = Field(None, max_length=256, description="ignored: the server serves one model")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, description="the conversation so far")
     max_tokens: int | None = Field(None, ge=1, description="at most this many new tokens [default: the server's "
                                    "--max-new-tokens]")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1 = off")
-    stop: Union[str, list[str], None] = Field(None, description="stop before this string (or any of these)")
-    seed: int | None = Field(None, description="sampling seed")
+    temperature: Temperature = Field(1.0, ge=0, le=2, description=f"0 = greedy, else at least {MIN_TEMPERATURE}")
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1, description="nucleus sampling mass; 1 = off")
+    stop: Union[StopText, Stops, None] = Field(None, description="stop before this string (or any of these)")
+    seed: Seed | None = Field(None, description="sampling seed")
     stream: bool = Field(False, description="send chat.completion.chunk server-sent events, then data: [DONE]")
 
 
@@ -167,7 +200,9 @@ class Engine:
                 "device": str(self.device), "lmforge": __version__}
 
     def check_length(self, text: str, where: str, tok=None) -> list[int]:
-        ids = (tok or self.tok).encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: it lets go of the GIL, so that while a long text is tokenized on a thread
+        # (create_app's `checked`) the event loop goes on answering (encode held it ~1.5 s for 1 MB)
+        ids = (tok or self.tok).encode_batch([text], add_special_tokens=False)[0].ids
         if len(ids) > self.max_input_tokens:
             raise RequestError(422, where, f"{len(ids)} tokens; expected at most {self.max_input_tokens} "
                                            "(the server's --max-input-tokens or the model's context)")
@@ -240,7 +275,7 @@ class Batcher:
         self.wake = asyncio.Event()
         self.closing = False
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-model")
-        self.stats = {"requests": 0, "forward_batches": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "forward_batches": 0, "largest_batch": 0, "retried_batches": 0}
 
     async def submit(self, key, items: list, run: Callable[[list], list]) -> list:
         job = Job(key, items, run, asyncio.get_running_loop().create_future())
@@ -264,30 +299,39 @@ class Batcher:
         return [j for j in batch if not j.future.done()]  # a client that went away is not computed for
 
     async def work(self) -> None:
-        loop = asyncio.get_running_loop()
         while self.jobs or not self.closing:
             if not self.jobs:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             batch = self._take()
-            if not batch:
-                continue
-            items = [x for job in batch for x in job.items]
-            self.stats["forward_batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
-            try:
-                answers = await loop.run_in_executor(self.pool, batch[0].run, items)
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the server goes on
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                continue
-            start = 0
+            if batch:
+                await self._answer(batch)
+
+    async def _answer(self, batch: list[Job]) -> None:
+        """Computes a batch on the model's thread and settles its jobs. A batch that fails is computed again
+        one job at a time, so that an input the model fails on fails its own request only, and the requests
+        that shared its batch get their answers (each the answer it would get alone)."""
+        items = [x for job in batch for x in job.items]
+        self.stats["forward_batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+        try:
+            answers = await asyncio.get_running_loop().run_in_executor(self.pool, batch[0].run, items)
+        except Exception as e:  # noqa: BLE001 - the request's own error (a 500 for it alone); the server goes on
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(e)
+                return
+            self.stats["retried_batches"] += 1
             for job in batch:
                 if not job.future.done():
-                    job.future.set_result(answers[start:start + len(job.items)])
-                start += len(job.items)
+                    await self._answer([job])
+            return
+        start = 0
+        for job in batch:
+            if not job.future.done():
+                job.future.set_result(answers[start:start + len(job.items)])
+            start += len(job.items)
 
     def close(self) -> None:
         self.closing = True
@@ -309,12 +353,12 @@ def _numbered(inputs, limits: Limits) -> list[tuple[str, object]]:
 
 def _field(loc) -> str:
     """pydantic's location ('body', 'inputs', 'list[str]', 3) as inputs[3]; the branch names of a union
-    (a type's name in the location) are not fields."""
+    (a type's name in the location: str, list[str], constrained-str, TextPair) are not fields."""
     out = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" not in part and part not in ("str", "TextPair"):
+        elif "[" not in part and "-" not in part and part not in ("str", "TextPair"):
             out += f".{part}" if out else part
     return out or "body"
 
@@ -323,11 +367,14 @@ class BodyTooLarge(Exception):
     pass
 
 
-class BodyLimit:
-    """ASGI middleware: a body over the limit is refused from its Content-Length, or (chunked) as it arrives."""
+class BodyReader:
+    """ASGI middleware: reads a request's whole body before the application sees it, refusing one over
+    --max-body-bytes (413: from its Content-Length, or counted as a chunked body arrives) and one that has not
+    arrived within --read-timeout seconds (408, and the connection is closed: a client that stalls mid-body
+    would otherwise hold the connection and a request task for ever)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -337,20 +384,107 @@ class BodyLimit:
             response = error_response(413, "body", f"{length.decode(errors='replace')} bytes; expected at most "
                                                    f"{self.limit} (the server's --max-body-bytes)")
             return await response(scope, receive, send)
-        seen = 0
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
+        except BodyTooLarge:
+            response = error_response(413, "body", f"expected at most {self.limit} bytes (the server's "
+                                                   "--max-body-bytes)")
+            return await response(scope, receive, send)
+        except TimeoutError:
+            response = error_response(408, "body", f"incomplete after {self.timeout} s; expected the whole body "
+                                                   "within the server's --read-timeout")
+            response.headers["Connection"] = "close"  # the rest of the body may still come: no next request
+            return await response(scope, receive, send)
+        if body is None:
+            return  # the client went away
 
-        async def counted():
-            nonlocal seen
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # after the body: http.disconnect, which a streaming answer listens for
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The body, or None when the client disconnects first."""
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge()  # FastAPI turns it into an HTTPException, answered as 413 below
-            return message
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                raise BodyTooLarge()
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        await self.app(scope, counted, send)
+
+class BearerAuth:
+    """ASGI middleware (--api-key): every path but /health needs the header `Authorization: Bearer KEY`, checked
+    before the body is read, so that a client without the key cannot make the server read or compute anything."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        given = dict(scope.get("headers", ())).get(b"authorization", b"")
+        if scope["type"] != "http" or scope["path"] == "/health" or hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        response = error_response(401, "authorization", "missing or wrong; expected the header Authorization: "
+                                                        "Bearer KEY (the server's --api-key)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
 
 
-def create_app(engine: Engine, batching: bool = True) -> FastAPI:
+def internal_error(request_id: str) -> JSONResponse:
+    return JSONResponse({"error": f"internal error; request id {request_id}", "field": None,
+                         "request_id": request_id}, status_code=500)
+
+
+def log_internal_error(request_id: str, error: BaseException) -> None:
+    """The traceback goes to the server's stderr under the id its client got, never to the client."""
+    trace = "".join(traceback.format_exception(error))
+    print(f"lmforge serve: internal error; request id {request_id}\n{trace}", end="", file=sys.stderr, flush=True)
+
+
+class RequestIds:
+    """ASGI middleware, the outermost: every answer carries an X-Request-Id header, and an error that escapes a
+    handler is answered here, as a 500 naming only that id (internal_error; the traceback goes to stderr under
+    the same id). Answering here rather than in an `Exception` handler keeps the connection open: Starlette
+    re-raises after such a handler has answered, and uvicorn closes a connection whose application raised."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = os.urandom(8).hex()
+        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id, for a stream's error
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:  # noqa: BLE001 - a server bug: answered and logged, the server goes on
+            log_internal_error(request_id, e)
+            if not started:  # else too late for a status: uvicorn closes a connection whose answer is incomplete
+                await internal_error(request_id)(scope, receive, send_with_id)
+
+
+def create_app(engine: Engine, batching: bool = True, api_key: str | None = None) -> FastAPI:
+    """The server's application; api_key: every path but /health needs `Authorization: Bearer API_KEY`."""
     limits = engine.limits
 
     @asynccontextmanager
@@ -365,7 +499,11 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
     app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan,
                   description=f"{engine.cfg.task} model from {engine.run}: POST /v1/{engine.endpoint}")
 
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    # the last added is the outermost: a request id for every answer, then the key, then the body is read
+    app.add_middleware(BodyReader, limit=limits.max_body_bytes, timeout=limits.read_timeout)
+    if api_key is not None:
+        app.add_middleware(BearerAuth, key=api_key)
+    app.add_middleware(RequestIds)
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
@@ -377,9 +515,6 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        if isinstance(e.__cause__, BodyTooLarge):
-            return error_response(413, "body", f"expected at most {limits.max_body_bytes} bytes "
-                                               "(the server's --max-body-bytes)")
         if e.status_code == 404:
             return error_response(404, "path", f"{request.url.path} is not served here; this {engine.cfg.task} "
                                                f"model answers POST /v1/{engine.endpoint} (see /docs)")
@@ -401,8 +536,9 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             return error_response(422, "body", "missing; expected a JSON object (Content-Type: application/json)")
         if first["type"] == "model_attributes_type":
             return error_response(422, "body", "expected a JSON object")
-        # a union reports one error per branch: the deepest one names the field best
-        error = max(errors, key=lambda x: len(x["loc"]))
+        # a union reports one error per branch: the deepest one names the field best, and of equally deep
+        # ones, one that is not "a valid <other branch's type>"
+        error = max(errors, key=lambda x: (len(x["loc"]), not x["type"].endswith("_type")))
         where = _field(error["loc"])
         if error["type"] == "extra_forbidden":
             return error_response(422, where, "unknown field; see /docs for the request's fields")
@@ -413,10 +549,6 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
         if info is not None and info.description and len(errors) > 1:
             message += f"; {top}: expected {info.description}"
         return error_response(422, where, message)
-
-    @app.exception_handler(Exception)
-    async def internal(request, e: Exception):  # starlette re-raises it after this answer: uvicorn logs the traceback
-        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}", "field": None}, status_code=500)
 
     @app.get("/health", summary="liveness: 200 while the server answers")
     async def health():
@@ -430,12 +562,16 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
     def batcher_of(request: Request) -> Batcher:
         return request.app.state.batcher
 
+    async def checked(check: Callable, *args):
+        """check(*args), what reads an input (tokenizing, the length checks, a chat template), on a thread of
+        Starlette's pool for blocking calls: not on the event loop, which would stop answering (/health too)
+        for the second a 1 MB prompt takes, nor on the model's thread, where it would wait behind the batches."""
+        return await run_in_threadpool(check, *args)
+
     if engine.endpoint == "classify":
         pair_model = engine.cfg.finetune.pair_field is not None
 
-        @app.post("/v1/classify", summary="label texts (classify), score them (regress) or tag them with labels "
-                  "(multilabel); the records of lmforge predict")
-        async def classify(req: ClassifyRequest, request: Request):
+        def classify_examples(req: ClassifyRequest) -> list[Example]:
             examples = []
             for i, (where, item) in enumerate(_numbered(req.inputs, limits)):
                 if pair_model != isinstance(item, TextPair):
@@ -445,11 +581,16 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                 text, pair = (item.text, item.pair) if pair_model else (item, None)
                 engine.check_length(text + (" " + pair if pair else ""), where)
                 examples.append(Example(text, pair, None, i + 1))
+            return examples
+
+        @app.post("/v1/classify", summary="label texts (classify), score them (regress) or tag them with labels "
+                  "(multilabel); the records of lmforge predict")
+        async def classify(req: ClassifyRequest, request: Request):
+            examples = await checked(classify_examples, req)
             return {"results": await batcher_of(request).submit("classify", examples, engine.predict)}
 
     if engine.endpoint == "tag":
-        @app.post("/v1/tag", summary="tag each word (NER); the records of lmforge predict")
-        async def tag(req: TagRequest, request: Request):
+        def tag_examples(req: TagRequest) -> list[Example]:
             examples = []
             for i, (where, item) in enumerate(_numbered(req.inputs, limits)):
                 words = item.split() if isinstance(item, str) else item
@@ -458,6 +599,11 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                                                    "spaces")
                 engine.check_length(" ".join(words), where)
                 examples.append(Example(words, None, None, i + 1))
+            return examples
+
+        @app.post("/v1/tag", summary="tag each word (NER); the records of lmforge predict")
+        async def tag(req: TagRequest, request: Request):
+            examples = await checked(tag_examples, req)
             return {"results": await batcher_of(request).submit("tag", examples, engine.predict)}
 
     if engine.endpoint == "score":
@@ -472,25 +618,30 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                 items = _numbered(req.inputs, limits)
             else:
                 items = [("", req)]
-            examples = [engine.score_example(item, where) for where, item in items]
+            examples = await checked(lambda: [engine.score_example(item, where) for where, item in items])
             records = await batcher_of(request).submit("score", examples, engine.predict)
             return {"scores": [r["score"] for r in records]}
 
     if engine.endpoint == "translate":
         @app.post("/v1/translate", summary="translate sentences; the output of lmforge translate")
         async def translate(req: TranslateRequest, request: Request):
-            items = []
-            for where, text in _numbered(req.inputs, limits):
-                engine.check_length(text, where, engine.source_tok)
-                items.append(text)
+            items = _numbered(req.inputs, limits)
+            await checked(lambda: [engine.check_length(text, where, engine.source_tok) for where, text in items])
             sc = engine.cfg.seq2seq
             beam = req.beam or sc.beam_size
             penalty = sc.length_penalty if req.length_penalty is None else req.length_penalty
-            answers = await batcher_of(request).submit(("translate", beam, penalty), items,
+            answers = await batcher_of(request).submit(("translate", beam, penalty), [text for _, text in items],
                                                        lambda texts: engine.translate(texts, beam, penalty))
             return {"results": answers}
 
     if engine.endpoint == "generate":
+        def prompt_tokens(prompt: str) -> list[int]:
+            try:  # an empty prompt starts a document, as lmforge generate does
+                return engine.check_length(prompt, "prompt") or prompt_ids(engine.tok, "")
+            except UserError:
+                raise RequestError(422, "prompt", "empty, and this tokenizer has no end-of-text token to start "
+                                                  "from; expected some text") from None
+
         @app.post("/v1/generate", summary="continue a prompt (the output of lmforge generate); stream: true "
                   "sends server-sent events: data: {\"text\": new text} ..., then data: {\"done\": true, \"text\": "
                   "the whole text}")
@@ -500,14 +651,11 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             if req.max_new_tokens > limits.max_new_tokens:
                 raise RequestError(422, "max_new_tokens", f"{req.max_new_tokens}; expected at most "
                                                           f"{limits.max_new_tokens} (the server's --max-new-tokens)")
-            try:  # an empty prompt starts a document, as lmforge generate does
-                ids = engine.check_length(req.prompt, "prompt") or prompt_ids(engine.tok, "")
-            except UserError:
-                raise RequestError(422, "prompt", "empty, and this tokenizer has no end-of-text token to start "
-                                                  "from; expected some text") from None
+            ids = await checked(prompt_tokens, req.prompt)
             batcher = batcher_of(request)
             if req.stream:
-                return StreamingResponse(_events(batcher, engine, ids, req), media_type="text/event-stream")
+                return StreamingResponse(_events(batcher, engine, ids, req, request.state.request_id),
+                                         media_type="text/event-stream")
             # requests with the same settings share forward passes (prompts left-padded to the longest, which
             # must leave each its room for new tokens; each sampled row keeps its own seed's generator)
             fits = len(ids) + req.max_new_tokens <= engine.cfg.model.max_seq_len
@@ -516,6 +664,13 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             key = ("generate", *settings) if fits else object()
             text = (await batcher.submit(key, [(ids, req.seed)], lambda items: engine.generate(items, req)))[0]
             return {"prompt": req.prompt, "text": text}
+
+        def chat_prompt(messages: list[dict]) -> tuple[str, list[int]]:
+            try:
+                text = chat.render(engine.chat[0], messages, True, engine.chat[1], "template")
+            except UserError as e:
+                raise RequestError(422, "messages", str(e)) from None
+            return text, engine.check_length(text, "messages")
 
         @app.post("/v1/chat/completions", summary="OpenAI-style chat: the conversation in the model's chat template, "
                   "answered as the assistant's message (stream: true sends chat.completion.chunk events)")
@@ -526,11 +681,7 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
             for i, m in enumerate(messages):
                 if m["role"] not in chat.ROLES:
                     raise RequestError(422, f"messages[{i}].role", f"{m['role']!r}; expected one of {', '.join(chat.ROLES)}")
-            try:
-                text = chat.render(engine.chat[0], messages, True, engine.chat[1], "template")
-            except UserError as e:
-                raise RequestError(422, "messages", str(e)) from None
-            ids = engine.check_length(text, "messages")
+            text, ids = await checked(chat_prompt, messages)
             limit = req.max_completion_tokens or req.max_tokens or limits.max_new_tokens
             if limit > limits.max_new_tokens:
                 raise RequestError(422, "max_tokens", f"{limit}; expected at most {limits.max_new_tokens} "
@@ -539,8 +690,8 @@ def create_app(engine: Engine, batching: bool = True) -> FastAPI:
                                   stop=[req.stop] if isinstance(req.stop, str) else req.stop, seed=req.seed or 0)
             reply = ChatReply(engine, len(ids), limit)
             if req.stream:
-                return StreamingResponse(_events(batcher_of(request), engine, ids, gen, reply.chunk, "[DONE]"),
-                                         media_type="text/event-stream")
+                return StreamingResponse(_events(batcher_of(request), engine, ids, gen, request.state.request_id,
+                                                 reply.chunk, "[DONE]"), media_type="text/event-stream")
             answer = (await batcher_of(request).submit(object(), [(ids, gen.seed)],
                                                         lambda items: engine.generate(items, gen)))[0]
             return reply.completion(answer)
@@ -593,10 +744,11 @@ def _generate_events(piece: str | None, whole: str | None = None) -> list[dict]:
     return events + ([{"done": True, "text": whole}] if whole is not None else [])
 
 
-async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: GenerateRequest, shape=_generate_events,
-                  last: str | None = None):
+async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: GenerateRequest, request_id: str,
+                  shape=_generate_events, last: str | None = None):
     """Server-sent events of one generation: each new piece of text as it is made, then the whole text, in
-    `shape`'s objects (piece, whole=None) -> events; `last` a closing line (OpenAI's [DONE])."""
+    `shape`'s objects (piece, whole=None) -> events; `last` a closing line (OpenAI's [DONE]). An error is an
+    event {"error": ...}: a user's mistake in one line, a server bug as internal_error's text."""
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue = asyncio.Queue()
     gone = threading.Event()
@@ -611,8 +763,11 @@ async def _events(batcher: Batcher, engine: Engine, ids: list[int], req: Generat
         try:
             final = await batcher.submit(object(), [(ids, req.seed)], lambda items: engine.generate(items, req, on_text))
             updates.put_nowait(("done", final[0]))
-        except Exception as e:  # noqa: BLE001 - reported in the stream: the status line is already sent
-            updates.put_nowait(("error", f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)))
+        except UserError as e:  # reported in the stream: the status line is already sent
+            updates.put_nowait(("error", str(e)))
+        except Exception as e:  # noqa: BLE001 - a server bug: logged under the id, which is all the client gets
+            log_internal_error(request_id, e)
+            updates.put_nowait(("error", f"internal error; request id {request_id}"))
 
     producer = asyncio.create_task(produce())
     sent = ""
@@ -671,27 +826,76 @@ def _server_class():
     return Server
 
 
-def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", threads: int | None = None,
-          batching: bool = True, log_requests: bool = False, limits: Limits | None = None, dtype: str = "auto") -> None:
+def _protocol_class(read_timeout: float):
+    """uvicorn's HTTP protocol (httptools or h11, as uvicorn picks), with a deadline for each request's head."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeadDeadline(AutoHTTPProtocol):
+        # uvicorn's keep-alive timer stops at a request's first byte, and nothing else times a connection: one
+        # that sends nothing after connecting, or half a request line or of its headers, was held for ever
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._expect_head()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._expect_head()
+
+        def _expect_head(self):
+            self.loop.call_later(read_timeout, self._close_without_head, self.cycle)
+
+        def _close_without_head(self, cycle):
+            # still the same request cycle, answered (or none yet): no request head has come in time
+            if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline
+
+
+def server_config(app, host: str, port: int, limits: Limits, log_requests: bool = False):
+    """uvicorn's settings for `lmforge serve`: the limits' timeouts, 30 s to finish the requests in flight."""
     import uvicorn
 
+    return uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
+                          timeout_graceful_shutdown=30, timeout_keep_alive=limits.keep_alive,
+                          http=_protocol_class(limits.read_timeout))
+
+
+LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """One line when anyone on the network could use the model: listening beyond this machine without a key."""
+    if api_key or host in LOCAL_HOSTS:
+        return None
+    return (f"lmforge: warning: serving on {host} without --api-key (or LMFORGE_API_KEY): anyone who can reach "
+            "this address can use the model")
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", threads: int | None = None,
+          batching: bool = True, log_requests: bool = False, limits: Limits | None = None, dtype: str = "auto",
+          api_key: str | None = None) -> None:
     limits = limits or Limits()
     for name, value in asdict(limits).items():
         if value is not None and value < 1:
             raise UserError(f"serve: --{name.replace('_', '-')} = {value}: expected a positive number")
     if threads is not None and threads < 1:
         raise UserError(f"serve: --threads = {threads}: expected a positive number")
+    if api_key is not None and not api_key.strip():
+        raise UserError("serve: --api-key is empty; expected the secret that clients send as Authorization: Bearer KEY")
     _check_port(host, port)
     # the HTTP loop needs a core of its own: intra-op threads that wait on each other are slowed down badly
     # by any neighbour (on 2 cores, 2 model threads beside the loop were ~10x slower for small batches)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
     engine = Engine(run, device, limits, dtype)
-    app = create_app(engine, batching)
+    app = create_app(engine, batching, api_key)
     url = f"http://{host}:{port}"
     print(f"serving {run} ({engine.cfg.task}, {engine.model.num_params() / 1e6:.2f}M parameters) at {url}\n"
           f"  POST {url}/v1/{engine.endpoint}   GET {url}/health  {url}/metadata   schema: {url}/docs\n"
           f"  batching {'on' if batching else 'off'}, {torch.get_num_threads()} model thread(s); Ctrl-C stops after "
           "the requests in flight", flush=True)
-    _server_class()(uvicorn.Config(app, host=host, port=port, access_log=log_requests, log_level="info",
-                                   timeout_graceful_shutdown=30)).run()
+    if warning := exposure_warning(host, api_key):
+        print(warning, file=sys.stderr, flush=True)
+    _server_class()(server_config(app, host, port, limits, log_requests)).run()
     print("lmforge: server stopped", flush=True)
