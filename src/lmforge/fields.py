@@ -25,6 +25,20 @@ def fraction_open() -> Check:
     return (lambda v: 0 < v < 1, "in (0, 1)")
 
 
+def fraction_upper() -> Check:
+    return (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def nonempty() -> Check:
+    return (lambda v: v != "", "a non-empty string")
+
+
+def seed_range() -> Check:
+    # torch's generators take seeds in [0, 2**64 - 1]; below 2**63, seed + rank (train/loop.py) and seed + sample
+    # (generate --num-samples, tasks/clm.py) stay in that range
+    return between(0, 2**63 - 1)
+
+
 def device_name() -> Check:
     return (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, mps, cuda or cuda:N")
 
