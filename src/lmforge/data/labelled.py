@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 from lmforge import chat
 from lmforge.data.formats import decoded_lines
 from lmforge.errors import UserError
+from lmforge.io import atomic_text
 from lmforge.tasks import registry
 
 FORMATS = ("sst", "csv", "tsv", "jsonl", "conll")  # which of them a task reads: its registry entry's `formats`
@@ -572,7 +573,7 @@ class LabelMap:
         data = {"labels": self.labels, "task": self.task}
         if self.scheme:
             data["scheme"] = self.scheme
-        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        atomic_text(Path(path), json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LabelMap:

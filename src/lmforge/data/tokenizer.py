@@ -78,6 +78,27 @@ def _train_char(texts: Iterable[str], vocab_size: int, special_tokens: list[str]
     return tok
 
 
+# what a tokenizer of each kind holds whatever vocabulary size it is asked for, besides its special tokens
+ALPHABETS = {"char": "<unk> and one character", "bpe": "the 256 bytes", "wordpiece": "the corpus's characters"}
+
+
+def check_vocab_size(tok: Tokenizer, kind: str, asked: int, where: str) -> None:
+    """A tokenizer asked for fewer tokens than its alphabet and special tokens comes out larger than asked
+    (bpe: 256 + the specials, whatever the size): refused, naming the smallest size that holds them."""
+    got = tok.get_vocab_size()
+    if got > asked:
+        raise UserError(f"{where} = {asked}: a {kind} tokenizer of this corpus holds at least {got} tokens "
+                        f"({ALPHABETS[kind]} and the special tokens); expected {got} or more")
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path, parents: bool = False) -> None:
+    """tokenizer.json, whole or not at all (the tokenizers library writes in place and reports a full disk
+    as a bare Exception); parents: create the folders above it."""
+    from lmforge.io import atomic_write  # here: lmforge.io imports torch, which `tokenizer train` needs nowhere else
+
+    atomic_write(Path(path), lambda tmp: tok.save(str(tmp)), parents)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer.json file, or a run/model folder that holds one."""
     p = Path(path)
