@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmforge.data.formats import corpus_files, embedded_corpus, read_corpus, resolve_format
-from lmforge.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from lmforge.data.tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir
 
@@ -66,16 +66,13 @@ def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:
             tok = load_tokenizer(tok_file)
         else:
             tok = train_tokenizer((text for text, _ in pieces()), tc.kind, tc.vocab_size, tc.special_tokens, tc.lowercase)
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = tok_file.with_suffix(f".tmp-{os.getpid()}")
-            tok.save(str(tmp))
-            os.replace(tmp, tok_file)
+            save_tokenizer(tok, tok_file, parents=True)  # a full disk is one line and leaves no temp file
 
     store = cache / f"store-{_digest(corpus_key, tok.to_str(), str(data_cfg.val_fraction), str(STORE_VERSION))}"
     if not (store / "meta.json").is_file():
         try:
             atomic_dir(store, lambda tmp: _encode(pieces(), tok, tmp, data_cfg.val_fraction, str(path)))
-        except OSError:
+        except (OSError, UserError):  # atomic_dir reports a refused write as a UserError
             if not (store / "meta.json").is_file():  # a real I/O failure, not another process winning the rename
                 raise
     meta = json.loads((store / "meta.json").read_text())
