@@ -230,6 +230,7 @@ def cmd_evaluate(args) -> int:
     import json
 
     from lmforge.data.labelled import read_examples
+    from lmforge.io import atomic_text
 
     model, task, cfg = _finetuned_run(args.checkpoint, args.device, "evaluate")
     examples = read_examples(args.data, cfg.task, cfg.finetune)
@@ -240,9 +241,13 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.data).stem}.json"
     # beside the report, never the run's own confusion.png: report.html shows that one as the dev set's
     confusion = out.with_name(f"{out.stem}_confusion.png") if args.confusion else None
-    out.parent.mkdir(parents=True, exist_ok=True)
     full, text = task.report(model, examples, args.data, confusion)
-    out.write_text(json.dumps({"data": str(args.data), **full}, indent=2, default=float) + "\n", encoding="utf-8")
+    try:
+        atomic_text(out, json.dumps({"data": str(args.data), **full}, indent=2, default=float) + "\n", parents=True)
+    except BaseException:  # the report is refused: the picture drawn for it goes too, nothing stays half done
+        if confusion is not None:
+            confusion.unlink(missing_ok=True)
+        raise
     print(text)
     print(f"report: {out}")
     if confusion is not None and confusion.is_file():
@@ -263,12 +268,10 @@ def cmd_predict(args) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(lines)
     else:
-        from lmforge.io import atomic_write
+        from lmforge.io import atomic_text
 
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
-        print(f"{len(records)} predictions written to {out}", file=sys.stderr)
+        atomic_text(Path(args.output), lines, parents=True)
+        print(f"{len(records)} predictions written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -321,9 +324,9 @@ def cmd_translate(args) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
-        from lmforge.io import atomic_write
+        from lmforge.io import atomic_text
 
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_text(Path(args.output), text, parents=True)
     if references is not None:
         scores, signatures = translation_scores(hypotheses, references, args.tokenize or sc.bleu_tokenize)
         print(f"BLEU {scores['bleu']:.2f} ({signatures['bleu']})\nchrF {scores['chrf']:.2f} ({signatures['chrf']})\n"
@@ -333,17 +336,17 @@ def cmd_translate(args) -> int:
 
 def cmd_tokenizer_train(args) -> int:
     from lmforge.data.formats import read_corpus, resolve_format
-    from lmforge.data.tokenizer import train_tokenizer
+    from lmforge.data.tokenizer import check_vocab_size, save_tokenizer, train_tokenizer
 
     path = Path(args.input)
     fmt = resolve_format(path, args.format)
     specials = [t for t in args.special_tokens.split(",") if t]
     tok = train_tokenizer((t for t, _ in read_corpus(path, fmt, args.text_field)), args.kind, args.vocab_size,
                           specials, args.lowercase)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {out / 'tokenizer.json'}")
+    check_vocab_size(tok, args.kind, args.vocab_size, "tokenizer train: --vocab-size")
+    out = Path(args.out) / "tokenizer.json"
+    save_tokenizer(tok, out, parents=True)
+    print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {out}")
     return 0
 
 
