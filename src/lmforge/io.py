@@ -37,12 +37,19 @@ def fsync_dir(path: Path) -> None:
 _FULL_DISK_WORDS = ("No space left", "os error 28", "StorageFull", "file write failed", "unexpected pos")
 
 
+def size_text(n: float) -> str:
+    """A number of bytes for a message: 12.3 MiB, 4.0 GiB, 11.6 TiB."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**20:.1f} MiB"
+
+
 def free_space(path: Path) -> str:
     """The free space on the file system that holds `path` (its nearest existing parent), for a message."""
     for folder in [path, *path.parents]:
         with contextlib.suppress(OSError):
-            free = shutil.disk_usage(folder).free
-            return f"{free / 2**20:.1f} MiB free" if free < 2**30 else f"{free / 2**30:.1f} GiB free"
+            return f"{size_text(shutil.disk_usage(folder).free)} free"
     return "free space unknown"
 
 
