@@ -148,6 +148,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 def cmd_train(args) -> int:
     """pretrain and finetune: one loop, different defaults."""
     from lmforge.config import load_config, read_yaml
+    from lmforge.runs import read_run_config
     from lmforge.tasks import registry
     from lmforge.train.checkpoint import find_resume
     from lmforge.train.loop import train  # refuses a run directory that already holds a run
@@ -172,9 +173,8 @@ def cmd_train(args) -> int:
     resume = None
     if args.resume:
         run_dir, resume = find_resume(args.resume, Path(cfg.log.out_dir), Path(cfg.log.run_dir) if cfg.log.run_dir else None)
-        saved = run_dir / "config.yaml"
-        if saved.is_file() and not args.config:
-            base = read_yaml(saved)
+        if (run_dir / "config.yaml").is_file() and not args.config:
+            base = read_run_config(run_dir)
         cfg = load_config(None if finetune or base else args.config, {**overrides, "log.run_dir": str(run_dir)},
                           base=base)
     result = train(cfg, resume)
