@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file
 
-from lmforge.errors import EnvironmentFault, UserError
+from lmforge.errors import EnvironmentFault, UserError, one_line
 
 
 def fsync_dir(path: Path) -> None:
@@ -231,15 +231,14 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as e:  # a damaged file (SafetensorError) or tensors of other shapes (RuntimeError)
-        raise UserError(f"checkpoint: {path}: cannot be loaded ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise UserError(f"checkpoint: {path}: cannot be loaded ({type(e).__name__}: {one_line(e)})") from None
     if missing or unexpected:
         raise UserError(f"checkpoint: {path}: weights do not fit the model (missing: {sorted(missing)[:3]}, "
                         f"unexpected: {sorted(unexpected)[:3]})")
 
 
 def _unreadable(path: Path, e: Exception) -> UserError:
-    return UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+    return UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {one_line(e)})")
 
 
 def weights_metadata(path: Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.config import load_config
-from lmforge.errors import UserError
+from lmforge.errors import UserError, one_line
 from lmforge.hf.arch import ACTIVATIONS, ARCHS, OPTIONAL_HEADS, REQUIRED, Arch, model_value
 from lmforge.hf import keymap
 from lmforge.hf.tokenizer import hf_tokenizer
@@ -58,8 +58,7 @@ def _load_tensors(path: Path, where: str) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors and torch raise several types for a damaged file
-        raise UserError(f"{where}: {path.name} cannot be read ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise UserError(f"{where}: {path.name} cannot be read ({type(e).__name__}: {one_line(e)})") from None
 
 
 # safetensors' dtype names (its header's "dtype")
@@ -119,8 +118,7 @@ def _safetensors_index(path: Path, where: str) -> dict[str, Stored]:
             out[name] = Stored(path, 8 + length + begin, end - begin, dtype, shape, where)
         return out
     except Exception as e:  # a damaged or foreign file: struct, JSON, key and value errors
-        raise UserError(f"{where}: {path.name} cannot be read ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise UserError(f"{where}: {path.name} cannot be read ({type(e).__name__}: {one_line(e)})") from None
 
 
 def _tensor(value) -> torch.Tensor:
