@@ -75,21 +75,22 @@ def _parse_int(text: str) -> int:
 _PARSERS = {int: (_parse_int, "an integer"), float: (float, "a number"), str: (str, "a string")}
 
 
-def _checked(tp: type, check):
+def _checked(tp: type, check=None):
     """argparse's type= for a value of `tp` that must pass `check` (lmforge.fields: the same checks the config
     fields declare): a value of another type, not finite, or outside the range is refused naming the value and
     what was expected (Parser.error puts the option before it, as one line)."""
     parse, noun = _PARSERS[tp]
+    in_range = f" ({check[1]})" if check else ""
 
     def value_of(text: str):
         shown = repr(text) if tp is str else text
         try:
             value = parse(text)
         except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{shown}: expected {noun} ({check[1]})") from None
+            raise argparse.ArgumentTypeError(f"{shown}: expected {noun}{in_range}") from None
         if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{shown}: expected a finite number ({check[1]})")
-        if not check[0](value):
+            raise argparse.ArgumentTypeError(f"{shown}: expected a finite number{in_range}")
+        if check and not check[0](value):
             raise argparse.ArgumentTypeError(f"{shown}: must be {check[1]}")
         return value
 
@@ -336,14 +337,16 @@ def cmd_translate(args) -> int:
 
 def cmd_tokenizer_train(args) -> int:
     from lmforge.data.formats import read_corpus, resolve_format
-    from lmforge.data.tokenizer import check_vocab_size, save_tokenizer, train_tokenizer
+    from lmforge.data.tokenizer import check_vocab_size, save_tokenizer, smallest_vocab, train_tokenizer
 
     path = Path(args.input)
     fmt = resolve_format(path, args.format)
     specials = [t for t in args.special_tokens.split(",") if t]
+    where = "tokenizer train: --vocab-size"
+    check_vocab_size(args.kind, args.vocab_size, smallest_vocab(args.kind, specials), where)  # before the work
     tok = train_tokenizer((t for t, _ in read_corpus(path, fmt, args.text_field)), args.kind, args.vocab_size,
                           specials, args.lowercase)
-    check_vocab_size(tok, args.kind, args.vocab_size, "tokenizer train: --vocab-size")
+    check_vocab_size(args.kind, args.vocab_size, tok.get_vocab_size(), where)  # wordpiece: the corpus's characters
     out = Path(args.out) / "tokenizer.json"
     save_tokenizer(tok, out, parents=True)
     print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {out}")
@@ -458,7 +461,7 @@ recipes: configs/*.yaml   docs: docs/*.md"""
 
 def build_parser() -> argparse.ArgumentParser:
     from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, Seq2SeqConfig,  # light: no torch
-                                ServeLimits, TokenizerConfig)
+                                ServeLimits)
     from lmforge.fields import between, fraction_upper, ge, gt, nonempty, seed_range
     from lmforge.hf.arch import FORMATS as HF_FORMATS
 
@@ -541,8 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--input", required=True, metavar="PATH", help="a .txt file, a folder of .txt files or a .jsonl file")
     t.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     t.add_argument("--kind", default="bpe", choices=TOKENIZER_KINDS, help="tokenizer model [default: bpe]")
-    _ranged(t, "--vocab-size", int, _check_of(TokenizerConfig, "vocab_size"), "vocabulary size, the alphabet (bpe: "
-            "256 bytes) and the special tokens included", default=8000, metavar="N")
+    # its range depends on --kind and --special-tokens: cmd_tokenizer_train checks it, naming the smallest size
+    t.add_argument("--vocab-size", type=_checked(int), default=8000, metavar="N", help="vocabulary size, the alphabet "
+                   "(bpe: the 256 bytes) and the special tokens included [default: 8000]")
     t.add_argument("--special-tokens", default="<|endoftext|>", metavar="LIST",
                    help="comma-separated special tokens [default: <|endoftext|>]")
     t.add_argument("--lowercase", action="store_true", help="lower-case the text first")

@@ -79,16 +79,24 @@ def _train_char(texts: Iterable[str], vocab_size: int, special_tokens: list[str]
 
 
 # what a tokenizer of each kind holds whatever vocabulary size it is asked for, besides its special tokens
-ALPHABETS = {"char": "<unk> and one character", "bpe": "the 256 bytes", "wordpiece": "the corpus's characters"}
+ALPHABETS = {"char": "<unk>, one character", "bpe": "the 256 bytes", "wordpiece": "the corpus's characters"}
 
 
-def check_vocab_size(tok: Tokenizer, kind: str, asked: int, where: str) -> None:
-    """A tokenizer asked for fewer tokens than its alphabet and special tokens comes out larger than asked
-    (bpe: 256 + the specials, whatever the size): refused, naming the smallest size that holds them."""
-    got = tok.get_vocab_size()
-    if got > asked:
-        raise UserError(f"{where} = {asked}: a {kind} tokenizer of this corpus holds at least {got} tokens "
-                        f"({ALPHABETS[kind]} and the special tokens); expected {got} or more")
+def smallest_vocab(kind: str, specials: list[str]) -> int:
+    """The fewest tokens a tokenizer of `kind` holds, before it has seen the corpus: bpe's 256 bytes, char's
+    <unk> and one character, wordpiece's own specials and one character (its corpus's alphabet adds more)."""
+    if kind == "bpe":
+        return 256 + len(set(specials))
+    own = {"<unk>"} if kind == "char" else set(WORDPIECE_SPECIALS)
+    return len(own | set(specials)) + 1
+
+
+def check_vocab_size(kind: str, asked: int, holds: int, where: str) -> None:
+    """A tokenizer asked for fewer tokens than it `holds` anyway (its alphabet and special tokens) would come
+    out larger than asked (bpe: 257 tokens for a size of 0): refused, naming the smallest size that fits."""
+    if holds > asked:
+        raise UserError(f"{where} = {asked}: a {kind} tokenizer of this corpus holds at least {holds} tokens "
+                        f"({ALPHABETS[kind]} and the special tokens); expected {holds} or more")
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path, parents: bool = False) -> None:
