@@ -231,7 +231,7 @@ def cmd_evaluate(args) -> int:
     import json
 
     from lmforge.data.labelled import read_examples
-    from lmforge.io import atomic_text
+    from lmforge.io import atomic_text, new_folders
 
     model, task, cfg = _finetuned_run(args.checkpoint, args.device, "evaluate")
     examples = read_examples(args.data, cfg.task, cfg.finetune)
@@ -242,13 +242,14 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.data).stem}.json"
     # beside the report, never the run's own confusion.png: report.html shows that one as the dev set's
     confusion = out.with_name(f"{out.stem}_confusion.png") if args.confusion else None
-    full, text = task.report(model, examples, args.data, confusion)
-    try:
-        atomic_text(out, json.dumps({"data": str(args.data), **full}, indent=2, default=float) + "\n", parents=True)
-    except BaseException:  # the report is refused: the picture drawn for it goes too, nothing stays half done
-        if confusion is not None:
-            confusion.unlink(missing_ok=True)
-        raise
+    with new_folders(out):  # the report and the picture beside it, or neither and no folder made for them
+        full, text = task.report(model, examples, args.data, confusion)
+        try:
+            atomic_text(out, json.dumps({"data": str(args.data), **full}, indent=2, default=float) + "\n")
+        except BaseException:
+            if confusion is not None:
+                confusion.unlink(missing_ok=True)
+            raise
     print(text)
     print(f"report: {out}")
     if confusion is not None and confusion.is_file():

@@ -11,6 +11,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def fsync_dir(path: Path) -> None:
 
 # what the messages of libraries that do not raise OSError (torch.save's zip writer, safetensors' and
 # tokenizers' Rust code) say when the disk is full
-_FULL_DISK_WORDS = ("No space left", "os error 28", "StorageFull", "file write failed", "unexpected pos")
+_FULL_DISK_WORDS = ("No space left", "StorageFull", "file write failed", "unexpected pos")
 
 
 def size_text(n: float) -> str:
@@ -59,9 +60,17 @@ def _file_in_the_way(path: Path) -> Path | None:
     return existing if existing is not None and not existing.is_dir() else None
 
 
+def _as_os_error(e: BaseException) -> BaseException:
+    """The OSError behind a Rust library's plain Exception ("Not a directory (os error 20)": tokenizers,
+    safetensors), so that it is told apart as one raised by Python is; any other error as it is."""
+    found = None if isinstance(e, OSError) else re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else e
+
+
 def write_fault(path: Path, e: BaseException) -> UserError | None:
     """The one line for a write of `path` that failed with `e`, or None where `e` is not about the file
     system (a bug, which keeps its traceback)."""
+    e = _as_os_error(e)
     code = e.errno if isinstance(e, OSError) else None
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and any(w in str(e) for w in _FULL_DISK_WORDS)):
         return EnvironmentFault(f"{path}: cannot be written: the disk is full ({free_space(path)}); free some space or "
@@ -141,9 +150,9 @@ def _missing_folders(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _new_folders(path: Path, make: bool):
+def new_folders(path: Path, make: bool = True):
     """With `make`, the folders missing above `path` are created; a failure inside the block removes them
-    again, so a refused write leaves no empty folders behind either."""
+    again (once what it wrote there is gone), so a refused write leaves no empty folders behind either."""
     created = _missing_folders(path) if make else []
     try:
         if created:
@@ -169,7 +178,7 @@ def atomic_write(path: Path, write, parents: bool = False) -> None:
     A full or read-only disk is one line, and leaves neither a temp file nor half a file. parents: create
     the folders missing above `path` (and nothing stays of them when the write fails)."""
     tmp = temp_path(path)
-    with _new_folders(path, parents):
+    with new_folders(path, parents):
         try:
             with writing(path):
                 write(tmp)
@@ -191,7 +200,7 @@ def atomic_dir(final: Path, fill) -> None:
     made above it."""
     tmp = temp_path(final)
     _remove_quietly(tmp)
-    with _new_folders(final, True):
+    with new_folders(final):
         try:
             with writing(final):
                 tmp.mkdir()
