@@ -308,9 +308,10 @@ def in_small_mounts(argvs: list[list[str]], read_only: Path, full: Path, cwd: Pa
     # the lmforge under test, wherever the command runs (a relative PYTHONPATH=src would miss it from cwd)
     source = str(Path(lmforge.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(read_only),
-                           str(full), sys.executable, _MOUNT_DRIVER], input=json.dumps([argvs, [str(read_only), str(full)]]),
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(read_only), str(full),
+               sys.executable, _MOUNT_DRIVER]
+    proc = subprocess.run(command, input=json.dumps([argvs, [str(read_only), str(full)]]), capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
     if proc.returncode == 97 or (proc.returncode and proc.stderr.startswith("unshare:")):
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -75,7 +75,8 @@ TOKENIZER = ["tokenizer", "train", "--input", "{corpus}", "--out", "{tmp}/tok"]
 BAD_VALUES = [
     ("max-new-tokens-negative", GEN + ["--max-new-tokens", "-5"], ["generate: argument --max-new-tokens: -5", "> 0"]),
     ("stop-empty", GEN + ["--stop", ""], ["argument --stop: ''", "a non-empty string"]),
-    ("seed-beyond-torch", GEN + ["--seed", str(2**64)], ["argument --seed: 18446744073709551616", "[0, 9223372036854775807]"]),
+    ("seed-beyond-torch", GEN + ["--seed", str(2**64)],
+     ["argument --seed: 18446744073709551616", "[0, 9223372036854775807]"]),
     ("seed-negative", GEN + ["--seed", "-1"], ["argument --seed: -1", "[0, 9223372036854775807]"]),
     ("temperature-negative", GEN + ["--temperature", "-1"], ["argument --temperature: -1", ">= 0"]),
     ("temperature-nan", GEN + ["--temperature", "nan"], ["argument --temperature: nan", "a finite number"]),
@@ -261,14 +262,16 @@ PATHS = [
      ["{file}/e.json: cannot be written: {file} is a file"]),
     ("predict-output-under-a-file", ["predict", "--checkpoint", "{cls}", "--input", "{dev}", "--output", "{file}/p.jsonl"],
      ["{file}/p.jsonl: cannot be written: {file} is a file"]),
-    ("translate-output-under-a-file", TRANSLATE + ["--output", "{file}/t.txt"], ["{file}/t.txt: cannot be written: {file} is a file"]),
+    ("translate-output-under-a-file", TRANSLATE + ["--output", "{file}/t.txt"],
+     ["{file}/t.txt: cannot be written: {file} is a file"]),
     ("import-out-under-a-file", ["import", "{hf}", "{file}/run"], ["{file}/run: cannot be written: {file} is a file"]),
     ("export-out-under-a-file", ["export", "{clm}", "{file}/hf"], ["{file}/hf: cannot be written: {file} is a file"]),
     ("evaluate-out-is-a-folder", ["evaluate", "--checkpoint", "{cls}", "--data", "{dev}", "--out", "{dir}"],
      ["{dir}: is a folder; expected the path of a file"]),
     ("predict-output-is-a-folder", ["predict", "--checkpoint", "{cls}", "--input", "{dev}", "--output", "{dir}"],
      ["{dir}: is a folder; expected the path of a file"]),
-    ("translate-output-is-a-folder", TRANSLATE + ["--output", "{dir}"], ["{dir}: is a folder; expected the path of a file"]),
+    ("translate-output-is-a-folder", TRANSLATE + ["--output", "{dir}"],
+     ["{dir}: is a folder; expected the path of a file"]),
 ]
 
 

@@ -317,9 +317,9 @@ def cmd_translate(args) -> int:
         raise UserError(f"translate: --reference {args.reference} has {len(references)} lines and the input "
                         f"{len(sources)}; expected one reference per input line")
     beam = sc.beam_size if args.beam is None else args.beam
-    hypotheses = translate(model, tok, sources, beam_size=beam,
-                           length_penalty=sc.length_penalty if args.length_penalty is None else args.length_penalty,
-                           max_length_ratio=sc.max_length_ratio if args.max_length_ratio is None else args.max_length_ratio,
+    penalty = sc.length_penalty if args.length_penalty is None else args.length_penalty
+    ratio = sc.max_length_ratio if args.max_length_ratio is None else args.max_length_ratio
+    hypotheses = translate(model, tok, sources, beam_size=beam, length_penalty=penalty, max_length_ratio=ratio,
                            batch_size=args.batch_size,
                            use_cache=not args.no_cache, source_tokenizer=source_tokenizer(Path(args.checkpoint)))
     text = "".join(h + "\n" for h in hypotheses)
