@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lmforge
 from lmforge.cli import main
 from lmforge.config import load_config, save_config
 from lmforge.data.tokenizer import train_tokenizer
@@ -156,16 +158,17 @@ TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32}
 
 
 def make_base(run: Path, task: str, specials: list[str] | None = None, texts: list[str] | None = None,
-              vocab: int = 300, **model) -> Path:
+              vocab: int = 300, sections: dict | None = None, **model) -> Path:
     """A pretrained-looking run directory (config.yaml, weights, tokenizer) with random weights; its tokenizer
-    learnt from `texts` (default: synthetic lines) with `vocab` tokens."""
+    learnt from `texts` (default: synthetic lines) with `vocab` tokens; `sections`: more of its config (a
+    fine-tuned run's finetune section)."""
     kind = "wordpiece" if task == "mlm" else "bpe"
     specials = specials or ([] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"])
     tok = train_tokenizer(texts or synthetic_text(8000).splitlines(), kind, vocab, specials)
     extra = {"pos": "learned", "type_vocab_size": 2, "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
              "bias": True} if task == "mlm" else {}  # BERT's layout
     cfg = load_config(base={"task": task, "model": {**TINY_MODEL, **extra, **model, "vocab_size": tok.get_vocab_size()},
-                            "data": {"tokenizer": {"kind": kind}}})
+                            "data": {"tokenizer": {"kind": kind}}, **(sections or {})})
     torch.manual_seed(0)
     run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
@@ -258,6 +261,61 @@ def one_line_error(capsys, argv: list[str], *expected: str) -> str:
     for text in expected:
         assert text in err[0], err[0]
     return err[0]
+
+
+# -- commands on a read-only or a full disk -------------------------------------------------------------
+
+FILLER = "filler"  # the file that fills the full mount
+
+# Runs in the namespace: `lmforge ARGV` in-process for each argv read from standard input (one Python, one
+# torch import for all), then what the command left in the mounts, which are emptied for the next command.
+_MOUNT_DRIVER = """
+import contextlib, io, json, shutil, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from lmforge.cli import main
+argvs, mounts = json.load(sys.stdin)
+results = []
+for argv in argvs:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except BaseException as e:
+            code = f"{type(e).__name__}: {e}"
+    left = sorted(str(p) for m in mounts for p in Path(m).rglob("*") if p.name != "%s")
+    results.append({"code": code, "err": err.getvalue(), "left": left})
+    for m in mounts:
+        for p in Path(m).iterdir():
+            if p.name != "%s":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+print(json.dumps(results))
+""" % (FILLER, FILLER)
+
+
+def in_small_mounts(argvs: list[list[str]], read_only: Path, full: Path, cwd: Path) -> list[dict]:
+    """`lmforge ARGV` for each argv, in one Python inside a new user and mount namespace where `read_only` is a
+    read-only tmpfs and `full` a 64 KiB tmpfs filled up (as root, chmod cannot make a folder read-only); for
+    each command {"code": its exit status (or the exception that escaped), "err": its stderr, "left": the paths
+    it left in either mount}. Skips the test where user namespaces or tmpfs mounts are not allowed."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a read-only and a full file system")
+    read_only.mkdir(parents=True, exist_ok=True)
+    full.mkdir(parents=True, exist_ok=True)
+    script = ('mount -t tmpfs -o ro,size=64k tmpfs "$1" && mount -t tmpfs -o size=64k tmpfs "$2" || exit 97; '
+              f'head -c 1048576 /dev/zero > "$2/{FILLER}" 2>/dev/null; exec "$3" -c "$4"')
+    # the lmforge under test, wherever the command runs (a relative PYTHONPATH=src would miss it from cwd)
+    source = str(Path(lmforge.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(read_only), str(full),
+               sys.executable, _MOUNT_DRIVER]
+    proc = subprocess.run(command, input=json.dumps([argvs, [str(read_only), str(full)]]), capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+    if proc.returncode == 97 or (proc.returncode and proc.stderr.startswith("unshare:")):
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class FixedBatches:

@@ -7,6 +7,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import warnings
@@ -62,6 +63,57 @@ def _device(p: argparse.ArgumentParser) -> None:
                    "when there is one]")
 
 
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # 1e3, as the config's integers take it
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+_PARSERS = {int: (_parse_int, "an integer"), float: (float, "a number"), str: (str, "a string")}
+
+
+def _checked(tp: type, check=None):
+    """argparse's type= for a value of `tp` that must pass `check` (lmforge.fields: the same checks the config
+    fields declare): a value of another type, not finite, or outside the range is refused naming the value and
+    what was expected (Parser.error puts the option before it, as one line)."""
+    parse, noun = _PARSERS[tp]
+    in_range = f" ({check[1]})" if check else ""
+
+    def value_of(text: str):
+        shown = repr(text) if tp is str else text
+        try:
+            value = parse(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{shown}: expected {noun}{in_range}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{shown}: expected a finite number{in_range}")
+        if check and not check[0](value):
+            raise argparse.ArgumentTypeError(f"{shown}: must be {check[1]}")
+        return value
+
+    value_of.__name__ = tp.__name__  # what argparse calls the type in its own messages
+    return value_of
+
+
+def _ranged(p: argparse.ArgumentParser, option: str, tp: type, check, help: str, default=None, shown=None,
+            **kwargs) -> None:
+    """An option whose value has a type and a range, declared once: --help shows the range, and a value
+    outside it is one line naming the option, the value and the range. shown: the default as --help words
+    it, where it is not the value itself (the run's own)."""
+    p.add_argument(option, type=_checked(tp, check), default=default, **kwargs,
+                   help=f"{help} ({check[1]}) [default: {default if shown is None else shown}]")
+
+
+def _check_of(cls: type, name: str):
+    """The check a config dataclass declares for its field `name`: an option that sets the same value (translate
+    --beam and seq2seq.beam_size) takes the same range."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["check"]
+
+
 def _dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the weights' precision; auto = as stored (a bf16 Hugging Face folder stays bf16, an lmforge "
@@ -98,7 +150,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 def cmd_train(args) -> int:
     """pretrain and finetune: one loop, different defaults."""
     from lmforge.config import load_config, read_yaml
-    from lmforge.runs import WEIGHTS
+    from lmforge.runs import WEIGHTS, read_run_config
     from lmforge.tasks import registry
     from lmforge.train.checkpoint import find_resume
     from lmforge.train.loop import train  # refuses a run directory that already holds a run
@@ -125,9 +177,8 @@ def cmd_train(args) -> int:
         run_dir, resume = find_resume(args.resume, Path(cfg.log.out_dir), Path(cfg.log.run_dir) if cfg.log.run_dir else None)
         if resume is None and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it
             print(f"lmforge: --resume {args.resume}: {run_dir} holds no checkpoint to resume; starting the run from step 0")
-        saved = run_dir / "config.yaml"
-        if saved.is_file() and not args.config:
-            base = read_yaml(saved)
+        if (run_dir / "config.yaml").is_file() and not args.config:
+            base = read_run_config(run_dir)
         cfg = load_config(None if finetune or base else args.config, {**overrides, "log.run_dir": str(run_dir)},
                           base=base)
     result = train(cfg, resume)
@@ -188,6 +239,7 @@ def cmd_evaluate(args) -> int:
     import json
 
     from lmforge.data.labelled import read_examples
+    from lmforge.io import atomic_text, new_folders
 
     model, task, cfg = _finetuned_run(args.checkpoint, args.device, "evaluate")
     examples = read_examples(args.data, cfg.task, cfg.finetune)
@@ -198,9 +250,14 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.data).stem}.json"
     # beside the report, never the run's own confusion.png: report.html shows that one as the dev set's
     confusion = out.with_name(f"{out.stem}_confusion.png") if args.confusion else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    full, text = task.report(model, examples, args.data, confusion)
-    out.write_text(json.dumps({"data": str(args.data), **full}, indent=2, default=float) + "\n", encoding="utf-8")
+    with new_folders(out):  # the report and the picture beside it, or neither and no folder made for them
+        full, text = task.report(model, examples, args.data, confusion)
+        try:
+            atomic_text(out, json.dumps({"data": str(args.data), **full}, indent=2, default=float) + "\n")
+        except BaseException:
+            if confusion is not None:
+                confusion.unlink(missing_ok=True)
+            raise
     print(text)
     print(f"report: {out}")
     if confusion is not None and confusion.is_file():
@@ -221,12 +278,10 @@ def cmd_predict(args) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(lines)
     else:
-        from lmforge.io import atomic_write
+        from lmforge.io import atomic_text
 
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
-        print(f"{len(records)} predictions written to {out}", file=sys.stderr)
+        atomic_text(Path(args.output), lines, parents=True)
+        print(f"{len(records)} predictions written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -269,18 +324,19 @@ def cmd_translate(args) -> int:
     if references is not None and len(references) != len(sources):
         raise UserError(f"translate: --reference {args.reference} has {len(references)} lines and the input "
                         f"{len(sources)}; expected one reference per input line")
-    beam = args.beam or sc.beam_size
-    hypotheses = translate(model, tok, sources, beam_size=beam,
-                           length_penalty=sc.length_penalty if args.length_penalty is None else args.length_penalty,
-                           max_length_ratio=args.max_length_ratio or sc.max_length_ratio, batch_size=args.batch_size,
+    beam = sc.beam_size if args.beam is None else args.beam
+    penalty = sc.length_penalty if args.length_penalty is None else args.length_penalty
+    ratio = sc.max_length_ratio if args.max_length_ratio is None else args.max_length_ratio
+    hypotheses = translate(model, tok, sources, beam_size=beam, length_penalty=penalty, max_length_ratio=ratio,
+                           batch_size=args.batch_size,
                            use_cache=not args.no_cache, source_tokenizer=source_tokenizer(Path(args.checkpoint)))
     text = "".join(h + "\n" for h in hypotheses)
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
-        from lmforge.io import atomic_write
+        from lmforge.io import atomic_text
 
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_text(Path(args.output), text, parents=True)
     if references is not None:
         scores, signatures = translation_scores(hypotheses, references, args.tokenize or sc.bleu_tokenize)
         print(f"BLEU {scores['bleu']:.2f} ({signatures['bleu']})\nchrF {scores['chrf']:.2f} ({signatures['chrf']})\n"
@@ -290,17 +346,19 @@ def cmd_translate(args) -> int:
 
 def cmd_tokenizer_train(args) -> int:
     from lmforge.data.formats import read_corpus, resolve_format
-    from lmforge.data.tokenizer import train_tokenizer
+    from lmforge.data.tokenizer import check_vocab_size, save_tokenizer, smallest_vocab, train_tokenizer
 
     path = Path(args.input)
     fmt = resolve_format(path, args.format)
     specials = [t for t in args.special_tokens.split(",") if t]
+    where = "tokenizer train: --vocab-size"
+    check_vocab_size(args.kind, args.vocab_size, smallest_vocab(args.kind, specials), where)  # before the work
     tok = train_tokenizer((t for t, _ in read_corpus(path, fmt, args.text_field)), args.kind, args.vocab_size,
                           specials, args.lowercase)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {out / 'tokenizer.json'}")
+    check_vocab_size(args.kind, args.vocab_size, tok.get_vocab_size(), where)  # wordpiece: the corpus's characters
+    out = Path(args.out) / "tokenizer.json"
+    save_tokenizer(tok, out, parents=True)
+    print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {out}")
     return 0
 
 
@@ -415,7 +473,9 @@ recipes: configs/*.yaml   docs: docs/*.md"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge.config import BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, ServeLimits  # light: no torch
+    from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, Seq2SeqConfig,  # light: no torch
+                                ServeLimits)
+    from lmforge.fields import between, fraction_upper, ge, gt, nonempty, seed_range
     from lmforge.hf.arch import FORMATS as HF_FORMATS
 
     parser = Parser(prog="lmforge", description="Train Transformer models in practice: from raw text to a trained, "
@@ -473,12 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint(p, "a seq2seq run")
     p.add_argument("--input", metavar="FILE", help="the file to translate [default: standard input]")
     p.add_argument("--output", metavar="FILE", help="where to write the translations [default: standard output]")
-    p.add_argument("--beam", type=int, metavar="N", help="beam width; 1 = greedy [default: the run's seq2seq.beam_size]")
-    p.add_argument("--length-penalty", type=float, metavar="A", help="rank beams by log-probability / length^A "
-                   "[default: the run's]")
-    p.add_argument("--max-length-ratio", type=float, metavar="R", help="at most R times the source's tokens, plus 10 "
-                   "[default: the run's]")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="sentences decoded together [default: 64]")
+    _ranged(p, "--beam", int, _check_of(Seq2SeqConfig, "beam_size"), "beam width; 1 = greedy", metavar="N",
+            shown="the run's seq2seq.beam_size")
+    _ranged(p, "--length-penalty", float, _check_of(Seq2SeqConfig, "length_penalty"), "rank beams by "
+            "log-probability / length^A", metavar="A", shown="the run's seq2seq.length_penalty")
+    _ranged(p, "--max-length-ratio", float, _check_of(Seq2SeqConfig, "max_length_ratio"), "at most R times the "
+            "source's tokens, plus 10", metavar="R", shown="the run's seq2seq.max_length_ratio")
+    _ranged(p, "--batch-size", int, gt(0), "sentences decoded together", default=64, metavar="N")
     p.add_argument("--reference", metavar="FILE", help="reference translations, one per input line: print BLEU and chrF")
     p.add_argument("--tokenize", choices=BLEU_TOKENIZERS,
                    help="sacrebleu's BLEU tokenisation [default: the run's seq2seq.bleu_tokenize]")
@@ -496,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--input", required=True, metavar="PATH", help="a .txt file, a folder of .txt files or a .jsonl file")
     t.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     t.add_argument("--kind", default="bpe", choices=TOKENIZER_KINDS, help="tokenizer model [default: bpe]")
-    t.add_argument("--vocab-size", type=int, default=8000, metavar="N", help="vocabulary size [default: 8000]")
+    # its range depends on --kind and --special-tokens: cmd_tokenizer_train checks it, naming the smallest size
+    t.add_argument("--vocab-size", type=_checked(int), default=8000, metavar="N", help="vocabulary size, the alphabet "
+                   "(bpe: the 256 bytes) and the special tokens included [default: 8000]")
     t.add_argument("--special-tokens", default="<|endoftext|>", metavar="LIST",
                    help="comma-separated special tokens [default: <|endoftext|>]")
     t.add_argument("--lowercase", action="store_true", help="lower-case the text first")
@@ -517,15 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "template; prints the answer")
     p.add_argument("--chat-template", metavar="NAME", help="with --chat: a named template (chatml) in place of "
                    "the model's own")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
-                   help="at most N new tokens, bounded by the model's context [default: 200]")
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy [default: 0.8]")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K most likely tokens; 0 = all "
-                   "[default: 0]")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1 = off [default: 1]")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this string (repeatable)")
-    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="how many samples [default: 1]")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; sample i uses SEED + i [default: 0]")
+    _ranged(p, "--max-new-tokens", int, gt(0), "at most N new tokens, bounded by the model's context", default=200,
+            metavar="N")
+    _ranged(p, "--temperature", float, ge(0), "0 = greedy", default=0.8, metavar="T")
+    _ranged(p, "--top-k", int, ge(0), "sample from the K most likely tokens; 0 = all", default=0, metavar="K")
+    _ranged(p, "--top-p", float, fraction_upper(), "nucleus sampling mass; 1 = off", default=1.0, metavar="P")
+    p.add_argument("--stop", action="append", type=_checked(str, nonempty()), metavar="TEXT",
+                   help="stop before this string (repeatable; not empty)")
+    _ranged(p, "--num-samples", int, gt(0), "how many samples", default=1, metavar="N")
+    _ranged(p, "--seed", int, seed_range(), "sampling seed; sample i uses SEED + i", default=0)
     _device(p)
     _dtype(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
@@ -565,14 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "in flight, then stops.", allow_abbrev=False)
     p.add_argument("run", metavar="RUN_OR_HF_DIR", help="a run directory, one of its checkpoints, or a Hugging Face folder")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on [default: 127.0.0.1, this machine only]")
-    p.add_argument("--port", type=int, default=8000, metavar="N", help="TCP port [default: 8000]")
+    _ranged(p, "--port", int, between(1, 65535), "TCP port", default=8000, metavar="N")
     _device(p)
     _dtype(p)
-    p.add_argument("--threads", type=int, metavar="N", help="the model's CPU threads [default: all cores but one, which is "
-                   "left to the HTTP loop]")
+    _ranged(p, "--threads", int, gt(0), "the model's CPU threads", metavar="N",
+            shown="all cores but one, which is left to the HTTP loop")
     for f in dataclasses.fields(ServeLimits):  # the limits are declared once, in config.py
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, metavar="N",
-                       help=f"{f.metadata['doc']} [default: {f.default}]")
+        _ranged(p, f"--{f.name.replace('_', '-')}", int, f.metadata["check"], f.metadata["doc"], default=f.default,
+                metavar="N")
     p.add_argument("--api-key", metavar="KEY", help="require the header Authorization: Bearer KEY on every endpoint but "
                    "/health [default: the environment variable LMFORGE_API_KEY, else no key]")
     p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")

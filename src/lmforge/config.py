@@ -21,7 +21,7 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_text
-from lmforge.fields import between, choices_of, device_name, fraction_open, ge, gt, opt, section
+from lmforge.fields import between, choices_of, device_name, fraction_open, ge, gt, opt, section, seed_range
 from lmforge.model.config import LLAMA3_ROPE_FIELDS, PRESETS, ModelConfig
 from lmforge.tasks import registry
 
@@ -98,7 +98,7 @@ class TrainConfig:
                      "full fp32")
     compile: bool = opt(False, "torch.compile the model (falls back to eager with a warning)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N", check=device_name())
-    seed: int = opt(1337, "random seed for init, data order and dropout")
+    seed: int = opt(1337, "random seed for init, data order and dropout", check=seed_range())
     checkpoint_every: int = opt(200, "save a checkpoint every N steps (and at the end); 0 = only at the end", check=ge(0))
     keep_checkpoints: int = opt(2, "how many recent step checkpoints to keep", check=gt(0))
     parallel: str = opt("auto", "under torchrun: ddp = replicate the model, fsdp = shard it (FSDP2); auto = ddp "

@@ -25,3 +25,9 @@ class Diverged(UserError):
     last good checkpoint and what to change."""
 
     exit_code = 3
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """A library exception's message as one line: torch's state-dict errors put the key on the line after
+    their header ("Error(s) in loading state_dict for GPT:"), so the lines are joined, not cut to the first."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:limit]

@@ -25,6 +25,24 @@ def fraction_open() -> Check:
     return (lambda v: 0 < v < 1, "in (0, 1)")
 
 
+def fraction_upper() -> Check:
+    return (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def nonempty() -> Check:
+    return (lambda v: v != "", "a non-empty string")
+
+
+# torch.Generator.manual_seed takes a signed 64-bit seed on some versions and devices, an unsigned one on
+# others; below 2**63 every one takes it, and seed + rank (train/loop.py) and seed + sample (generate
+# --num-samples, tasks/clm.py) stay in range
+SEED_MAX = 2**63 - 1
+
+
+def seed_range() -> Check:
+    return between(0, SEED_MAX)
+
+
 def device_name() -> Check:
     return (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, mps, cuda or cuda:N")
 

@@ -11,10 +11,7 @@ from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import eos_id, seq2seq_special_ids
 from lmforge.errors import UserError
-
-# torch.Generator.manual_seed takes a signed 64-bit seed on some versions and devices, an unsigned one on
-# others: a seed in 0 .. 2**63 - 1 is taken by every one (a larger one raised inside a server's batch)
-SEED_MAX = 2**63 - 1
+from lmforge.fields import SEED_MAX
 
 
 def check_seed(seed: int, samples: int, where: str) -> None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmforge.errors import EnvironmentFault, UserError
+from lmforge.errors import EnvironmentFault, UserError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -34,22 +36,42 @@ def fsync_dir(path: Path) -> None:
 
 # what the messages of libraries that do not raise OSError (torch.save's zip writer, safetensors' and
 # tokenizers' Rust code) say when the disk is full
-_FULL_DISK_WORDS = ("No space left", "os error 28", "StorageFull", "file write failed", "unexpected pos")
+_FULL_DISK_WORDS = ("No space left", "StorageFull", "file write failed", "unexpected pos")
+
+
+def size_text(n: float) -> str:
+    """A number of bytes for a message: 12.3 MiB, 4.0 GiB, 11.6 TiB."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**20:.1f} MiB"
 
 
 def free_space(path: Path) -> str:
     """The free space on the file system that holds `path` (its nearest existing parent), for a message."""
     for folder in [path, *path.parents]:
         with contextlib.suppress(OSError):
-            free = shutil.disk_usage(folder).free
-            unit, size = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if free >= s or s == 2**10)
-            return f"{free / size:.1f} {unit} free"
+            return f"{size_text(shutil.disk_usage(folder).free)} free"
     return "free space unknown"
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The file where a folder was to be made: `path` or one of its parents (the nearest that exists)."""
+    existing = next((p for p in [path, *path.parents] if p.exists() or p.is_symlink()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def _as_os_error(e: BaseException) -> BaseException:
+    """The OSError behind a Rust library's plain Exception ("Not a directory (os error 20)": tokenizers,
+    safetensors), so that it is told apart as one raised by Python is; any other error as it is."""
+    found = None if isinstance(e, OSError) else re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else e
 
 
 def write_fault(path: Path, e: BaseException) -> UserError | None:
     """The one line for a write of `path` that failed with `e`, or None where `e` is not about the file
     system (a bug, which keeps its traceback)."""
+    e = _as_os_error(e)
     code = e.errno if isinstance(e, OSError) else None
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and any(w in str(e) for w in _FULL_DISK_WORDS)):
         return EnvironmentFault(f"{path}: cannot be written: the disk is full ({free_space(path)}); free some space or "
@@ -61,7 +83,13 @@ def write_fault(path: Path, e: BaseException) -> UserError | None:
     if code == errno.EISDIR:
         return UserError(f"{path}: is a folder; expected the path of a file to write")
     if code in (errno.ENOTDIR, errno.EEXIST):
-        return UserError(f"{path}: a file is in the way ({e.strerror}); expected a folder there, or no file")
+        blocker = _file_in_the_way(path)
+        if blocker == path:
+            return UserError(f"{path}: is a file; expected a folder there, or nothing")
+        if blocker is not None:
+            return UserError(f"{path}: cannot be written: {blocker} is a file; expected a folder there, or nothing")
+        return UserError(f"{path}: cannot be written: something is in the way ({e.strerror}); expected a folder "
+                         "there, or nothing")
     if isinstance(e, OSError):
         return EnvironmentFault(f"{path}: cannot be written ({e.strerror or e})")
     return None
@@ -117,37 +145,81 @@ def sweep_temps(folder: Path) -> list[Path]:
     return swept
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename it to `path`: readers see the old file or the new one.
-    A full or read-only disk is one line, and leaves neither a temp file nor half a file."""
-    tmp = temp_path(path)
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders above `path` that are not there yet, innermost first."""
+    return list(itertools.takewhile(lambda p: not (p.exists() or p.is_symlink()), path.parents))
+
+
+@contextlib.contextmanager
+def new_folders(path: Path, make: bool = True):
+    """With `make`, the folders missing above `path` are created; a failure inside the block removes them
+    again (once what it wrote there is gone), so a refused write leaves no empty folders behind either."""
+    created = _missing_folders(path) if make else []
     try:
-        with writing(path):
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if created:
+            with writing(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for folder in created:  # innermost first; one that another writer filled meanwhile stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
-def atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def _remove_quietly(path: Path) -> None:
+    """Remove a temp file or folder; on a read-only disk or under a file in the way there is none to remove,
+    and the error that stopped the write is the one to report."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write, parents: bool = False) -> None:
+    """Call write(tmp_path), fsync it, then rename it to `path`: readers see the old file or the new one.
+    A full or read-only disk is one line, and leaves neither a temp file nor half a file. parents: create
+    the folders missing above `path` (and nothing stays of them when the write fails)."""
+    tmp = temp_path(path)
+    with new_folders(path, parents):
+        try:
+            with writing(path):
+                write(tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                fsync_dir(path.parent)
+        finally:
+            _remove_quietly(tmp)  # before the new folders go: they are empty only without it
+
+
+def atomic_text(path: Path, text: str, parents: bool = False) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), parents)
 
 
 def atomic_dir(final: Path, fill) -> None:
     """fill(tmp) builds a temporary sibling folder that is then renamed to `final` (replacing an empty
-    folder there), so no reader sees half of it and a failure leaves nothing at `final`."""
+    folder there), so no reader sees half of it and a failure leaves nothing at `final`, nor the folders it
+    made above it."""
     tmp = temp_path(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with writing(final):
-            tmp.mkdir(parents=True)
-            fill(tmp)
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _remove_quietly(tmp)
+    with new_folders(final):
+        try:
+            with writing(final):
+                tmp.mkdir()
+                fill(tmp)
+                os.replace(tmp, final)
+        finally:
+            _remove_quietly(tmp)
+
+
+def fill_folder(folder: Path, fill) -> None:
+    """fill(folder) writes the first files of a folder: a new one (missing or empty) is made whole by
+    atomic_dir, so a refused write leaves none of it; one that holds files already (a resumed run) is filled
+    in place, each refused write one line."""
+    if folder.is_dir() and any(folder.iterdir()):
+        with writing(folder):
+            fill(folder)
+    else:
+        atomic_dir(folder, fill)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -173,15 +245,14 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as e:  # a damaged file (SafetensorError) or tensors of other shapes (RuntimeError)
-        raise UserError(f"checkpoint: {path}: cannot be loaded ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise UserError(f"checkpoint: {path}: cannot be loaded ({type(e).__name__}: {one_line(e)})") from None
     if missing or unexpected:
         raise UserError(f"checkpoint: {path}: weights do not fit the model (missing: {sorted(missing)[:3]}, "
                         f"unexpected: {sorted(unexpected)[:3]})")
 
 
 def _unreadable(path: Path, e: Exception) -> UserError:
-    return UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+    return UserError(f"checkpoint: {path}: cannot be read ({type(e).__name__}: {one_line(e)})")
 
 
 def weights_metadata(path: Path) -> dict[str, str]:

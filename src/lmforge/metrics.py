@@ -91,6 +91,8 @@ class ClassificationMetrics(_Collected):
         import matplotlib.pyplot as plt
         from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
+        from lmforge.io import atomic_write  # here, as matplotlib: lmforge.io imports torch
+
         pred, gold = self.arrays()
         ids = list(range(len(self.labels)))
         cm = confusion_matrix(gold, pred, labels=ids) if self.n else np.zeros((len(ids), len(ids)), np.int64)
@@ -102,7 +104,7 @@ class ClassificationMetrics(_Collected):
             ax.set_title(f"confusion matrix ({self.n} examples)")
             fig.tight_layout()
             path = Path(path)
-            fig.savefig(path, dpi=100)
+            atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         finally:
             plt.close(fig)
         return path

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from lmforge.errors import UserError
+from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write, write_safetensors
 from lmforge.model.layers import Attention
 from lmforge.quant import QuantLinear, dequantise, is_quantised, linear
@@ -418,8 +418,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
     try:
         tensors = load_file(str(path))
     except Exception as e:  # missing, damaged or not safetensors: several exception types
-        raise UserError(f"peft: {path}: cannot be read as an adapter ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise UserError(f"peft: {path}: cannot be read as an adapter ({type(e).__name__}: {one_line(e)})") from None
     state = model.state_dict()
     unknown = [k for k in tensors if k not in state]
     if unknown:

@@ -233,6 +233,21 @@ def check_labels(run_dir: Path, cfg) -> None:
                         f"{trained}, the order the model's head was trained in; expected that list")
 
 
+def read_run_config(run_dir: Path) -> dict:
+    """A run directory's config.yaml as its run wrote it (resolved: the vocabulary size is set). An empty or
+    cut-short one is refused naming the file, rather than read as lmforge's defaults and failing later."""
+    path = run_dir / "config.yaml"
+    tree = read_yaml(path)
+    if not tree:
+        raise UserError(f"{path}: empty; expected the resolved config the run wrote (a run directory's config.yaml "
+                        "holds every section)")
+    model = tree.get("model")
+    if not isinstance(model, dict) or not model.get("vocab_size"):
+        raise UserError(f"{path}: no model.vocab_size; expected the resolved config the run wrote (a run directory's "
+                        "config.yaml holds the model's vocabulary size)")
+    return tree
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
     """A trained run (or one of its checkpoints, or an HF folder) -> (model in eval mode, tokenizer, config).
 
@@ -247,7 +262,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"checkpoint: {path}: not a run directory (no config.yaml); expected the folder a training run "
                         "wrote (lmforge runs lists those under runs/)")
-    cfg = load_config(base=read_yaml(run_dir / "config.yaml"))
+    cfg = load_config(base=read_run_config(run_dir))
     check_labels(run_dir, cfg)
     state, reference, source = _saved_weights(p, run_dir)
     if reference:

@@ -57,6 +57,12 @@ def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield lineno, text[1:] if lineno == 1 and text.startswith("\ufeff") else text
 
 
+def json_problem(e: json.JSONDecodeError) -> str:
+    """What a JSON decoding error says, with its column: json's "Unterminated string starting at" already ends
+    in "at", which a plain "{msg} at column N" doubled."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+
+
 def read_txt(path: Path) -> Iterator[tuple[str, bool]]:
     """One document per file, in pieces cut at line ends."""
     buf, size = [], 0
@@ -77,7 +83,7 @@ def read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise UserError(f"{path}:{lineno}: not valid JSON ({json_problem(e)})") from None
         if not isinstance(record, dict) or text_field not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise UserError(f"{path}:{lineno}: no field '{text_field}' (found: {keys}); set data.text_field")

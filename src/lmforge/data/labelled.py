@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from lmforge import chat
-from lmforge.data.formats import decoded_lines
+from lmforge.data.formats import decoded_lines, json_problem
 from lmforge.errors import UserError
+from lmforge.io import atomic_text
 from lmforge.tasks import registry
 
 FORMATS = ("sst", "csv", "tsv", "jsonl", "conll")  # which of them a task reads: its registry entry's `formats`
@@ -54,7 +55,8 @@ class Example:
     label: object = None     # by the task's label kind (tasks/registry.py): class: str; value: float; classes:
     #                          list[str]; tags: list[str]; response: str; preference: (chosen, rejected), the
     #                          prompt (text) then a string or the turns up to the answers; None when the file has no label
-    line: int = 0            # 1-based line in the file (a CoNLL sentence: its first line)
+    line: int = 0            # 1-based line in the file (a CoNLL sentence: its first line; a csv record over
+    #                          several lines, quoted line breaks in its values: the line of its label)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,33 +227,41 @@ def _read_table(path: Path, fmt: str, task: str, fc, require_labels: bool) -> It
                 setting = {"text": "text_field", "label": "label_field", "pair": "pair_field"}[role]
                 raise UserError(f"{path}: finetune.{setting} = {name!r} is not a column number; expected an "
                                 "integer from 0 because finetune.header is false") from None
-    for lineno, row in it:
-        where = f"{path}:{lineno}"
+    for first, row in it:
         if width is None:
-            width, width_from = len(row), f"line {lineno}"
+            width, width_from = len(row), f"line {first}"
             for role, idx in list(columns.items()):
                 if not -width <= idx < width:
                     if role == "label" and not require_labels:
                         columns[role] = None
                         continue
                     setting = {"text": "text_field", "label": "label_field", "pair": "pair_field"}[role]
-                    raise UserError(f"{where}: no column {idx} for finetune.{setting} (the row has {width} "
+                    raise UserError(f"{path}:{first}: no column {idx} for finetune.{setting} (the row has {width} "
                                     f"columns); expected a column number from 0 to {width - 1}")
         if len(row) != width:
             hint = "" if len(row) < width else " (a tab inside the text?)" if fmt == "tsv" else \
                 " (quote a value that holds a comma)"
-            raise UserError(f"{where}: {len(row)} column{'s' if len(row) != 1 else ''}; expected {width} like "
-                            f"{width_from}{hint}")
-        text = _text(row[columns["text"]], what("text"), where)
-        pair = _text(row[columns["pair"]], what("pair"), where) if "pair" in columns else None
-        label = None
+            raise UserError(f"{path}:{_field_line(first, row, -1)}: {len(row)} column{'s' if len(row) != 1 else ''}; "
+                            f"expected {width} like {width_from}{hint}")
+        text = _text(row[columns["text"]], what("text"), f"{path}:{_field_line(first, row, columns['text'])}")
+        pair = (_text(row[columns["pair"]], what("pair"), f"{path}:{_field_line(first, row, columns['pair'])}")
+                if "pair" in columns else None)
+        label, line = None, first
         if columns["label"] is not None:
+            line = _field_line(first, row, columns["label"])
             cell = row[columns["label"]]
             if cell.strip() or _kind(task) == "classes":  # an empty set of labels is a set
-                label = _parse_label(cell, task, fc, where)
+                label = _parse_label(cell, task, fc, f"{path}:{line}")
             elif require_labels:
-                raise UserError(f"{where}: empty label in {what('label')}; expected {registry.LABEL_KINDS[_kind(task)]}")
-        yield Example(text, pair=pair, label=label, line=lineno)
+                raise UserError(f"{path}:{line}: empty label in {what('label')}; expected "
+                                f"{registry.LABEL_KINDS[_kind(task)]}")
+        yield Example(text, pair=pair, label=label, line=line)
+
+
+def _field_line(first: int, row: list[str], i: int) -> int:
+    """The line field i of a csv record is on (negative i counts from the end): the record's first line plus
+    the line breaks inside the values before it (a record spans lines only where a quoted value holds one)."""
+    return first + sum(value.count("\n") for value in row[:i % len(row)])
 
 
 def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Example]:
@@ -267,7 +277,7 @@ def _read_jsonl(path: Path, task: str, fc, require_labels: bool) -> Iterator[Exa
         try:
             record = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+            raise UserError(f"{where}: not valid JSON ({json_problem(e)}); "
                             "expected one JSON object per line") from None
         if not isinstance(record, dict):
             raise UserError(f"{where}: a JSON {type(record).__name__}; expected one JSON object per line")
@@ -572,7 +582,7 @@ class LabelMap:
         data = {"labels": self.labels, "task": self.task}
         if self.scheme:
             data["scheme"] = self.scheme
-        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        atomic_text(Path(path), json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LabelMap:

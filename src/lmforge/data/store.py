@@ -16,9 +16,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmforge.data.formats import corpus_files, embedded_corpus, read_corpus, resolve_format
-from lmforge.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from lmforge.data.tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 from lmforge.errors import UserError
-from lmforge.io import atomic_dir, atomic_write, sweep_temps, writing
+from lmforge.io import atomic_dir, sweep_temps
 
 STORE_VERSION = 1
 ENCODE_BATCH = 256  # pieces per encode_batch call (the tokenizers library encodes them in parallel)
@@ -78,16 +78,14 @@ def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:
         tok = _cached_tokenizer(tok_file)
         if tok is None:
             tok = train_tokenizer((text for text, _ in pieces()), tc.kind, tc.vocab_size, tc.special_tokens, tc.lowercase)
-            with writing(cache):
-                cache.mkdir(parents=True, exist_ok=True)
-            atomic_write(tok_file, lambda tmp: tok.save(str(tmp)))
+            save_tokenizer(tok, tok_file, parents=True)  # a full disk is one line and leaves no temp file
 
     store = cache / f"store-{_digest(corpus_key, tok.to_str(), str(data_cfg.val_fraction), str(STORE_VERSION))}"
     meta = _checked_meta(store)
     if meta is None:
         try:
             atomic_dir(store, lambda tmp: _encode(pieces(), tok, tmp, data_cfg.val_fraction, str(path)))
-        except UserError:
+        except UserError:  # atomic_dir reports a refused write as a UserError
             if _checked_meta(store) is None:  # a real I/O failure, not another process winning the rename
                 raise
         meta = json.loads((store / "meta.json").read_text())

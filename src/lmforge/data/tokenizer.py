@@ -78,6 +78,35 @@ def _train_char(texts: Iterable[str], vocab_size: int, special_tokens: list[str]
     return tok
 
 
+# what a tokenizer of each kind holds whatever vocabulary size it is asked for, besides its special tokens
+ALPHABETS = {"char": "<unk>, one character", "bpe": "the 256 bytes", "wordpiece": "the corpus's characters"}
+
+
+def smallest_vocab(kind: str, specials: list[str]) -> int:
+    """The fewest tokens a tokenizer of `kind` holds, before it has seen the corpus: bpe's 256 bytes, char's
+    <unk> and one character, wordpiece's own specials and one character (its corpus's alphabet adds more)."""
+    if kind == "bpe":
+        return 256 + len(set(specials))
+    own = {"<unk>"} if kind == "char" else set(WORDPIECE_SPECIALS)
+    return len(own | set(specials)) + 1
+
+
+def check_vocab_size(kind: str, asked: int, holds: int, where: str) -> None:
+    """A tokenizer asked for fewer tokens than it `holds` anyway (its alphabet and special tokens) would come
+    out larger than asked (bpe: 257 tokens for a size of 0): refused, naming the smallest size that fits."""
+    if holds > asked:
+        raise UserError(f"{where} = {asked}: a {kind} tokenizer of this corpus holds at least {holds} tokens "
+                        f"({ALPHABETS[kind]} and the special tokens); expected {holds} or more")
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path, parents: bool = False) -> None:
+    """tokenizer.json, whole or not at all (the tokenizers library writes in place and reports a full disk
+    as a bare Exception); parents: create the folders above it."""
+    from lmforge.io import atomic_write  # here: lmforge.io imports torch, which `tokenizer train` needs nowhere else
+
+    atomic_write(Path(path), lambda tmp: tok.save(str(tmp)), parents)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer.json file, or a run/model folder that holds one."""
     p = Path(path)

@@ -11,10 +11,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+import math
+import typing
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 from lmforge.errors import UserError
+from lmforge.fields import gt
+from lmforge.model.config import ModelConfig
 
 REQUIRED = object()  # a config.json key without a default: a file lacking it is refused
 
@@ -63,6 +67,61 @@ STANDARD_SIZES = {
     "num_attention_heads": ("n_head", REQUIRED),
     "intermediate_size": ("d_ff", REQUIRED),
 }
+
+# -- config.json's values: of the JSON type and in the range of the ModelConfig field each sets ------------
+
+_JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _field_type(tp) -> type:
+    return next(t for t in typing.get_args(tp) or (tp,) if t is not type(None))  # int | None -> int
+
+
+# ModelConfig field -> (its type, its check)
+_MODEL_FIELDS = {f.name: (_field_type(typing.get_type_hints(ModelConfig)[f.name]), f.metadata.get("check"))
+                 for f in fields(ModelConfig)}
+
+
+def _json_typed(value, tp) -> bool:
+    """Whether a JSON value is of the type `tp` (a whole float counts as an integer; a bool is no number)."""
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def json_value(key: str, value, tp: type, check, where: str, sets: str = ""):
+    """A config.json value of the type `tp` that passes `check` (lmforge.fields), or one line naming config.json's
+    key, its value and what was expected; `sets`: what it becomes in lmforge, for that line."""
+    if not _json_typed(value, tp) or (check and not check[0](value)):
+        in_range = f" {check[1]}" if check else ""
+        raise UserError(f"{where}: config.json {key} = {json.dumps(value)}: expected {_JSON_TYPES[tp]}{in_range}{sets}")
+    return tp(value)
+
+
+def model_value(key: str, ours: str, value, where: str):
+    """config.json's `key` as the ModelConfig field `ours` takes it: of its type and in its declared range."""
+    tp, check = _MODEL_FIELDS[ours]
+    return json_value(key, value, tp, check, where, f" (lmforge's model.{ours})")
+
+
+def json_object(key: str, value, where: str) -> dict:
+    """A config.json value that must be an object (or null: {})."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: config.json {key} = {json.dumps(value)}: expected an object or null")
+    return value
+
+
+def json_flag(hf: dict, key: str, default: bool, where: str) -> bool:
+    """A config.json switch that lmforge reads but no ModelConfig field holds (use_sliding_window)."""
+    value = hf.get(key, default)
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: config.json {key} = {json.dumps(value)}: expected true or false")
+    return value
+
 
 # -- BERT -------------------------------------------------------------------------------------------
 
@@ -181,25 +240,28 @@ def _rope_read(hf: dict, where: str) -> dict:
     # transformers 5 writes rope_parameters, older versions rope_theta and rope_scaling; as transformers 5 does,
     # a rope_scaling that is set wins
     key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    rope = hf.get(key) or {}
+    rope = json_object(key, hf.get(key), where)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
         raise UserError(f"{where}: config.json {key} = {json.dumps(rope)}: lmforge's RoPE has no scaling but llama3's "
                         f"(it needs {key} null or rope_type default or llama3)")
-    model = {"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0))}
+    theta_key = f"{key}.rope_theta" if "rope_theta" in rope else "rope_theta"
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    model = {"rope_theta": model_value(theta_key, "rope_theta", theta, where)}
     if kind == "llama3":
         missing = [k for k in LLAMA3_ROPE if rope.get(k) is None]
         if missing:
             raise UserError(f"{where}: config.json {key} has no {missing[0]}, which rope_type llama3 needs")
-        model.update(rope_scaling="llama3", **{ours: rope[k] for k, ours in LLAMA3_ROPE.items()})
+        model.update(rope_scaling="llama3", **{ours: model_value(f"{key}.{k}", ours, rope[k], where)
+                                               for k, ours in LLAMA3_ROPE.items()})
     return model
 
 
 def _llama_read(hf: dict, names: set[str], where: str) -> dict:
     # Qwen2 keeps a sliding_window it does not use unless use_sliding_window is true; Mistral has no switch
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    context = hf.get("max_position_embeddings", 2048)
-    if window is not None and window < context:
+    window = hf.get("sliding_window") if json_flag(hf, "use_sliding_window", True, where) else None
+    context = model_value("max_position_embeddings", "max_seq_len", hf.get("max_position_embeddings", 2048), where)
+    if window is not None and json_value("sliding_window", window, int, gt(0), where) < context:
         raise UserError(f"{where}: config.json sliding_window = {window}: lmforge attends to the whole context, "
                         f"so it needs sliding_window null or >= max_position_embeddings = {context}")
     return {"model": _rope_read(hf, where)}

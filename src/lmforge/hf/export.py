@@ -19,7 +19,7 @@ from lmforge.hf.arch import ACTIVATIONS, ARCHS, BERT, FORMATS, Arch
 from lmforge.hf import keymap
 from lmforge.hf.load import Imported, load_hf
 from lmforge.hf.tokenizer import special_tokens
-from lmforge.io import atomic_dir, save_weights, write_safetensors
+from lmforge.io import atomic_dir, atomic_text, atomic_write, fill_folder, save_weights, write_safetensors
 from lmforge.peft import Adapter, PrefixAttention, lora_layers, peft_method, strip_peft
 from lmforge.quant import dequantise_model
 from lmforge.runs import TOKEN_ID_KEYS, WEIGHTS, hf_side_files, load_run, write_hf_side_files
@@ -35,8 +35,7 @@ def _check_out(out: Path, what: str) -> None:
 def _write_dir(out: Path, what: str, write: Callable[[Path], None]) -> None:
     """write(tmp) fills a temporary folder that becomes `out` once complete: a failure leaves nothing."""
     _check_out(out, what)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_dir(out, write)
+    atomic_dir(out, write)  # it makes the folders above `out` too, and removes them again on failure
 
 
 def import_hf(folder: str | Path, out: str | Path) -> Imported:
@@ -95,6 +94,11 @@ def _export_arch(cfg, fmt: str, run) -> Arch:
     if fmt not in FORMATS:
         raise UserError(f"export: --format {fmt}: expected one of {', '.join(FORMATS)}")
     candidates = [ARCHS[fmt]] if fmt != "auto" else [a for a in ARCHS.values() if a.task == _body_task(cfg)]
+    if not candidates:  # an encoder-decoder: no layout to list the gaps of
+        written = {task: " or ".join(a.title for a in ARCHS.values() if a.task == task) for task in ("clm", "mlm")}
+        raise UserError(f"export: {run}: a {cfg.task} model is an encoder-decoder, and lmforge writes no Hugging Face "
+                        f"encoder-decoder layout; it exports clm models as {written['clm']} and mlm models as "
+                        f"{written['mlm']}")
     gaps = [(a, _gaps(a, cfg)) for a in candidates]
     for arch, missing in gaps:
         if not missing:
@@ -285,8 +289,9 @@ def write_peft_adapter(model: nn.Module, arch, out_dir: str | Path, base_model_p
         "use_dora": False,
         "use_rslora": False,
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, out_dir / "adapter_model.safetensors", {"format": "pt"})
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    def write(folder: Path) -> None:
+        atomic_write(folder / "adapter_model.safetensors", lambda tmp: write_safetensors(tensors, tmp, {"format": "pt"}))
+        atomic_text(folder / "adapter_config.json", _json_text(config))
+
+    fill_folder(Path(out_dir), write)  # both files or neither
     return config

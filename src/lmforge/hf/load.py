@@ -24,12 +24,12 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.config import load_config
-from lmforge.errors import UserError
-from lmforge.hf.arch import ACTIVATIONS, ARCHS, OPTIONAL_HEADS, REQUIRED, Arch
+from lmforge.errors import UserError, one_line
+from lmforge.hf.arch import ACTIVATIONS, ARCHS, OPTIONAL_HEADS, REQUIRED, Arch, model_value
 from lmforge.hf import keymap
 from lmforge.hf.tokenizer import hf_tokenizer
 from lmforge.io import read_json
-from lmforge.model.build import build_model
+from lmforge.model.build import build_model, check_memory
 from lmforge import quant
 
 
@@ -37,6 +37,11 @@ def _find_arch(hf: dict, where: str) -> tuple[Arch, str]:
     """The Arch for a config.json, and the HF class it names."""
     classes = hf.get("architectures") or []
     model_type = hf.get("model_type")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{where}: config.json architectures = {json.dumps(classes)}: expected a list of class names, "
+                        "e.g. [\"LlamaForCausalLM\"]")
+    if model_type is not None and not isinstance(model_type, str):
+        raise UserError(f"{where}: config.json model_type = {json.dumps(model_type)}: expected a string, e.g. \"llama\"")
     for arch in ARCHS.values():
         if classes and classes[0] in arch.classes:
             return arch, classes[0]
@@ -53,8 +58,7 @@ def _load_tensors(path: Path, where: str) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors and torch raise several types for a damaged file
-        raise UserError(f"{where}: {path.name} cannot be read ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise UserError(f"{where}: {path.name} cannot be read ({type(e).__name__}: {one_line(e)})") from None
 
 
 # safetensors' dtype names (its header's "dtype")
@@ -114,8 +118,7 @@ def _safetensors_index(path: Path, where: str) -> dict[str, Stored]:
             out[name] = Stored(path, 8 + length + begin, end - begin, dtype, shape, where)
         return out
     except Exception as e:  # a damaged or foreign file: struct, JSON, key and value errors
-        raise UserError(f"{where}: {path.name} cannot be read ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise UserError(f"{where}: {path.name} cannot be read ({type(e).__name__}: {one_line(e)})") from None
 
 
 def _tensor(value) -> torch.Tensor:
@@ -133,14 +136,30 @@ def _read_weights(folder: Path, where: str, lazy: bool = False) -> dict[str, tor
             return read(folder / name)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(read_json(index, where).get("weight_map", {}).values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing or not shards:
-                raise UserError(f"{where}: {index.name} names shard {missing[0] if missing else '(none)'}, "
-                                "which is not in the folder")
-            return {k: v for s in shards for k, v in read(folder / s).items()}
+            shards = _shards(folder, index, where)
+            return {k: v for s in shards for k, v in read(s).items()}
     raise UserError(f"{where}: no weights; expected model.safetensors, pytorch_model.bin or a sharded "
                     "model.safetensors.index.json")
+
+
+def _shards(folder: Path, index: Path, where: str) -> list[Path]:
+    """The shard files a .index.json names: files inside `folder`, none of them by a path or a link that leads
+    out of it (a downloaded folder must not make lmforge read files elsewhere)."""
+    weight_map = read_json(index, where).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{where}: {index.name}: expected a weight_map object of tensor names to shard file names")
+    shards = sorted(set(weight_map.values()))
+    if not shards:
+        raise UserError(f"{where}: {index.name} names no shard; expected a weight_map of tensor names to shard files")
+    inside = folder.resolve()
+    for shard in shards:
+        path = folder / shard
+        if Path(shard).is_absolute() or inside not in path.resolve().parents:
+            raise UserError(f"{where}: {index.name} names shard {shard}, which lies outside the folder; expected the "
+                            "name of a file in it")
+        if not path.is_file():
+            raise UserError(f"{where}: {index.name} names shard {shard}, which is not in the folder")
+    return [folder / shard for shard in shards]
 
 
 def _config_tree(arch: Arch, hf: dict, names: set[str], where: str) -> dict:
@@ -153,7 +172,7 @@ def _config_tree(arch: Arch, hf: dict, names: set[str], where: str) -> dict:
     if arch.activation:
         key, default = arch.activation
         name = hf.get(key, default)
-        if name not in ACTIVATIONS:
+        if not isinstance(name, str) or name not in ACTIVATIONS:
             raise UserError(f"{where}: config.json {key} = {json.dumps(name)}: lmforge has {', '.join(ACTIVATIONS)}")
         model["mlp"] = ACTIVATIONS[name]
     for key, (ours, default) in arch.config.items():
@@ -161,8 +180,8 @@ def _config_tree(arch: Arch, hf: dict, names: set[str], where: str) -> dict:
         value = default if value is None else value
         if value is REQUIRED:
             raise UserError(f"{where}: config.json has no {key}, which {arch.title} needs")
-        if value is not None:
-            model.setdefault(ours, value)
+        if value is not None:  # of several keys for one field (dropout) the first sets it; each is checked
+            model.setdefault(ours, model_value(key, ours, value, where))
     tree = {"task": arch.task, "model": model}
     for section, values in (arch.read_extra(hf, names, where) if arch.read_extra else {}).items():
         tree.setdefault(section, {}).update(values)
@@ -328,6 +347,8 @@ def load_hf(folder: str | Path, build: Callable | None = None, dtype: torch.dtyp
         if str(e).startswith(where):
             raise
         raise UserError(f"{where}: config.json does not describe a model lmforge can build ({e})") from None
+    if not streaming:  # a size this machine cannot hold is named by its config.json key, before any allocation
+        check_memory(cfg, f"{where}: config.json", {ours: key for key, (ours, _) in reversed(arch.config.items())})
     with torch.random.fork_rng(devices=[]):  # the same fresh heads (if any) on every import of a folder
         torch.manual_seed(cfg.train.seed)
         with torch.device("meta") if streaming else contextlib.nullcontext():

@@ -10,7 +10,7 @@ from torch import nn
 
 from lmforge.data.batches import RandomWindows, eval_windows
 from lmforge.data.store import prepare_tokens
-from lmforge.data.tokenizer import eos_id
+from lmforge.data.tokenizer import eos_id, save_tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.losses import linear_cross_entropy, loss_options
@@ -57,7 +57,7 @@ class CausalLM(Task):
         return next_token_loss(hidden, model.head, batch["target"], self.cfg.loss)
 
     def save_artifacts(self, run_dir: Path) -> None:
-        self.data.tokenizer.save(str(run_dir / "tokenizer.json"))
+        save_tokenizer(self.data.tokenizer, run_dir / "tokenizer.json")
 
     def finish(self, model, run_dir: Path) -> str:
         lc = self.cfg.log

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from lmforge.data.batches import ExampleBatches, pad_batch
 from lmforge.data.labelled import Example, LabelMap, read_examples, split_dev, tag_scheme
-from lmforge.data.tokenizer import eos_id
+from lmforge.data.tokenizer import eos_id, save_tokenizer
 from lmforge.errors import UserError
 from lmforge.hf.load import load_hf
 from lmforge.model.build import build_model
@@ -357,7 +357,7 @@ class FinetuneTask(Task):
         raise NotImplementedError
 
     def save_artifacts(self, run_dir: Path) -> None:
-        self.tokenizer.save(str(run_dir / "tokenizer.json"))
+        save_tokenizer(self.tokenizer, run_dir / "tokenizer.json")
         write_hf_side_files(run_dir, hf_side_files(self.cfg.finetune.init_from))  # chat template, end tokens
         if self.labels is not None:
             self.labels.save(run_dir / LABELS_FILE)

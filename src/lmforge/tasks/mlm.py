@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lmforge.data.masking import Masker, MLMBatches, MLMExamples, mlm_eval_batches, special_ids
 from lmforge.data.store import prepare_tokens
+from lmforge.data.tokenizer import save_tokenizer
 from lmforge.errors import UserError
 from lmforge.losses import IGNORE_INDEX, linear_cross_entropy, loss_options
 from lmforge.tasks.base import Task, follow_tokenizer
@@ -111,7 +112,7 @@ class MaskedLMTask(Task):
         return model.flops_per_token() - 6 * head * (1 - self.cfg.mlm.mask_prob)
 
     def save_artifacts(self, run_dir: Path) -> None:
-        self.data.tokenizer.save(str(run_dir / "tokenizer.json"))
+        save_tokenizer(self.data.tokenizer, run_dir / "tokenizer.json")
 
     def finish(self, model, run_dir: Path) -> str:
         m = self.evaluate(model, lambda b: {k: v.to(next(model.parameters()).device) for k, v in b.items()})

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer
 from lmforge.config import Config
 from lmforge.data.batches import ExampleBatches, pad_batch
 from lmforge.data.parallel import keep_by_length, read_parallel
-from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, load_tokenizer, seq2seq_special_ids, train_tokenizer
+from lmforge.data.tokenizer import (SEQ2SEQ_SPECIALS, load_tokenizer, save_tokenizer, seq2seq_special_ids,
+                                    train_tokenizer)
 from lmforge.errors import UserError
 from lmforge.generate import translate
 from lmforge.io import atomic_write, save_weights
@@ -194,9 +195,9 @@ class Seq2SeqTask(Task):
         return model.encoder.flops_per_token(mean) + model.decoder.flops_per_token(mean)
 
     def save_artifacts(self, run_dir: Path) -> None:
-        self.tok.save(str(run_dir / "tokenizer.json"))
+        save_tokenizer(self.tok, run_dir / "tokenizer.json")
         if self.src_tok is not None:
-            self.src_tok.save(str(run_dir / SOURCE_TOKENIZER))
+            save_tokenizer(self.src_tok, run_dir / SOURCE_TOKENIZER)
 
     def finish(self, model, run_dir: Path) -> str:
         sc = self.cfg.seq2seq

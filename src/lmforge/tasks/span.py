@@ -16,7 +16,7 @@ import torch
 
 from lmforge.data.batches import RandomWindows, eval_windows
 from lmforge.data.store import prepare_tokens
-from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, sentinel, seq2seq_special_ids
+from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, save_tokenizer, sentinel, seq2seq_special_ids
 from lmforge.errors import UserError
 from lmforge.tasks.base import Task, at_least_vocab
 from lmforge.tasks.seq2seq import collate, seq2seq_loss
@@ -116,7 +116,7 @@ class SpanCorruption(Task):
         return model.encoder.flops_per_token(n) + model.decoder.flops_per_token(math.ceil(n * self.cfg.span.noise_density))
 
     def save_artifacts(self, run_dir) -> None:
-        self.data.tokenizer.save(str(run_dir / "tokenizer.json"))
+        save_tokenizer(self.data.tokenizer, run_dir / "tokenizer.json")
 
 
 class SpanBatches:

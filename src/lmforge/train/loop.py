@@ -16,7 +16,7 @@ import torch
 from lmforge.config import Config, save_config
 from lmforge.hf.load import quantised_imports
 from lmforge.errors import Diverged, UserError
-from lmforge.io import sweep_temps, weights_metadata
+from lmforge.io import fill_folder, sweep_temps, weights_metadata
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
 from lmforge import quant
@@ -112,11 +112,8 @@ class Trainer:
         self.checkpointer = Checkpointer(d, self.run_dir, tc, self.model, self.optimizer, self.batches, self.scaler,
                                          self.base)
         self.checkpointer.resume(resume, self.state)
-        if d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            write_selection(self.run_dir, *self.task.selection(), self.task.final_report)
-            self.task.save_artifacts(self.run_dir)
+        if d.main:  # all of the run directory's first files or none: a full disk leaves no half-made run
+            fill_folder(self.run_dir, self._write_start)
         self.meter = Throughput(self.task.flops_per_token(self.model), peak_flops(d.device, precision.dtype), d.world)
         on = f"{d.world} x {d.device} ({d.parallel})" if d.active else str(d.device)
         self.say(f"lmforge: {cfg.task} model, {parameter_summary(self.model)}, on {on} in {precision.name}; "
@@ -131,6 +128,11 @@ class Trainer:
             self.say(f"lmforge: peft.base_dtype {cfg.peft.base_dtype}: {len(layers)} frozen Linear weights of the "
                      f"blocks held in {held:.1f} MiB ({fp32:.1f} MiB in fp32); LoRA, embeddings, norms and the head in fp32")
         self.take_step = EagerFallback(self.train_step, self.model, self.optimizer, tc)
+
+    def _write_start(self, folder: Path) -> None:
+        save_config(self.cfg, folder / "config.yaml")
+        write_selection(folder, *self.task.selection(), self.task.final_report)
+        self.task.save_artifacts(folder)
 
     def _build(self, pretrained: bool) -> None:
         """The model (wrapped for DDP or FSDP), its optimizer, the train batches and any adversary."""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmforge.io import atomic_write, writing
+
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
 TB_DIR = "tensorboard"
@@ -17,16 +19,18 @@ TB_DIR = "tensorboard"
 class Tracker:
     def __init__(self, run_dir: Path, lc, max_steps: int, start_step: int):
         self.run_dir, self.lc = run_dir, lc
-        path = run_dir / METRICS
+        self.path = run_dir / METRICS
         # On resume keep the history up to the checkpoint and drop what a crashed run logged after it.
-        kept = [r for r in read_metrics(path) if r["step"] <= start_step] if start_step else []
-        self.file = open(path, "w", encoding="utf-8")
-        for r in kept:
-            self.file.write(json.dumps(r) + "\n")
+        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step else []
+        with writing(self.path):  # a full or read-only disk is one line naming the file, here and in log()
+            self.file = open(self.path, "w", encoding="utf-8")
+            for r in kept:
+                self.file.write(json.dumps(r) + "\n")
         self.tb = None
         if lc.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
+            with writing(run_dir / TB_DIR):
+                self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
         interactive = lc.progress and sys.stderr.isatty()
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not interactive, dynamic_ncols=True,
                         unit="step", file=sys.stderr)
@@ -34,11 +38,13 @@ class Tracker:
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         row = {"step": step, "split": split, **metrics}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         if self.tb:
-            for k, v in metrics.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
+            with writing(self.run_dir / TB_DIR):
+                for k, v in metrics.items():
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
         if split == "train":
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                  tok_s=f"{metrics['tok_s']:.0f}", refresh=False)
@@ -55,9 +61,11 @@ class Tracker:
         """Finish; `schedule` is the planned learning rate of every step, drawn under the logged one;
         `metric` (other than loss): the val metric the run selects by, drawn in a third panel."""
         self.bar.close()
-        self.file.close()
+        with writing(self.path):
+            self.file.close()
         if self.tb:
-            self.tb.close()
+            with writing(self.run_dir / TB_DIR):
+                self.tb.close()
         return plot_curves(self.run_dir, schedule, metric)
 
 
@@ -122,6 +130,8 @@ def plot_curves(run_dir: Path, schedule: list[float] | None = None, metric: str 
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     path = run_dir / PLOT
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
