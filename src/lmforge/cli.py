@@ -475,7 +475,7 @@ recipes: configs/*.yaml   docs: docs/*.md"""
 def build_parser() -> argparse.ArgumentParser:
     from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, Seq2SeqConfig,  # light: no torch
                                 ServeLimits)
-    from lmforge.fields import between, fraction_upper, ge, gt, nonempty, seed_range
+    from lmforge.fields import between, ge, gt, nonempty, seed_range, temperature_range, top_p_range
     from lmforge.hf.arch import FORMATS as HF_FORMATS
 
     parser = Parser(prog="lmforge", description="Train Transformer models in practice: from raw text to a trained, "
@@ -582,9 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the model's own")
     _ranged(p, "--max-new-tokens", int, gt(0), "at most N new tokens, bounded by the model's context", default=200,
             metavar="N")
-    _ranged(p, "--temperature", float, ge(0), "0 = greedy", default=0.8, metavar="T")
+    _ranged(p, "--temperature", float, temperature_range(), "0 = greedy", default=0.8, metavar="T")
     _ranged(p, "--top-k", int, ge(0), "sample from the K most likely tokens; 0 = all", default=0, metavar="K")
-    _ranged(p, "--top-p", float, fraction_upper(), "nucleus sampling mass; 1 = off", default=1.0, metavar="P")
+    _ranged(p, "--top-p", float, top_p_range(), "nucleus sampling mass; 1 = off", default=1.0, metavar="P")
     p.add_argument("--stop", action="append", type=_checked(str, nonempty()), metavar="TEXT",
                    help="stop before this string (repeatable; not empty)")
     _ranged(p, "--num-samples", int, gt(0), "how many samples", default=1, metavar="N")

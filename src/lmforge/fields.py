@@ -39,6 +39,22 @@ def nonempty() -> Check:
 SEED_MAX = 2**63 - 1
 
 
+# Sampling settings that reach a generator: below these, logits / temperature overflow float32 into NaN
+# probabilities and a nucleus mass is 0 in float32 (which drops even the most likely token); the CLI and the
+# server take the same ranges
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MIN_TOP_P = 1e-6
+
+
+def temperature_range() -> Check:
+    return (lambda v: v == 0 or MIN_TEMPERATURE <= v <= MAX_TEMPERATURE,
+            f"0 (greedy) or {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}")
+
+
+def top_p_range() -> Check:
+    return between(MIN_TOP_P, 1)
+
+
 def seed_range() -> Check:
     return between(0, SEED_MAX)
 

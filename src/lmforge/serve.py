@@ -52,7 +52,8 @@ from lmforge import __version__, chat
 from lmforge.data.labelled import Example, split_answer
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
-from lmforge.generate import SEED_MAX, generate_texts, prompt_ids, translate
+from lmforge.fields import MIN_TEMPERATURE, MIN_TOP_P, SEED_MAX
+from lmforge.generate import generate_texts, prompt_ids, translate
 from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run, run_dir_of
 from lmforge.tasks import make_task, registry
 from lmforge.tasks.seq2seq import source_tokenizer
@@ -75,9 +76,6 @@ def error_response(status: int, field: str, message: str) -> JSONResponse:
 
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # each stop string is matched against every row's text at every token
 MAX_MESSAGES = 1024
-# below it, logits / temperature overflow float32 into NaN probabilities (0 is greedy, which divides nothing)
-MIN_TEMPERATURE = 1e-3
-MIN_TOP_P = 1e-6  # a smaller mass is 0 in float32, which drops even the most likely token
 
 
 def _sampling_temperature(value: float) -> float:
