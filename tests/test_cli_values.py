@@ -305,7 +305,7 @@ WRITERS = {
     "import": lambda runs, tmp, at: ["import", str(runs["hf"]), str(at / "imported")],
     "export": lambda runs, tmp, at: ["export", str(runs["clm"]), str(at / "exported")],
 }
-DISKS = {"read-only": "the file system is read-only", "full": "the disk is full (0.0 MiB free)"}
+DISKS = {"read-only": "the file system is read-only", "full": "the disk is full (0.0 KiB free)"}
 
 
 @pytest.fixture(scope="module")

@@ -190,9 +190,10 @@ def test_two_rank_checkpoint_resumes_in_one_process(ddp_run, tmp_path, capsys):
                  "--train.batch_size", str(2 * PER_RANK), "--train.parallel", "auto"]) == 0
     out = capsys.readouterr()
     assert "from step_00000002 (step 2)" in out.out
-    assert "skipping" in out.err and step_dir(run, STEPS).name in out.err
-    # step 4 is now the one-process file, and the damaged directory is gone
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004.pt"]
+    assert f"set aside as {step_dir(run, STEPS).name}.damaged" in out.err
+    # step 4 is now the one-process file; the damaged directory is kept aside, out of the run's way
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004.damaged",
+                                                                       "step_00000004.pt"]
     assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, STEPS + 1))
     assert losses(run, "train") == pytest.approx(losses(ddp_run, "train"), abs=1e-5)
     resumed = load_checkpoint(run / "checkpoints" / f"step_{STEPS:08d}.pt")["model"]

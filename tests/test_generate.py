@@ -318,7 +318,8 @@ def test_cli_generate_prints_a_continuation(trained_run, capsys):
 def test_cli_generate_reports_bad_settings_in_one_line(trained_run, capsys):
     assert main(["generate", "--checkpoint", str(trained_run), "--top-p", "0"]) == 2
     out = capsys.readouterr()
-    assert out.out == "" and out.err == "lmforge: error: generate: top_p = 0.0: expected a probability mass in (0, 1]; 1 = off\n"
+    assert out.out == "" and out.err == ("lmforge: error: generate: argument --top-p: 0: must be in [1e-06, 1] "
+                                         "(see lmforge generate --help)\n")
     long_prompt = "x" * 64  # the model's context is 64 characters
     assert main(["generate", "--checkpoint", str(trained_run), "--prompt", long_prompt]) == 2
     assert capsys.readouterr().err.startswith("lmforge: error: generate: the prompt has 64 tokens")

@@ -41,10 +41,10 @@ _FULL_DISK_WORDS = ("No space left", "StorageFull", "file write failed", "unexpe
 
 def size_text(n: float) -> str:
     """A number of bytes for a message: 12.3 MiB, 4.0 GiB, 11.6 TiB."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30)):
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB"  # a full disk's few bytes left
 
 
 def free_space(path: Path) -> str:
@@ -207,6 +207,8 @@ def atomic_dir(final: Path, fill) -> None:
                 tmp.mkdir()
                 fill(tmp)
                 os.replace(tmp, final)
+        except UserError as e:  # a refused write inside fill names the file the user will look for, not the temp
+            raise type(e)(str(e).replace(str(tmp), str(final))) from None
         finally:
             _remove_quietly(tmp)
 
