@@ -45,6 +45,13 @@ class TrainState:
         self.skipped = state.get("skipped", 0)  # absent from checkpoints written before the guard
 
 
+def refuse_busy_run_dir(run_dir: Path) -> None:
+    """A fresh run in a directory that holds another run's checkpoints would mix the two: refused, before the
+    data is read. Temp files of a killed first checkpoint are no run."""
+    if checkpoints(run_dir / CKPT_DIR):
+        raise UserError(f"log.run_dir: {run_dir} already holds a run; use --resume auto or another directory")
+
+
 class Checkpointer:
     """When a run saves (every `train.checkpoint_every` steps and at its last step), how (one file from
     one process, DCP shards from several), how many it keeps, and how it resumes exactly."""
@@ -56,11 +63,9 @@ class Checkpointer:
         self.base = base  # a PEFT run's base reference: checkpoints then hold only what trains
 
     def resume(self, resume: tuple[Path, dict] | None, train_state: TrainState) -> None:
-        """Continue from `resume` (a checkpoint and its loaded state, as the CLI found them); without one,
-        refuse a run directory that already holds a run rather than mix two runs' checkpoints."""
+        """Continue from `resume` (a checkpoint and its loaded state, as the CLI found them); None: a fresh run
+        (refuse_busy_run_dir has checked that it mixes with no other run's checkpoints)."""
         if resume is None:
-            if checkpoints(self.run_dir / CKPT_DIR):  # temp files of a killed first checkpoint are no run
-                raise UserError(f"log.run_dir: {self.run_dir} already holds a run; use --resume auto or another directory")
             return
         path, state = resume
         saved_base = state.get("base")  # absent from a checkpoint of the whole model

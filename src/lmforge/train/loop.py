@@ -25,7 +25,7 @@ from lmforge.tasks import make_task
 from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
 from lmforge.train.checkpoint import CKPT_DIR, checkpoints
-from lmforge.train.checkpointer import BestKeeper, Checkpointer, TrainState
+from lmforge.train.checkpointer import BestKeeper, Checkpointer, TrainState, refuse_busy_run_dir
 from lmforge.train.device import pick_device, set_compiled
 from lmforge.train.perf import peak_flops
 from lmforge.train.precision import Precision, resolve_precision, set_tf32
@@ -90,6 +90,9 @@ class Trainer:
         self.cfg, self.d, self.precision = cfg, d, precision
         set_tf32(d.device, tc.tf32)
         check_base_dtype(cfg, d)  # before the task reads anything
+        self.run_dir = new_run_dir(cfg)
+        if resume is None:
+            refuse_busy_run_dir(self.run_dir)
         self.scaler = precision.grad_scaler()  # fp16 only
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
@@ -101,7 +104,6 @@ class Trainer:
             self.task.setup()
         # a PEFT run's checkpoints hold only what trains: it resumes on its base's weights too
         self._build(pretrained=resume is None or stores_trained_only(cfg))
-        self.run_dir = new_run_dir(cfg)
         if d.main:  # what killed writes left is stale now: no process of this run is writing yet
             swept = sweep_temps(self.run_dir) + sweep_temps(self.run_dir / CKPT_DIR)
             if swept:
