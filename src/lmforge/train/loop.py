@@ -18,7 +18,7 @@ from lmforge.hf.load import quantised_imports
 from lmforge.errors import Diverged, UserError
 from lmforge.io import fill_folder, sweep_temps, weights_metadata
 from lmforge.model.build import parameter_summary
-from lmforge.optim import build_optimizer, lr_at, set_lr
+from lmforge.optim import build_optimizer, extend_schedule, lr_at, set_lr, start_schedule
 from lmforge import quant
 from lmforge.runs import base_reference, stores_trained_only, write_selection
 from lmforge.tasks import make_task
@@ -112,6 +112,7 @@ class Trainer:
         self.checkpointer = Checkpointer(d, self.run_dir, tc, self.model, self.optimizer, self.batches, self.scaler,
                                          self.base)
         self.checkpointer.resume(resume, self.state)
+        self._settle_schedule(resumed=resume is not None)
         if d.main:  # all of the run directory's first files or none: a full disk leaves no half-made run
             fill_folder(self.run_dir, self._write_start)
         self.meter = Throughput(self.task.flops_per_token(self.model), peak_flops(d.device, precision.dtype), d.world)
@@ -128,6 +129,19 @@ class Trainer:
             self.say(f"lmforge: peft.base_dtype {cfg.peft.base_dtype}: {len(layers)} frozen Linear weights of the "
                      f"blocks held in {held:.1f} MiB ({fp32:.1f} MiB in fp32); LoRA, embeddings, norms and the head in fp32")
         self.take_step = EagerFallback(self.train_step, self.model, self.optimizer, tc)
+
+    def _settle_schedule(self, resumed: bool) -> None:
+        """Write the schedule this session follows into the config before config.yaml is written (a fine-tuning
+        task's setup has set max_steps from its epochs by now): a fresh run records its horizon and clamps a
+        warmup as long as the run; a resumed run that extends max_steps keeps its schedule or restarts it."""
+        tc = self.cfg.train
+        if not resumed:
+            for note in start_schedule(tc):
+                self.say(f"lmforge: note: {note}")
+            return
+        extension = extend_schedule(tc, self.state.step)
+        if extension:
+            self.say(f"lmforge: extending run {self.run_dir} {extension}")
 
     def _write_start(self, folder: Path) -> None:
         save_config(self.cfg, folder / "config.yaml")
