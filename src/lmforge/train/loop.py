@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -115,7 +116,8 @@ class Trainer:
         self._settle_schedule(resumed=resume is not None)
         if d.main:  # all of the run directory's first files or none: a full disk leaves no half-made run
             fill_folder(self.run_dir, self._write_start)
-        self.meter = Throughput(self.task.flops_per_token(self.model), peak_flops(d.device, precision.dtype), d.world)
+        self.meter = Throughput(self.task.flops_per_token(self.model), peak_flops(d.device, precision.dtype), d.world,
+                                remeasure=functools.partial(peak_flops, d.device, precision.dtype, fresh=True))
         on = f"{d.world} x {d.device} ({d.parallel})" if d.active else str(d.device)
         self.say(f"lmforge: {cfg.task} model, {parameter_summary(self.model)}, on {on} in {precision.name}; "
                  f"run directory {self.run_dir}")
@@ -381,8 +383,9 @@ class Throughput:
     """Tokens per second and model FLOPs utilisation over each log window, and the seconds spent
     training; time paused for evaluation and checkpoints counts in neither."""
 
-    def __init__(self, flops_per_token: float, peak: float | None, world: int):
+    def __init__(self, flops_per_token: float, peak: float | None, world: int, remeasure=None):
         self.flops_per_token, self.peak, self.world = flops_per_token, peak, world
+        self.remeasure = remeasure  # () -> the peak measured again, called at most once (see _mfu)
 
     def start(self) -> None:
         self.started = self.window_start = time.perf_counter()
@@ -397,9 +400,22 @@ class Throughput:
         tok_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
         figures = {"tok_s": tok_s, "tokens": tokens}
         if self.peak:
-            figures["mfu"] = self.flops_per_token * tok_s / (self.peak * self.world)  # tok_s counts every rank's tokens
+            figures["mfu"] = self._mfu(tok_s)
         self.window_start, self.window_tokens = time.perf_counter(), 0
         return figures
+
+    def _mfu(self, tok_s: float) -> float:
+        """The window's model FLOPs utilisation, never above 1. A device cannot beat its peak, so a rate above
+        it means the peak is wrong: a CPU's measured while the machine was busy, or a GPU matched to the wrong
+        data-sheet row. The peak is measured once more (outside the counted time), and where the rate still
+        beats it the peak is taken to be at least that rate."""
+        achieved = self.flops_per_token * tok_s / self.world  # per device: tok_s counts every rank's tokens
+        if achieved > self.peak and self.remeasure is not None:
+            with self.paused():
+                self.peak = max(self.peak, self.remeasure())
+            self.remeasure = None
+        self.peak = max(self.peak, achieved)
+        return achieved / self.peak
 
     @contextlib.contextmanager
     def paused(self):
