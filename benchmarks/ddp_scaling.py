@@ -35,7 +35,7 @@ def run(nproc: int, threads: int, steps: int, tmp: Path) -> float:
     """tokens/s of a `steps`-step run on `nproc` processes with `threads` intra-op threads each."""
     # a fixed peak in a private cache, so no process spends the run measuring matmul speed
     (tmp / "peak_flops.json").write_text(json.dumps(
-        {f"{perf._cpu_name()}|threads={threads}|torch={torch.__version__}|{torch.float32}": 1e11}))
+        {perf.cache_key(str(torch.float32), threads): perf.cache_entry(1e11)}))
     run_dir = tmp / f"run{nproc}x{threads}"
     args = ["pretrain", "--data.path", str(DATA), "--data.tokenizer.kind", "char", "--data.cache_dir", str(tmp / "cache"),
             "--model.n_layer", "4", "--model.n_head", "4", "--model.d_model", "128", "--model.max_seq_len", "64", "--model.mlp", "gelu",

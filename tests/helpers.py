@@ -94,14 +94,16 @@ def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
 
 def write_fixed_perf_cache(folder: Path) -> Path:
     """A device-facts cache (train/perf.py) for every thread count this machine can use: a CPU peak of
-    1e11 FLOP/s and a bf16 gain of 1.0, so `train.precision auto` is fp32 on every CPU and the numbers
-    of a test do not depend on which CPU the machine has today. Returns the folder, for LMFORGE_CACHE."""
+    1e11 FLOP/s and a bf16 gain of 1.0, dated now (current for perf.MAX_AGE, a day), so `train.precision
+    auto` is fp32 on every CPU and the numbers of a test do not depend on which CPU the machine has today.
+    Returns the folder, for LMFORGE_CACHE."""
     import lmforge.train.perf as perf
 
     table = {}
     for threads in range(1, (os.cpu_count() or 1) + 1):
-        table.update({perf.cache_key(str(torch.float32), threads): 1e11, perf.cache_key(str(torch.bfloat16), threads): 1e11,
-                      perf.cache_key("bf16_step_gain", threads): 1.0})
+        table.update({perf.cache_key(str(torch.float32), threads): perf.cache_entry(1e11),
+                      perf.cache_key(str(torch.bfloat16), threads): perf.cache_entry(1e11),
+                      perf.cache_key("bf16_step_gain", threads): perf.cache_entry(1.0)})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "peak_flops.json").write_text(json.dumps(table))
     return folder

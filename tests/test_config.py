@@ -132,7 +132,9 @@ def test_choices(tmp_path):
     ({"model.rope_scaling": "llama3", "model.rope_high_freq_factor": "1"},
      "model.rope_high_freq_factor = 1.0 must be > model.rope_low_freq_factor = 1.0"),
     ({"train.lr": "1e-4", "train.min_lr": "1e-3"}, "train.min_lr = 0.001 must be <= train.lr = 0.0001"),
-    ({"train.warmup_steps": "10", "train.max_steps": "10"}, "train.warmup_steps = 10 must be < train.max_steps = 10"),
+    ({"train.warmup_steps": "-1"}, "train.warmup_steps = -1: must be >= 0"),  # one as long as the run is clamped
+    ({"train.schedule_restarts": "[[5, 3]]"}, "train.schedule_restarts: [5, 3]: expected [step, horizon] pairs, the "
+                                              "steps increasing from 1 and each below its horizon"),
 ])
 def test_cross_field_checks(tmp_path, overrides, expected):
     assert error_of(tmp_path, overrides=overrides) == f"config: {expected}"

@@ -182,6 +182,18 @@ def test_resumed_finetune_equals_uninterrupted(tmp_path, encoder):
 
 
 @pytest.mark.slow
+def test_warmup_longer_than_the_epochs_is_clamped_to_their_steps(tmp_path, encoder, capsys):
+    """max_steps comes from finetune.epochs in the task's set-up (160 examples / 16 = 10 steps): the warmup is
+    clamped against those steps, not refused, and config.yaml records the warmup the run used."""
+    train, dev = classify_files(tmp_path)
+    run = finetune(tmp_path, encoder, train, dev, "classify", "--finetune.epochs", "1", "--train.warmup_steps", "100")
+    assert ("lmforge: note: train.warmup_steps = 100 is not below the schedule's 10 steps; warming up for 1 steps "
+            "(a tenth of them, rounded down) instead") in capsys.readouterr().out.splitlines()
+    saved = read_yaml(run / "config.yaml")["train"]
+    assert (saved["max_steps"], saved["schedule_steps"], saved["warmup_steps"]) == (10, 10, 1)
+
+
+@pytest.mark.slow
 def test_peft_run_keeps_only_what_trains_references_its_base_and_resumes_exactly(tmp_path, decoder, capsys):
     import shutil
 

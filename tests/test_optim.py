@@ -15,6 +15,7 @@ from torch import nn
 from lmforge.config import TrainConfig
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import GPT
+from lmforge import optim
 from lmforge.optim import OptimizerChain, build_optimizer, lr_at, lr_factor, param_groups, set_lr
 
 
@@ -58,6 +59,64 @@ def test_schedules_hit_their_documented_values(schedule, expected):
     values = [lr_at(s, tc) for s in range(9, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # never rises after the peak
     assert min(values) >= tc.min_lr - 1e-15
+
+
+def started(**fields) -> TrainConfig:
+    """A TrainConfig as a fresh run records it (its schedule's horizon set)."""
+    tc = TrainConfig(**fields)
+    optim.start_schedule(tc)
+    return tc
+
+
+@pytest.mark.parametrize("schedule,after", [("cosine", 1e-4), ("linear", 1e-4), ("wsd", 1e-4), ("constant", 1e-3),
+                                            ("inverse_sqrt", None)])
+def test_extending_a_run_keeps_its_schedule(schedule, after):
+    """A resume with a larger max_steps: the steps that ran keep their lr, and the lr just past the old end is
+    the schedule's end value (min_lr; constant: lr; inverse_sqrt decays on), not a jump back up."""
+    tc = started(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, schedule=schedule)
+    before = [lr_at(s, tc) for s in range(100)]
+    tc.max_steps = 200
+    said = optim.extend_schedule(tc, 100)
+    assert [lr_at(s, tc) for s in range(100)] == before
+    if after is None:  # inverse_sqrt: the same formula, continued
+        assert [lr_at(s, tc) for s in (100, 150, 199)] == pytest.approx([1e-3 * math.sqrt(10 / (s + 1))
+                                                                         for s in (100, 150, 199)])
+        assert "steps 101-200 continue the inverse-square-root decay" in said
+        return
+    assert lr_at(100, tc) == pytest.approx(after) and before[-1] == pytest.approx(after)
+    assert {lr_at(s, tc) for s in range(100, 200)} == {lr_at(100, tc)}
+    assert tc.schedule_steps == 100 and tc.schedule_restarts == []
+    if schedule == "cosine":
+        assert said == ("from 100 to 200 steps: the schedule keeps its horizon of 100 steps; steps 101-200 run at "
+                        "min_lr 0.0001 (train.schedule_restart true starts a new warmup and decay)")
+
+
+def test_schedule_restart_warms_up_again_from_the_resume_step():
+    tc = started(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, schedule="cosine", schedule_restart=True)
+    before = [lr_at(s, tc) for s in range(100)]
+    tc.max_steps = 300
+    said = optim.extend_schedule(tc, 100)
+    assert tc.schedule_restarts == [[100, 300]]
+    assert [lr_at(s, tc) for s in range(100)] == before  # what ran stays as it ran (and is drawn so)
+    assert lr_at(100, tc) == pytest.approx(1e-4)  # a new warmup: lr / warmup_steps at its first step
+    assert lr_at(109, tc) == pytest.approx(1e-3)  # the peak at its end
+    assert lr_at(200, tc) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 90 / 189)))
+    assert lr_at(299, tc) == pytest.approx(1e-4)  # decayed to min_lr at the new max_steps
+    assert said == ("from 100 to 300 steps: train.schedule_restart starts a new schedule at step 101: 10 warmup "
+                    "steps to lr 0.001, then cosine to step 300")
+    assert optim.extend_schedule(tc, 150) is None  # resumed again within the new horizon: nothing to restart
+
+
+def test_warmup_as_long_as_the_run_is_clamped_to_a_tenth_of_it():
+    """A smoke test (max_steps 2 with the default warmup of 50) trains: the warmup is cut to a tenth of the
+    schedule, rounded down, with a note, and the config records the warmup used."""
+    tc = TrainConfig(lr=1e-3, min_lr=1e-4, max_steps=2)
+    assert optim.start_schedule(tc) == ["train.warmup_steps = 50 is not below the schedule's 2 steps; warming up "
+                                        "for 0 steps (a tenth of them, rounded down) instead"]
+    assert tc.warmup_steps == 0 and lr_at(0, tc) == pytest.approx(1e-3)
+    unclamped = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, max_steps=30)  # the schedule clamps it too
+    assert lr_at(0, unclamped) == pytest.approx(1e-3 / 3) and lr_at(2, unclamped) == pytest.approx(1e-3)
+    assert optim.start_schedule(TrainConfig(warmup_steps=5, max_steps=30)) == []  # a warmup that fits is left alone
 
 
 def test_set_lr_scales_every_group_by_its_peak():

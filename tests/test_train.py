@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from helpers import FixedBatches, read_metrics, shakespeare_text, tiny_config, write_corpus
+from helpers import FixedBatches, read_metrics, shakespeare_text, tiny_config, tiny_overrides, write_corpus
 from lmforge.cli import main
 from lmforge.config import load_config, read_yaml
 from lmforge.losses import IGNORE_INDEX
@@ -107,8 +107,8 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, optimizer, schedule):
 
 @pytest.mark.slow
 def test_resume_can_extend_max_steps(tmp_path):
-    """--resume with a longer train.max_steps continues the saved run (its own warmup_steps, not the
-    default 100, is what max_steps is checked against)."""
+    """--resume with a longer train.max_steps continues the saved run from its own config (its warmup_steps,
+    not the default 50)."""
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
     run = tmp_path / "run"
     train(tiny_config(tmp_path, corpus, train__max_steps=4, train__warmup_steps=2))
@@ -116,6 +116,62 @@ def test_resume_can_extend_max_steps(tmp_path):
     assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, 8))
     assert ckpt(run, 7).is_file()
     assert read_yaml(run / "config.yaml")["train"]["max_steps"] == 7
+
+
+def extend_run(tmp_path, monkeypatch, *options: str) -> tuple[list[float], list[float], dict]:
+    """A 4-step cosine run (2 warmup steps) resumed to 10 steps through the CLI with `options`; (the logged lr of
+    every step, the planned schedule curves.png draws, the saved train section)."""
+    from lmforge.train import tracking
+
+    drawn = []
+    real_plot = tracking.plot_curves
+    monkeypatch.setattr(tracking, "plot_curves", lambda run_dir, schedule=None, metric="loss":
+                        drawn.append(schedule) or real_plot(run_dir, schedule, metric))
+    corpus = write_corpus(tmp_path, shakespeare_text(30_000))
+    run = tmp_path / "run"
+    train(tiny_config(tmp_path, corpus, train__max_steps=4, train__warmup_steps=2))
+    assert main(["pretrain", "--resume", "auto", "--log.run_dir", str(run), "--train.max_steps", "10", *options]) == 0
+    lrs = [r["lr"] for r in read_metrics(run, "train")]
+    assert len(lrs) == 10
+    return lrs, drawn[-1], read_yaml(run / "config.yaml")["train"]
+
+
+@pytest.mark.slow
+def test_extending_a_run_keeps_its_schedule_and_says_so(tmp_path, monkeypatch, capsys):
+    """The steps past the first run's 4 run at the lr its schedule ended with (min_lr), not a schedule
+    recomputed over 10 steps; curves.png draws the schedule the run followed; one line says what happens."""
+    lrs, drawn, saved = extend_run(tmp_path, monkeypatch)
+    assert lrs[4:] == pytest.approx([1e-4] * 6) and lrs[3] == pytest.approx(1e-4)
+    assert drawn == pytest.approx(lrs, rel=1e-9)
+    assert saved["schedule_steps"] == 4 and saved["max_steps"] == 10
+    assert (f"lmforge: extending run {tmp_path / 'run'} from 4 to 10 steps: the schedule keeps its horizon of 4 "
+            "steps; steps 5-10 run at min_lr 0.0001 (train.schedule_restart true starts a new warmup and decay)"
+            in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.slow
+def test_extending_with_schedule_restart_warms_up_again(tmp_path, monkeypatch, capsys):
+    lrs, drawn, saved = extend_run(tmp_path, monkeypatch, "--train.schedule_restart", "true")
+    assert lrs[:4] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-4])  # the first run's schedule: warmup 2, cosine to 4
+    assert lrs[4:6] == pytest.approx([5e-4, 1e-3])  # a new warmup of 2 steps from the resume step
+    assert lrs[-1] == pytest.approx(1e-4) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    assert drawn == pytest.approx(lrs, rel=1e-9)
+    assert saved["schedule_restarts"] == [[4, 10]]
+    assert "train.schedule_restart starts a new schedule at step 5: 2 warmup steps" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_smoke_run_shorter_than_its_warmup_trains(tmp_path, capsys):
+    """`pretrain --train.max_steps 2` with the default 50 warmup steps trains, saying the warmup was clamped;
+    config.yaml records the warmup it used."""
+    corpus = write_corpus(tmp_path, shakespeare_text(30_000))
+    over = tiny_overrides(tmp_path, corpus, **{"train.max_steps": 2})
+    del over["train.warmup_steps"]  # the default, 50
+    assert main(["pretrain", *(a for k, v in over.items() for a in (f"--{k}", str(v)))]) == 0
+    assert ("lmforge: note: train.warmup_steps = 50 is not below the schedule's 2 steps; warming up for 0 steps "
+            "(a tenth of them, rounded down) instead") in capsys.readouterr().out.splitlines()
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [1, 2]
+    assert read_yaml(tmp_path / "run" / "config.yaml")["train"]["warmup_steps"] == 0
 
 
 @pytest.mark.slow

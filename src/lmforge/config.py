@@ -67,15 +67,27 @@ PARALLEL = ("auto", "none", "ddp", "fsdp")
 class TrainConfig:
     batch_size: int = opt(16, "sequences per micro-batch", check=gt(0))
     grad_accum: int = opt(1, "micro-batches per optimizer step", check=gt(0))
-    max_steps: int = opt(500, "optimizer steps (the schedule's length)", check=gt(0))
+    max_steps: int = opt(500, "optimizer steps (the schedule's length, unless train.schedule_steps says otherwise)",
+                         check=gt(0))
     max_time: float = opt(0.0, "stop (with a checkpoint) after this many seconds of training; 0 = no limit", check=ge(0))
     optimizer: str = opt("adamw", "optimizer; muon = Muon on hidden weight matrices + AdamW on the rest", choices=OPTIMIZERS)
     lr: float = opt(3e-3, "peak learning rate (of the AdamW part when optimizer = muon)", check=gt(0))
     min_lr: float = opt(1e-4, "learning-rate floor; other groups keep the same ratio to their peak", check=ge(0))
     schedule: str = opt("cosine", "shape after warmup: wsd = warmup-stable-decay, inverse_sqrt = the original Transformer's",
                         choices=SCHEDULES)
-    warmup_steps: int = opt(50, "linear warmup steps", check=ge(0))
+    warmup_steps: int = opt(50, "linear warmup steps; one not below the schedule's steps is cut to a tenth of them "
+                            "(rounded down, with a note)", check=ge(0))
     decay_fraction: float = opt(0.2, "wsd: the fraction of the post-warmup steps spent decaying", check=between(0, 1))
+    schedule_steps: int = opt(0, "the schedule's horizon, where its decay ends; 0 = train.max_steps. A run records it "
+                              "in config.yaml when it starts, so a resume with a larger max_steps keeps the schedule: "
+                              "past the horizon linear, cosine and wsd stay at min_lr, constant at lr, and "
+                              "inverse_sqrt decays on", check=ge(0))
+    schedule_restart: bool = opt(False, "a resume whose max_steps reaches past the schedule's horizon starts a new "
+                                 "schedule at the resume step instead: warmup_steps of warmup from lr / warmup_steps, "
+                                 "then the schedule's decay to the new max_steps (recorded in schedule_restarts)")
+    schedule_restarts: list[list[int]] = opt([], "the schedule's restarts as [step, horizon] pairs, which "
+                                             "schedule_restart records: from each step a new warmup and decay ending "
+                                             "at its horizon")
     weight_decay: float = opt(0.1, "decoupled weight decay (not applied to biases, norms, embeddings)", check=ge(0))
     beta1: float = opt(0.9, "Adam/AdamW beta1", check=between(0, 1))
     beta2: float = opt(0.95, "Adam/AdamW beta2; RMSprop's smoothing constant", check=between(0, 1))
@@ -357,8 +369,7 @@ class Config:
             raise ConfigError(f"config: model.pos = rope needs an even head size, got {m.head_dim}")
         if t.min_lr > t.lr:
             raise ConfigError(f"config: train.min_lr = {t.min_lr} must be <= train.lr = {t.lr}")
-        if t.warmup_steps >= t.max_steps:
-            raise ConfigError(f"config: train.warmup_steps = {t.warmup_steps} must be < train.max_steps = {t.max_steps}")
+        self._validate_restarts()
         if t.nesterov and (t.momentum == 0 or t.dampening != 0):
             raise ConfigError(f"config: train.nesterov = true needs train.momentum > 0 and train.dampening = 0 "
                               f"(got {t.momentum} and {t.dampening})")
@@ -382,6 +393,14 @@ class Config:
         self._validate_pack()
         self._validate_base_dtype()
         self._validate_loss()
+
+    def _validate_restarts(self) -> None:
+        previous = 0
+        for pair in self.train.schedule_restarts:
+            if len(pair) != 2 or not previous < pair[0] < pair[1]:
+                raise ConfigError(f"config: train.schedule_restarts: {pair!r}: expected [step, horizon] pairs, the steps "
+                                  "increasing from 1 and each below its horizon")
+            previous = pair[0]
 
     def _validate_rope(self) -> None:
         m, defaults = self.model, ModelConfig()

@@ -2,7 +2,8 @@
 
 Every group carries its own peak learning rate (`peak_lr`): the base lr (or Muon's) times the
 group's multipliers. The schedule is a factor of the peak applied to every group at every step by
-`set_lr`, so it needs no state of its own: resuming at step s gives the lr of step s.
+`set_lr`, so it needs no state of its own: resuming at step s gives the lr of step s. What a resumed run
+that extends max_steps does with its schedule is recorded in the config too (`extend_schedule`).
 """
 
 from __future__ import annotations
@@ -119,31 +120,101 @@ def build_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer | OptimizerCh
     raise ValueError(f"unknown optimizer {name!r}")  # the config's choices make this unreachable
 
 
-def lr_factor(step: int, tc) -> float:
-    """The schedule at optimizer step `step` (0-based) as a fraction of the peak. With W = warmup_steps,
-    S = max_steps and the floor f = min_lr / lr:
+def clamped_warmup(warmup: int, length: int) -> int:
+    """The warmup a schedule of `length` steps runs: `warmup` where it is shorter than the schedule, else a
+    tenth of the schedule, rounded down (a smoke test with max_steps 2 trains instead of being refused)."""
+    return warmup if warmup < length else length // 10
 
-    - warmup: (step + 1) / W for step < W, reaching the peak at step W - 1;
+
+def schedule_phase(step: int, tc) -> tuple[int, int]:
+    """(first step, horizon) of the schedule that optimizer step `step` runs in: the run's own, from 0 to
+    train.schedule_steps (max_steps where that is 0), or the latest of train.schedule_restarts at or before
+    `step`. A resumed run that extends max_steps keeps its horizon unless it restarts (`extend_schedule`)."""
+    start, horizon = 0, tc.schedule_steps or tc.max_steps
+    for restart, restart_horizon in tc.schedule_restarts:
+        if restart <= step:
+            start, horizon = restart, restart_horizon
+    return start, horizon
+
+
+def lr_factor(step: int, tc) -> float:
+    """The schedule at optimizer step `step` (0-based) as a fraction of the peak. Counting s and S from the
+    start of the step's schedule (`schedule_phase`: 0 and the horizon, normally max_steps), with W its
+    warmup (`clamped_warmup`) and the floor f = min_lr / lr:
+
+    - warmup: (s + 1) / W for s < W, reaching the peak at s = W - 1;
     - constant: 1;
-    - linear / cosine: from 1 at step W down to f at step S - 1 (cosine: f + (1 - f)(1 + cos(pi t)) / 2);
+    - linear / cosine: from 1 at s = W down to f at s = S - 1 (cosine: f + (1 - f)(1 + cos(pi t)) / 2);
     - wsd (warmup-stable-decay): 1 until the last `decay_fraction` of the post-warmup steps, then
-      linear down to f at step S - 1;
-    - inverse_sqrt: sqrt(max(W, 1) / (step + 1)), never below f (the original Transformer's, whose
+      linear down to f at s = S - 1;
+    - inverse_sqrt: sqrt(max(W, 1) / (s + 1)), never below f (the original Transformer's, whose
       peak is at the end of warmup).
+
+    Past the horizon (a run extended without a restart) linear, cosine and wsd stay at f, constant at 1,
+    and inverse_sqrt goes on decaying.
     """
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
+    start, horizon = schedule_phase(step, tc)
+    step, length = step - start, horizon - start
+    warmup = clamped_warmup(tc.warmup_steps, length)
+    if step < warmup:
+        return (step + 1) / warmup
     floor = tc.min_lr / tc.lr
     if tc.schedule == "constant":
         return 1.0
     if tc.schedule == "inverse_sqrt":
-        return max(floor, math.sqrt(max(tc.warmup_steps, 1) / (step + 1)))
-    start = tc.warmup_steps
+        return max(floor, math.sqrt(max(warmup, 1) / (step + 1)))
+    decay_start = warmup
     if tc.schedule == "wsd":
-        start = tc.max_steps - round(tc.decay_fraction * (tc.max_steps - tc.warmup_steps))
-    progress = min(1.0, max(0.0, (step - start) / max(1, tc.max_steps - 1 - start)))
+        decay_start = length - round(tc.decay_fraction * (length - warmup))
+    progress = min(1.0, max(0.0, (step - decay_start) / max(1, length - 1 - decay_start)))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if tc.schedule == "cosine" else 1 - progress
     return floor + (1 - floor) * shape
+
+
+def start_schedule(tc) -> list[str]:
+    """Record a fresh run's schedule in `tc` before config.yaml is written, so a resume finds it: its horizon
+    (train.schedule_steps, max_steps where 0) and the warmup it runs (`clamped_warmup`). Returns the notes to
+    print: a warmup that was clamped, a horizon other than max_steps."""
+    notes = []
+    if tc.schedule_steps and tc.schedule_steps != tc.max_steps:  # e.g. a config.yaml repeated with more steps
+        notes.append(f"the schedule's horizon is train.schedule_steps = {tc.schedule_steps}, not train.max_steps = "
+                     f"{tc.max_steps} (0 = max_steps)")
+    tc.schedule_steps = tc.schedule_steps or tc.max_steps
+    warmup = clamped_warmup(tc.warmup_steps, tc.schedule_steps)
+    if warmup != tc.warmup_steps:
+        notes.append(f"train.warmup_steps = {tc.warmup_steps} is not below the schedule's {tc.schedule_steps} steps; "
+                     f"warming up for {warmup} steps (a tenth of them, rounded down) instead")
+        tc.warmup_steps = warmup
+    return notes
+
+
+def extend_schedule(tc, step: int) -> str | None:
+    """A run resumed at optimizer step `step` whose max_steps reaches past its schedule's horizon: the
+    schedule is kept (`lr_factor` past the horizon), or with train.schedule_restart a new one starts at
+    `step` (recorded in train.schedule_restarts, so the lr stays a function of the config). Returns what
+    happens, for the resume line; None where max_steps stays within the horizon."""
+    tc.schedule_steps = tc.schedule_steps or tc.max_steps  # a run saved before the horizon was recorded
+    _, horizon = schedule_phase(step, tc)
+    first = max(step, horizon)  # 0-based: the first step past both the horizon and the checkpoint
+    if tc.max_steps <= first:
+        return None
+    extending = f"from {horizon} to {tc.max_steps} steps: "
+    if tc.schedule_restart:
+        tc.schedule_restarts = [*tc.schedule_restarts, [step, tc.max_steps]]
+        warmup = clamped_warmup(tc.warmup_steps, tc.max_steps - step)
+        return extending + (f"train.schedule_restart starts a new schedule at step {step + 1}: {warmup} warmup steps "
+                            f"to lr {tc.lr:g}, then {tc.schedule} to step {tc.max_steps}")
+    return extending + (f"the schedule keeps its horizon of {horizon} steps; steps {first + 1}-{tc.max_steps} "
+                        f"{_past_horizon(tc)} (train.schedule_restart true starts a new warmup and decay)")
+
+
+def _past_horizon(tc) -> str:
+    """What the steps past a kept schedule's horizon run at (`lr_factor`)."""
+    if tc.schedule == "constant":
+        return f"run at the constant lr {tc.lr:g}"
+    if tc.schedule == "inverse_sqrt":
+        return "continue the inverse-square-root decay"
+    return f"run at min_lr {tc.min_lr:g}"
 
 
 def lr_at(step: int, tc) -> float:

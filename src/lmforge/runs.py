@@ -245,6 +245,11 @@ def read_run_config(run_dir: Path) -> dict:
     if not isinstance(model, dict) or not model.get("vocab_size"):
         raise UserError(f"{path}: no model.vocab_size; expected the resolved config the run wrote (a run directory's "
                         "config.yaml holds the model's vocabulary size)")
+    train = tree.get("train")
+    if isinstance(train, dict) and not train.get("schedule_steps") and train.get("max_steps"):
+        # a run written before the schedule's horizon was recorded ran to its max_steps: a resume that extends
+        # max_steps then keeps that schedule, as for a newer run
+        train["schedule_steps"] = train["max_steps"]
     return tree
 
 

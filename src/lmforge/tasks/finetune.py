@@ -121,7 +121,8 @@ class FinetuneTask(Task):
     def resolve(self):
         """The label set (recorded in config.yaml: the run rebuilds its head from it), the pretrained
         body's shape, direction and pooling as the model was built on it (self.built), and
-        finetune.epochs -> train.max_steps, finetune.evals_per_epoch -> eval.every."""
+        finetune.epochs -> train.max_steps, finetune.evals_per_epoch -> eval.every (the loop then fits the
+        schedule's warmup and horizon to that max_steps: optim.start_schedule)."""
         cfg, fc, tc, built = self.cfg, self.cfg.finetune, self.cfg.train, self.built
         cfg.model = built.model
         fc.labels, fc.body, fc.pooling = built.finetune.labels, built.finetune.body, built.finetune.pooling
@@ -131,9 +132,6 @@ class FinetuneTask(Task):
             tc.max_steps = max(1, math.ceil(fc.epochs * steps_per_epoch))
         if fc.evals_per_epoch:
             cfg.eval.every = max(1, steps_per_epoch // fc.evals_per_epoch)
-        if tc.warmup_steps >= tc.max_steps:
-            raise UserError(f"config: train.warmup_steps = {tc.warmup_steps} must be < train.max_steps = "
-                            f"{tc.max_steps} ({fc.epochs:g} epochs of {steps_per_epoch} steps)")
         return cfg
 
     def _pretrained(self) -> tuple[torch.nn.Module, Tokenizer]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -18,7 +19,7 @@ from lmforge.hf.load import quantised_imports
 from lmforge.errors import Diverged, UserError
 from lmforge.io import fill_folder, sweep_temps, weights_metadata
 from lmforge.model.build import parameter_summary
-from lmforge.optim import build_optimizer, lr_at, set_lr
+from lmforge.optim import build_optimizer, extend_schedule, lr_at, set_lr, start_schedule
 from lmforge import quant
 from lmforge.runs import base_reference, stores_trained_only, write_selection
 from lmforge.tasks import make_task
@@ -114,9 +115,11 @@ class Trainer:
         self.checkpointer = Checkpointer(d, self.run_dir, tc, self.model, self.optimizer, self.batches, self.scaler,
                                          self.base)
         self.checkpointer.resume(resume, self.state)
+        self._settle_schedule(resumed=resume is not None)
         if d.main:  # all of the run directory's first files or none: a full disk leaves no half-made run
             fill_folder(self.run_dir, self._write_start)
-        self.meter = Throughput(self.task.flops_per_token(self.model), peak_flops(d.device, precision.dtype), d.world)
+        self.meter = Throughput(self.task.flops_per_token(self.model), peak_flops(d.device, precision.dtype), d.world,
+                                remeasure=functools.partial(peak_flops, d.device, precision.dtype, fresh=True))
         on = f"{d.world} x {d.device} ({d.parallel})" if d.active else str(d.device)
         self.say(f"lmforge: {cfg.task} model, {parameter_summary(self.model)}, on {on} in {precision.name}; "
                  f"run directory {self.run_dir}")
@@ -130,6 +133,19 @@ class Trainer:
             self.say(f"lmforge: peft.base_dtype {cfg.peft.base_dtype}: {len(layers)} frozen Linear weights of the "
                      f"blocks held in {held:.1f} MiB ({fp32:.1f} MiB in fp32); LoRA, embeddings, norms and the head in fp32")
         self.take_step = EagerFallback(self.train_step, self.model, self.optimizer, tc)
+
+    def _settle_schedule(self, resumed: bool) -> None:
+        """Write the schedule this session follows into the config before config.yaml is written (a fine-tuning
+        task's setup has set max_steps from its epochs by now): a fresh run records its horizon and clamps a
+        warmup as long as the run; a resumed run that extends max_steps keeps its schedule or restarts it."""
+        tc = self.cfg.train
+        if not resumed:
+            for note in start_schedule(tc):
+                self.say(f"lmforge: note: {note}")
+            return
+        extension = extend_schedule(tc, self.state.step)
+        if extension:
+            self.say(f"lmforge: extending run {self.run_dir} {extension}")
 
     def _write_start(self, folder: Path) -> None:
         save_config(self.cfg, folder / "config.yaml")
@@ -369,8 +385,9 @@ class Throughput:
     """Tokens per second and model FLOPs utilisation over each log window, and the seconds spent
     training; time paused for evaluation and checkpoints counts in neither."""
 
-    def __init__(self, flops_per_token: float, peak: float | None, world: int):
+    def __init__(self, flops_per_token: float, peak: float | None, world: int, remeasure=None):
         self.flops_per_token, self.peak, self.world = flops_per_token, peak, world
+        self.remeasure = remeasure  # () -> the peak measured again, called at most once (see _mfu)
 
     def start(self) -> None:
         self.started = self.window_start = time.perf_counter()
@@ -385,9 +402,22 @@ class Throughput:
         tok_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
         figures = {"tok_s": tok_s, "tokens": tokens}
         if self.peak:
-            figures["mfu"] = self.flops_per_token * tok_s / (self.peak * self.world)  # tok_s counts every rank's tokens
+            figures["mfu"] = self._mfu(tok_s)
         self.window_start, self.window_tokens = time.perf_counter(), 0
         return figures
+
+    def _mfu(self, tok_s: float) -> float:
+        """The window's model FLOPs utilisation, never above 1. A device cannot beat its peak, so a rate above
+        it means the peak is wrong: a CPU's measured while the machine was busy, or a GPU matched to the wrong
+        data-sheet row. The peak is measured once more (outside the counted time), and where the rate still
+        beats it the peak is taken to be at least that rate."""
+        achieved = self.flops_per_token * tok_s / self.world  # per device: tok_s counts every rank's tokens
+        if achieved > self.peak and self.remeasure is not None:
+            with self.paused():
+                self.peak = max(self.peak, self.remeasure())
+            self.remeasure = None
+        self.peak = max(self.peak, achieved)
+        return achieved / self.peak
 
     @contextlib.contextmanager
     def paused(self):

@@ -1,6 +1,6 @@
-"""Device facts, measured once per CPU model and cached: peak FLOP/s for throughput reporting
-(looked up for GPUs), whether a CPU computes bf16 natively, and whether a training step gains from
-bf16 autocast on it (what `train.precision auto` picks on a CPU)."""
+"""Device facts, measured per CPU model, thread count and torch version and cached for a day: peak FLOP/s
+for throughput reporting (looked up for GPUs), whether a CPU computes bf16 natively, and whether a
+training step gains from bf16 autocast on it (what `train.precision auto` picks on a CPU)."""
 
 from __future__ import annotations
 
@@ -65,31 +65,58 @@ def cache_key(what: str, threads: int | None = None) -> str:
     return f"{_cpu_name()}|threads={threads}|torch={torch.__version__}|{what}"
 
 
-def _cached(key: str, measure) -> float:
+# A measurement is taken again once it is this old (seconds): one taken while the machine was busy (a
+# peak too low, which made MFU read above 1) does not stay wrong for good.
+MAX_AGE = 24 * 3600
+
+
+def cache_entry(value: float, measured: float | None = None) -> dict:
+    """A cache entry: the value and when it was measured (time.time(); now where not given)."""
+    return {"value": value, "measured": time.time() if measured is None else measured}
+
+
+def _current(entry) -> bool:
+    """An entry measured less than MAX_AGE ago; not a bare number (what lmforge cached before entries were dated)."""
+    if not isinstance(entry, dict):
+        return False
+    value, measured = entry.get("value"), entry.get("measured")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, measured))
+    return numbers and 0 <= time.time() - measured <= MAX_AGE
+
+
+def _cached(key: str, measure, fresh: bool = False) -> float:
+    """The cached measurement under `key`; measured (and cached) where there is none, where it is not current,
+    or where `fresh` asks."""
     try:
         table = json.loads(CACHE.read_text())
     except (OSError, ValueError):
         table = {}
-    if key not in table:
-        table[key] = measure()
+    if not isinstance(table, dict):
+        table = {}
+    if fresh or not _current(table.get(key)):
+        table[key] = cache_entry(measure())
         try:
             CACHE.parent.mkdir(parents=True, exist_ok=True)
             # atomically: several processes (torchrun's ranks) may measure and write at once
             atomic_write(CACHE, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
         except OSError:
             pass  # a read-only home only costs a re-measurement next time
-    return table[key]
+    return table[key]["value"]
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s of `device` for matmuls in `dtype`; None for an unknown GPU."""
+def peak_flops(device: torch.device, dtype: torch.dtype, fresh: bool = False) -> float | None:
+    """Peak FLOP/s of `device` for matmuls in `dtype`; None for an unknown GPU. A CPU's is measured with the
+    current thread count (part of the cache's key) and cached; `fresh` measures it again whatever the cache
+    holds. A GPU's is its data sheet's."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (half, single) in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return (single if dtype == torch.float32 else half) * 1e12
         return None
-    return _cached(cache_key(str(dtype)), lambda: measure_matmul_flops(dtype))
+    if device.type != "cpu":  # mps: no data sheet here, and the CPU's peak is not its peak
+        return None
+    return _cached(cache_key(str(dtype)), lambda: measure_matmul_flops(dtype), fresh)
 
 
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo's names for native bf16 instructions
