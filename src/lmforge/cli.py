@@ -99,6 +99,18 @@ def _checked(tp: type, check=None):
     return value_of
 
 
+def _checked_list(check):
+    """argparse's type= for a comma-separated list that must pass `check` (a config field's, as for _checked)."""
+    def items_of(text: str) -> list[str]:
+        items = [v for v in text.split(",") if v]
+        if not check[0](items):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {check[1]}")
+        return items
+
+    items_of.__name__ = "list"
+    return items_of
+
+
 def _ranged(p: argparse.ArgumentParser, option: str, tp: type, check, help: str, default=None, shown=None,
             **kwargs) -> None:
     """An option whose value has a type and a range, declared once: --help shows the range, and a value
@@ -345,15 +357,16 @@ def cmd_translate(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from lmforge.data.formats import read_corpus, resolve_format
+    from lmforge.data.formats import corpus_files, read_corpus, resolve_format
     from lmforge.data.tokenizer import check_vocab_size, save_tokenizer, smallest_vocab, train_tokenizer
 
     path = Path(args.input)
     fmt = resolve_format(path, args.format)
+    files = corpus_files(path, fmt, args.extensions, "--extensions")
     specials = [t for t in args.special_tokens.split(",") if t]
     where = "tokenizer train: --vocab-size"
     check_vocab_size(args.kind, args.vocab_size, smallest_vocab(args.kind, specials), where)  # before the work
-    tok = train_tokenizer((t for t, _ in read_corpus(path, fmt, args.text_field)), args.kind, args.vocab_size,
+    tok = train_tokenizer((t for t, _ in read_corpus(path, fmt, args.text_field, files)), args.kind, args.vocab_size,
                           specials, args.lowercase)
     check_vocab_size(args.kind, args.vocab_size, tok.get_vocab_size(), where)  # wordpiece: the corpus's characters
     out = Path(args.out) / "tokenizer.json"
@@ -473,8 +486,8 @@ recipes: configs/*.yaml   docs: docs/*.md"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, Seq2SeqConfig,  # light: no torch
-                                ServeLimits)
+    from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, DataConfig,  # light: no torch
+                                Seq2SeqConfig, ServeLimits)
     from lmforge.fields import between, ge, gt, nonempty, seed_range, temperature_range, top_p_range
     from lmforge.hf.arch import FORMATS as HF_FORMATS
 
@@ -554,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="train a tokenizer and write OUT/tokenizer.json", allow_abbrev=False,
                         description="Train a char, byte-level BPE or WordPiece tokenizer on a corpus (Hugging Face "
                         "tokenizers) and write OUT/tokenizer.json.")
-    t.add_argument("--input", required=True, metavar="PATH", help="a .txt file, a folder of .txt files or a .jsonl file")
+    t.add_argument("--input", required=True, metavar="PATH", help="a text file, a folder of text files (--extensions) "
+                   "or a .jsonl file")
     t.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     t.add_argument("--kind", default="bpe", choices=TOKENIZER_KINDS, help="tokenizer model [default: bpe]")
     # its range depends on --kind and --special-tokens: cmd_tokenizer_train checks it, naming the smallest size
@@ -566,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", default="auto", choices=CORPUS_FORMATS,
                    help="input format [default: auto, by the name]")
     t.add_argument("--text-field", default="text", metavar="NAME", help="JSONL field holding the text [default: text]")
+    endings = _check_of(DataConfig, "extensions")
+    t.add_argument("--extensions", type=_checked_list(endings), default=[".txt"], metavar="LIST",
+                   help=f"a folder: the comma-separated endings of the file names it reads ({endings[1]}) "
+                   "[default: .txt]")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("generate", help="continue a prompt with a causal language model (clm or sft run)",

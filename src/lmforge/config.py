@@ -21,7 +21,8 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_text
-from lmforge.fields import between, choices_of, device_name, fraction_open, ge, gt, opt, section, seed_range
+from lmforge.fields import (between, choices_of, device_name, file_endings, fraction_open, ge, gt, opt, section,
+                            seed_range)
 from lmforge.model.config import LLAMA3_ROPE_FIELDS, PRESETS, ModelConfig
 from lmforge.tasks import registry
 
@@ -48,8 +49,11 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = opt(None, "a .txt file, a folder of .txt files or a .jsonl file (default: the embedded King James Bible)")
+    path: str | None = opt(None, "a text file, a folder of text files (see extensions) or a .jsonl file (default: the "
+                           "embedded King James Bible)")
     format: str = opt("auto", "how to read `path`", choices=CORPUS_FORMATS)
+    extensions: list[str] = opt([".txt"], "a folder corpus: the endings of the file names it reads, searched "
+                                "recursively, e.g. .py,.md", check=file_endings())
     text_field: str = opt("text", "the field holding the text in each .jsonl line")
     val_fraction: float = opt(0.1, "the last fraction of the corpus kept for validation", check=fraction_open())
     cache_dir: str = opt(".cache/lmforge/tokens", "where encoded token stores are kept and reused")

@@ -64,10 +64,11 @@ def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:
     """Read, tokenise (training a tokenizer if none is given) and split the corpus, reusing the cache."""
     path = Path(data_cfg.path) if data_cfg.path else embedded_corpus()
     fmt = resolve_format(path, data_cfg.format)
-    files = corpus_files(path, fmt)
+    files = corpus_files(path, fmt, data_cfg.extensions)
+    # the files read, by name and content: data.extensions that pick other files give another key
     corpus_key = _digest(corpus_digest(files), fmt, data_cfg.text_field)
     cache = Path(data_cfg.cache_dir)
-    pieces = lambda: read_corpus(path, fmt, data_cfg.text_field)  # noqa: E731
+    pieces = lambda: read_corpus(path, fmt, data_cfg.text_field, files)  # noqa: E731
 
     sweep_temps(cache)  # what killed writes left (a tokenizer, a half-encoded store)
     tc = data_cfg.tokenizer
