@@ -99,6 +99,8 @@ class Trainer:
             # the task's one set-up; bad data stops the run here, before anything is written. A pretrained model
             # it imports from a Hugging Face folder streams into quantised layers where peft.base_dtype says so
             self.task.setup()
+        if summary := self.task.summary():  # a pre-training run: its corpus, and the epochs its steps cover
+            self.say(summary)
         # a PEFT run's checkpoints hold only what trains: it resumes on its base's weights too
         self._build(pretrained=resume is None or stores_trained_only(cfg))
         self.run_dir = new_run_dir(cfg)

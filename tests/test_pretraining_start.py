@@ -1,0 +1,33 @@
+"""What a pre-training run tells a newcomer before it spends the time: the corpus line at its start (files,
+size, tokens, the split, and how many epochs the steps cover)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import synthetic_text, tiny_config, tiny_overrides, write_corpus
+from lmforge.config import load_config
+from lmforge.tasks import make_task
+from lmforge.train.loop import train
+
+
+def test_a_pretraining_run_starts_with_its_corpus_line(tmp_path, capsys):
+    corpus = write_corpus(tmp_path, "abcdefghij\n" * 200)  # 2,200 one-byte characters
+    train(tiny_config(tmp_path, corpus, train__max_steps=5, train__grad_accum=2))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lmforge: corpus")]
+    # 2,200 characters and the end-of-text token; the last 10% (220) are val; each step reads 4 x 2 windows of 16
+    assert lines == [f"lmforge: corpus {corpus}: 1 file, 2.2 kB, 2.2k tokens (train 1.98k, val 220); "
+                     "5 steps x 8 x 16 tokens = 640 tokens, 0.323 epochs"]
+
+
+@pytest.mark.parametrize("task, extra, window", [
+    ("mlm", {"data.tokenizer.kind": "wordpiece", "data.tokenizer.vocab_size": 200}, 14),  # less [CLS] and 2 [SEP]
+    ("span", {}, 16),
+])
+def test_the_corpus_line_counts_the_corpus_tokens_an_example_reads(tmp_path, task, extra, window):
+    corpus = write_corpus(tmp_path, synthetic_text(20_000))
+    t = make_task(load_config(overrides=tiny_overrides(tmp_path, corpus, task=task, **extra)))
+    t.setup()
+    tokens = 4 * 4 * window  # train.max_steps x train.batch_size x window
+    assert t.summary().endswith(f"; 4 steps x 4 x {window} tokens = {tokens} tokens, "
+                                f"{tokens / len(t.data.train):.3g} epochs")
