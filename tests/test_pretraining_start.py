@@ -1,5 +1,5 @@
 """What a pre-training run tells a newcomer before it spends the time: the corpus line at its start (files,
-size, tokens, the split, and how many epochs the steps cover)."""
+size, tokens, the split, and how many epochs the steps cover), and an evaluation sized to a few batches."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 from helpers import synthetic_text, tiny_config, tiny_overrides, write_corpus
 from lmforge.config import load_config
+from lmforge.losses import IGNORE_INDEX
 from lmforge.tasks import make_task
 from lmforge.train.loop import train
 
@@ -31,3 +32,26 @@ def test_the_corpus_line_counts_the_corpus_tokens_an_example_reads(tmp_path, tas
     tokens = 4 * 4 * window  # train.max_steps x train.batch_size x window
     assert t.summary().endswith(f"; 4 steps x 4 x {window} tokens = {tokens} tokens, "
                                 f"{tokens / len(t.data.train):.3g} epochs")
+
+
+def val_read(cfg) -> tuple[int, int, int]:
+    """(the val tokens one evaluation of the task reads as input, the targets it scores, the val targets there are)."""
+    task = make_task(cfg)
+    task.setup()
+    batches = list(task.eval_batches())
+    scored = sum(int((b["target"] != IGNORE_INDEX).sum()) for b in batches)
+    return sum(b["input"].numel() for b in batches), scored, len(task.data.val) - 1
+
+
+def test_a_default_evaluation_reads_four_training_batches_of_text(tmp_path):
+    corpus = write_corpus(tmp_path, synthetic_text(60_000))  # 6,000 val tokens
+    defaults = {"data.path": str(corpus), "data.tokenizer.kind": "char", "data.cache_dir": str(tmp_path / "cache"),
+                "model.max_seq_len": 16}
+    cfg = load_config(overrides=defaults)
+    assert cfg.eval.batch_size == cfg.train.batch_size == 16
+    assert val_read(cfg)[0] == 4 * 16 * 16
+    # eval.batches and eval.batch_size still set it; 0 batches is the whole val split
+    assert val_read(load_config(overrides={**defaults, "eval.batches": 2, "train.batch_size": 8}))[0] == 2 * 8 * 16
+    assert val_read(load_config(overrides={**defaults, "eval.batches": 3, "eval.batch_size": 5}))[0] == 3 * 5 * 16
+    _, scored, there = val_read(load_config(overrides={**defaults, "eval.batches": 0}))
+    assert scored == there

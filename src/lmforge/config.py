@@ -293,8 +293,12 @@ class RobustConfig:
 @dataclass
 class EvalConfig:
     every: int = opt(100, "evaluate every N steps (and at the end); 0 = only at the end", check=ge(0))
-    batches: int = opt(10, "val batches per evaluation; 0 = the whole val split", check=ge(0))
-    batch_size: int = opt(32, "sequences per val batch", check=gt(0))
+    batches: int = opt(4, "pre-training (clm, mlm, span): val batches per evaluation, spread over the val split; a "
+                       "few follow the loss in about the time of one training step (forward passes only); 0 = the "
+                       "whole split, a number to compare runs by. Fine-tuning and seq2seq score their whole dev set",
+                       check=ge(0))
+    batch_size: int = opt(0, "sequences per val batch; 0 = train.batch_size (a batch that trains fits in memory to "
+                          "score)", check=ge(0))
     patience: int = opt(0, "stop after this many evaluations without improvement; 0 = never", check=ge(0))
 
 
@@ -349,6 +353,8 @@ class Config:
     def __post_init__(self):
         if self.loss.name == "auto":
             self.loss.name = registry.spec(self.task).losses[0]
+        if self.eval.batch_size == 0:
+            self.eval.batch_size = self.train.batch_size
 
     def validate(self) -> None:
         """Checks that involve more than one field."""
