@@ -228,20 +228,31 @@ def _print_next_steps(spec, run_dir: Path) -> None:
         print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder)")
 
 
+def _need_finetuned(checkpoint: str, task: str | None, command: str) -> None:
+    """Refuse a run that is not fine-tuned; task None: not known before loading (a Hugging Face folder)."""
+    from lmforge.tasks import registry
+
+    spec = registry.spec(task) if task is not None else None
+    if spec is not None and not spec.finetune:
+        hint = ("; for a translation run: lmforge translate --input SOURCES --reference TARGETS"
+                if spec.endpoint == "translate" else "")
+        raise UserError(f"{command}: {checkpoint} holds a {task} model; {command} takes a fine-tuned run "
+                        f"({', '.join(registry.names('finetune'))}){hint}")
+
+
 def _finetuned_run(checkpoint: str, device_name: str, command: str):
     """(model, task ready for inference, config) of a fine-tuned run."""
+    from lmforge.rundir import task_before_loading
+
+    # the wrong kind of run is refused from its config.yaml, before torch and the model load (seconds)
+    _need_finetuned(checkpoint, task_before_loading(checkpoint), command)
     from lmforge.runs import load_run, run_dir_of
-    from lmforge.tasks import make_task, registry
+    from lmforge.tasks import make_task
     from lmforge.train.device import pick_device
 
     device = pick_device(device_name, f"{command}: --device")
     model, tok, cfg = load_run(checkpoint, device)
-    spec = registry.spec(cfg.task)
-    if not spec.finetune:
-        hint = ("; for a translation run: lmforge translate --input SOURCES --reference TARGETS"
-                if spec.endpoint == "translate" else "")
-        raise UserError(f"{command}: {checkpoint} holds a {cfg.task} model; {command} takes a fine-tuned run "
-                        f"({', '.join(registry.names('finetune'))}){hint}")
+    _need_finetuned(checkpoint, cfg.task, command)
     task = make_task(cfg)
     task.prepare_inference(tok, run_dir_of(Path(checkpoint)))
     return model, task, cfg
@@ -314,22 +325,31 @@ def _input_lines(path: str | None) -> list[str]:
     return text.splitlines()
 
 
+def _need_translation(checkpoint: str, task: str | None) -> None:
+    """Refuse a run that does not translate; task None: not known before loading (a Hugging Face folder)."""
+    from lmforge.tasks import registry
+
+    spec = registry.spec(task) if task is not None else None
+    if spec is not None and spec.endpoint != "translate":
+        hint = (" (a span run is pre-trained only: train translation from it with seq2seq.init_from)"
+                if spec.model == "encoder_decoder" else " (for a clm run: lmforge generate)" if spec.endpoint == "generate"
+                else "")
+        raise UserError(f"translate: {checkpoint} holds a {task} model; expected a seq2seq run{hint}")
+
+
 def cmd_translate(args) -> int:
+    from lmforge.rundir import task_before_loading
+
+    _need_translation(args.checkpoint, task_before_loading(args.checkpoint))  # before torch loads (seconds)
     from lmforge.generate import translate
     from lmforge.metrics import translation_scores
     from lmforge.runs import load_run
-    from lmforge.tasks import registry
     from lmforge.tasks.seq2seq import source_tokenizer
     from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "translate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
-    spec = registry.spec(cfg.task)
-    if spec.endpoint != "translate":
-        hint = (" (a span run is pre-trained only: train translation from it with seq2seq.init_from)"
-                if spec.model == "encoder_decoder" else " (for a clm run: lmforge generate)" if spec.endpoint == "generate"
-                else "")
-        raise UserError(f"translate: {args.checkpoint} holds a {cfg.task} model; expected a seq2seq run{hint}")
+    _need_translation(args.checkpoint, cfg.task)
     sc = cfg.seq2seq
     sources = _input_lines(args.input)
     references = _input_lines(args.reference) if args.reference else None
@@ -375,25 +395,34 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def _need_generation(checkpoint: str, task: str | None) -> None:
+    """Refuse a run that does not generate text; task None: not known before loading (a Hugging Face folder)."""
+    from lmforge.tasks import registry
+
+    spec = registry.spec(task) if task is not None else None
+    if spec is not None and spec.endpoint != "generate":
+        other = "lmforge translate" if spec.endpoint == "translate" else "lmforge predict" if spec.finetune else ""
+        raise UserError(f"generate: {checkpoint} holds a model of task {task}; generating text needs a "
+                        f"causal language model (task clm) or one fine-tuned from it (task sft)"
+                        f"{f'; for this run use {other}' if other else ''}")
+
+
 def cmd_generate(args) -> int:
+    from lmforge.rundir import task_before_loading
+
+    _need_generation(args.checkpoint, task_before_loading(args.checkpoint))  # before torch loads (seconds)
     import torch
 
     from lmforge.generate import check_seed, generate_text
     from lmforge import chat
     from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run
-    from lmforge.tasks import registry
     from lmforge.train.device import pick_device
 
     check_seed(args.seed, args.num_samples, "generate: --seed")
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device, INFERENCE_DTYPES[args.dtype])
     end_ids = end_token_ids(args.checkpoint)  # an imported chat model's own end of turn
-    spec = registry.spec(cfg.task)
-    if spec.endpoint != "generate":
-        other = "lmforge translate" if spec.endpoint == "translate" else "lmforge predict" if spec.finetune else ""
-        raise UserError(f"generate: {args.checkpoint} holds a model of task {cfg.task}; generating text needs a "
-                        f"causal language model (task clm) or one fine-tuned from it (task sft)"
-                        f"{f'; for this run use {other}' if other else ''}")
+    _need_generation(args.checkpoint, cfg.task)
     prompt, shown = args.prompt, args.prompt
     if args.chat:  # the prompt as a user's turn, then the assistant's opening: the answer alone is printed
         found = chat_template(args.checkpoint, args.chat_template)

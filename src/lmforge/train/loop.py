@@ -20,7 +20,8 @@ from lmforge.io import fill_folder, sweep_temps, weights_metadata
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, lr_at, set_lr
 from lmforge import quant
-from lmforge.runs import base_reference, stores_trained_only, write_selection
+from lmforge.rundir import write_selection
+from lmforge.runs import base_reference, stores_trained_only
 from lmforge.tasks import make_task
 from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
