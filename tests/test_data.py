@@ -176,6 +176,45 @@ def test_folder_reader(tmp_path):
     assert meta["documents"] == 2 and meta["tokens"] == len(expected)
 
 
+def code_folder(tmp_path):
+    """A folder of source files and notes, no .txt among them."""
+    folder = tmp_path / "repo"
+    (folder / "pkg").mkdir(parents=True)
+    (folder / "pkg" / "a.py").write_text("def add(a, b):\n    return a + b\n" * 40)
+    (folder / "pkg" / "b.py").write_text("class Point:\n    x = 0\n" * 40)
+    (folder / "README.md").write_text("# notes on the code\n" * 40)
+    (folder / "LICENSE").write_text("free to use\n")
+    return folder
+
+
+def test_a_folder_without_the_extensions_names_what_it_holds(tmp_path):
+    with pytest.raises(UserError) as e:
+        prepare_tokens(data_cfg(tmp_path, code_folder(tmp_path)), 16)
+    assert str(e.value) == (f"data: {tmp_path / 'repo'}: the folder holds no .txt files (it has 2 .py, 1 (no extension), "
+                            "1 .md); set data.extensions")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"holds no \.md files \(it is empty\)"):
+        prepare_tokens(data_cfg(tmp_path, tmp_path / "empty", data__extensions=".md"), 16)
+
+
+def test_data_extensions_choose_the_files_of_a_folder(tmp_path):
+    folder = code_folder(tmp_path)
+    # as on the command line: --data.extensions .py,.md
+    splits = prepare_tokens(data_cfg(tmp_path, folder, data__extensions=".py,.md"), 16)
+    tok = splits.tokenizer
+    read = [folder / "README.md", folder / "pkg" / "a.py", folder / "pkg" / "b.py"]  # in path order
+    expected = [i for f in read for i in ids_of(tok, f.read_text()) + [eos_id(tok)]]
+    assert np.concatenate([splits.train, splits.val]).tolist() == expected
+
+    # other extensions pick other files: another token store, not the cached one
+    py_only = prepare_tokens(data_cfg(tmp_path, folder, data__extensions=".py"), 16)
+    assert len(py_only.train) + len(py_only.val) < len(expected)
+    assert len(list((tmp_path / "cache").glob("store-*"))) == 2
+
+    with pytest.raises(UserError, match=r"data.extensions = \['py'\]: must be one or more file name endings"):
+        data_cfg(tmp_path, folder, data__extensions="py")
+
+
 def test_jsonl_reader_with_text_field(tmp_path):
     docs = [f"record number {i} says hello\n" * 3 for i in range(30)]
     lines = [json.dumps({"id": i, "body": d}) for i, d in enumerate(docs)]

@@ -99,6 +99,18 @@ def _checked(tp: type, check=None):
     return value_of
 
 
+def _checked_list(check):
+    """argparse's type= for a comma-separated list that must pass `check` (a config field's, as for _checked)."""
+    def items_of(text: str) -> list[str]:
+        items = [v for v in text.split(",") if v]
+        if not check[0](items):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {check[1]}")
+        return items
+
+    items_of.__name__ = "list"
+    return items_of
+
+
 def _ranged(p: argparse.ArgumentParser, option: str, tp: type, check, help: str, default=None, shown=None,
             **kwargs) -> None:
     """An option whose value has a type and a range, declared once: --help shows the range, and a value
@@ -216,20 +228,31 @@ def _print_next_steps(spec, run_dir: Path) -> None:
         print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder)")
 
 
+def _need_finetuned(checkpoint: str, task: str | None, command: str) -> None:
+    """Refuse a run that is not fine-tuned; task None: not known before loading (a Hugging Face folder)."""
+    from lmforge.tasks import registry
+
+    spec = registry.spec(task) if task is not None else None
+    if spec is not None and not spec.finetune:
+        hint = ("; for a translation run: lmforge translate --input SOURCES --reference TARGETS"
+                if spec.endpoint == "translate" else "")
+        raise UserError(f"{command}: {checkpoint} holds a {task} model; {command} takes a fine-tuned run "
+                        f"({', '.join(registry.names('finetune'))}){hint}")
+
+
 def _finetuned_run(checkpoint: str, device_name: str, command: str):
     """(model, task ready for inference, config) of a fine-tuned run."""
+    from lmforge.rundir import task_before_loading
+
+    # the wrong kind of run is refused from its config.yaml, before torch and the model load (seconds)
+    _need_finetuned(checkpoint, task_before_loading(checkpoint), command)
     from lmforge.runs import load_run, run_dir_of
-    from lmforge.tasks import make_task, registry
+    from lmforge.tasks import make_task
     from lmforge.train.device import pick_device
 
     device = pick_device(device_name, f"{command}: --device")
     model, tok, cfg = load_run(checkpoint, device)
-    spec = registry.spec(cfg.task)
-    if not spec.finetune:
-        hint = ("; for a translation run: lmforge translate --input SOURCES --reference TARGETS"
-                if spec.endpoint == "translate" else "")
-        raise UserError(f"{command}: {checkpoint} holds a {cfg.task} model; {command} takes a fine-tuned run "
-                        f"({', '.join(registry.names('finetune'))}){hint}")
+    _need_finetuned(checkpoint, cfg.task, command)
     task = make_task(cfg)
     task.prepare_inference(tok, run_dir_of(Path(checkpoint)))
     return model, task, cfg
@@ -302,22 +325,31 @@ def _input_lines(path: str | None) -> list[str]:
     return text.splitlines()
 
 
+def _need_translation(checkpoint: str, task: str | None) -> None:
+    """Refuse a run that does not translate; task None: not known before loading (a Hugging Face folder)."""
+    from lmforge.tasks import registry
+
+    spec = registry.spec(task) if task is not None else None
+    if spec is not None and spec.endpoint != "translate":
+        hint = (" (a span run is pre-trained only: train translation from it with seq2seq.init_from)"
+                if spec.model == "encoder_decoder" else " (for a clm run: lmforge generate)" if spec.endpoint == "generate"
+                else "")
+        raise UserError(f"translate: {checkpoint} holds a {task} model; expected a seq2seq run{hint}")
+
+
 def cmd_translate(args) -> int:
+    from lmforge.rundir import task_before_loading
+
+    _need_translation(args.checkpoint, task_before_loading(args.checkpoint))  # before torch loads (seconds)
     from lmforge.generate import translate
     from lmforge.metrics import translation_scores
     from lmforge.runs import load_run
-    from lmforge.tasks import registry
     from lmforge.tasks.seq2seq import source_tokenizer
     from lmforge.train.device import pick_device
 
     device = pick_device(args.device, "translate: --device")
     model, tok, cfg = load_run(args.checkpoint, device)
-    spec = registry.spec(cfg.task)
-    if spec.endpoint != "translate":
-        hint = (" (a span run is pre-trained only: train translation from it with seq2seq.init_from)"
-                if spec.model == "encoder_decoder" else " (for a clm run: lmforge generate)" if spec.endpoint == "generate"
-                else "")
-        raise UserError(f"translate: {args.checkpoint} holds a {cfg.task} model; expected a seq2seq run{hint}")
+    _need_translation(args.checkpoint, cfg.task)
     sc = cfg.seq2seq
     sources = _input_lines(args.input)
     references = _input_lines(args.reference) if args.reference else None
@@ -345,15 +377,16 @@ def cmd_translate(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from lmforge.data.formats import read_corpus, resolve_format
+    from lmforge.data.formats import corpus_files, read_corpus, resolve_format
     from lmforge.data.tokenizer import check_vocab_size, save_tokenizer, smallest_vocab, train_tokenizer
 
     path = Path(args.input)
     fmt = resolve_format(path, args.format)
+    files = corpus_files(path, fmt, args.extensions, "--extensions")
     specials = [t for t in args.special_tokens.split(",") if t]
     where = "tokenizer train: --vocab-size"
     check_vocab_size(args.kind, args.vocab_size, smallest_vocab(args.kind, specials), where)  # before the work
-    tok = train_tokenizer((t for t, _ in read_corpus(path, fmt, args.text_field)), args.kind, args.vocab_size,
+    tok = train_tokenizer((t for t, _ in read_corpus(path, fmt, args.text_field, files)), args.kind, args.vocab_size,
                           specials, args.lowercase)
     check_vocab_size(args.kind, args.vocab_size, tok.get_vocab_size(), where)  # wordpiece: the corpus's characters
     out = Path(args.out) / "tokenizer.json"
@@ -362,25 +395,34 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def _need_generation(checkpoint: str, task: str | None) -> None:
+    """Refuse a run that does not generate text; task None: not known before loading (a Hugging Face folder)."""
+    from lmforge.tasks import registry
+
+    spec = registry.spec(task) if task is not None else None
+    if spec is not None and spec.endpoint != "generate":
+        other = "lmforge translate" if spec.endpoint == "translate" else "lmforge predict" if spec.finetune else ""
+        raise UserError(f"generate: {checkpoint} holds a model of task {task}; generating text needs a "
+                        f"causal language model (task clm) or one fine-tuned from it (task sft)"
+                        f"{f'; for this run use {other}' if other else ''}")
+
+
 def cmd_generate(args) -> int:
+    from lmforge.rundir import task_before_loading
+
+    _need_generation(args.checkpoint, task_before_loading(args.checkpoint))  # before torch loads (seconds)
     import torch
 
     from lmforge.generate import check_seed, generate_text
     from lmforge import chat
     from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run
-    from lmforge.tasks import registry
     from lmforge.train.device import pick_device
 
     check_seed(args.seed, args.num_samples, "generate: --seed")
     device = pick_device(args.device, "generate: --device")
     model, tok, cfg = load_run(args.checkpoint, device, INFERENCE_DTYPES[args.dtype])
     end_ids = end_token_ids(args.checkpoint)  # an imported chat model's own end of turn
-    spec = registry.spec(cfg.task)
-    if spec.endpoint != "generate":
-        other = "lmforge translate" if spec.endpoint == "translate" else "lmforge predict" if spec.finetune else ""
-        raise UserError(f"generate: {args.checkpoint} holds a model of task {cfg.task}; generating text needs a "
-                        f"causal language model (task clm) or one fine-tuned from it (task sft)"
-                        f"{f'; for this run use {other}' if other else ''}")
+    _need_generation(args.checkpoint, cfg.task)
     prompt, shown = args.prompt, args.prompt
     if args.chat:  # the prompt as a user's turn, then the assistant's opening: the answer alone is printed
         found = chat_template(args.checkpoint, args.chat_template)
@@ -473,8 +515,8 @@ recipes: configs/*.yaml   docs: docs/*.md"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, Seq2SeqConfig,  # light: no torch
-                                ServeLimits)
+    from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, DataConfig,  # light: no torch
+                                Seq2SeqConfig, ServeLimits)
     from lmforge.fields import between, ge, gt, nonempty, seed_range, temperature_range, top_p_range
     from lmforge.hf.arch import FORMATS as HF_FORMATS
 
@@ -554,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="train a tokenizer and write OUT/tokenizer.json", allow_abbrev=False,
                         description="Train a char, byte-level BPE or WordPiece tokenizer on a corpus (Hugging Face "
                         "tokenizers) and write OUT/tokenizer.json.")
-    t.add_argument("--input", required=True, metavar="PATH", help="a .txt file, a folder of .txt files or a .jsonl file")
+    t.add_argument("--input", required=True, metavar="PATH", help="a text file, a folder of text files (--extensions) "
+                   "or a .jsonl file")
     t.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     t.add_argument("--kind", default="bpe", choices=TOKENIZER_KINDS, help="tokenizer model [default: bpe]")
     # its range depends on --kind and --special-tokens: cmd_tokenizer_train checks it, naming the smallest size
@@ -566,6 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", default="auto", choices=CORPUS_FORMATS,
                    help="input format [default: auto, by the name]")
     t.add_argument("--text-field", default="text", metavar="NAME", help="JSONL field holding the text [default: text]")
+    endings = _check_of(DataConfig, "extensions")
+    t.add_argument("--extensions", type=_checked_list(endings), default=[".txt"], metavar="LIST",
+                   help=f"a folder: the comma-separated endings of the file names it reads ({endings[1]}) "
+                   "[default: .txt]")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("generate", help="continue a prompt with a causal language model (clm or sft run)",

@@ -21,7 +21,8 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_text
-from lmforge.fields import between, choices_of, device_name, fraction_open, ge, gt, opt, section, seed_range
+from lmforge.fields import (between, choices_of, device_name, file_endings, fraction_open, ge, gt, opt, section,
+                            seed_range)
 from lmforge.model.config import LLAMA3_ROPE_FIELDS, PRESETS, ModelConfig
 from lmforge.tasks import registry
 
@@ -48,8 +49,11 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = opt(None, "a .txt file, a folder of .txt files or a .jsonl file (default: the embedded King James Bible)")
+    path: str | None = opt(None, "a text file, a folder of text files (see extensions) or a .jsonl file (default: the "
+                           "embedded King James Bible)")
     format: str = opt("auto", "how to read `path`", choices=CORPUS_FORMATS)
+    extensions: list[str] = opt([".txt"], "a folder corpus: the endings of the file names it reads, searched "
+                                "recursively, e.g. .py,.md", check=file_endings())
     text_field: str = opt("text", "the field holding the text in each .jsonl line")
     val_fraction: float = opt(0.1, "the last fraction of the corpus kept for validation", check=fraction_open())
     cache_dir: str = opt(".cache/lmforge/tokens", "where encoded token stores are kept and reused")
@@ -301,8 +305,12 @@ class RobustConfig:
 @dataclass
 class EvalConfig:
     every: int = opt(100, "evaluate every N steps (and at the end); 0 = only at the end", check=ge(0))
-    batches: int = opt(10, "val batches per evaluation; 0 = the whole val split", check=ge(0))
-    batch_size: int = opt(32, "sequences per val batch", check=gt(0))
+    batches: int = opt(4, "pre-training (clm, mlm, span): val batches per evaluation, spread over the val split; a "
+                       "few follow the loss in about the time of one training step (forward passes only); 0 = the "
+                       "whole split, a number to compare runs by. Fine-tuning and seq2seq score their whole dev set",
+                       check=ge(0))
+    batch_size: int = opt(0, "sequences per val batch; 0 = train.batch_size (a batch that trains fits in memory to "
+                          "score)", check=ge(0))
     patience: int = opt(0, "stop after this many evaluations without improvement; 0 = never", check=ge(0))
 
 
@@ -357,6 +365,8 @@ class Config:
     def __post_init__(self):
         if self.loss.name == "auto":
             self.loss.name = registry.spec(self.task).losses[0]
+        if self.eval.batch_size == 0:
+            self.eval.batch_size = self.train.batch_size
 
     def validate(self) -> None:
         """Checks that involve more than one field."""

@@ -33,6 +33,11 @@ def nonempty() -> Check:
     return (lambda v: v != "", "a non-empty string")
 
 
+def file_endings() -> Check:
+    return (lambda v: bool(v) and all(e.startswith(".") and len(e) > 1 for e in v),
+            "one or more file name endings with their dot, like .txt")
+
+
 # torch.Generator.manual_seed takes a signed 64-bit seed on some versions and devices, an unsigned one on
 # others; below 2**63 every one takes it, and seed + rank (train/loop.py) and seed + sample (generate
 # --num-samples, tasks/clm.py) stay in range

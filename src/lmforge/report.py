@@ -23,7 +23,7 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_write
-from lmforge.runs import BASE_MODEL, read_selection
+from lmforge.rundir import BASE_MODEL, read_selection
 from lmforge.train.tracking import METRICS, read_metrics
 
 EXPECTED = "expected a run directory with config.yaml and metrics.jsonl"

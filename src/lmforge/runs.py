@@ -30,39 +30,19 @@ from lmforge.io import atomic_write, load_weights, read_json, read_weights, save
 from lmforge.model.build import build_model
 from lmforge.peft import apply_peft, peft_method, strip_peft
 from lmforge import quant
+from lmforge.rundir import BASE_FINGERPRINT, BASE_MODEL, LABELS_FILE, WEIGHTS  # the run directory's names
 from lmforge.tasks import registry
 from lmforge.train.checkpoint import (CKPT_DIR, checkpoint_model_state, is_sharded, latest_checkpoint,
                                       load_checkpoint, load_model_state)
 from lmforge.train.distributed import Dist, full_weights
 
-WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
-LABELS_FILE = "labels.json"  # a fine-tuned run's label set, in the order of its head's outputs
-SELECTION_FILE = "selection.json"  # the metric that picked WEIGHTS, its direction, the final report's file
 # Hugging Face files a run keeps as its source had them, so that an export carries them back unchanged: the
 # chat template and special tokens, and the generation settings with the model's own end tokens.
 HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
                  "source_config.json")  # the last: the source config.json's token ids, which export writes back
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-# A PEFT run's weights and checkpoints name the model their frozen weights are (weights metadata, the
-# checkpoint's "base"): its absolute path, and a fingerprint of those weights to tell when it has changed.
-BASE_MODEL, BASE_FINGERPRINT = "base_model", "base_fingerprint"
 # --dtype of the commands that only run a model (generate, serve): auto keeps the stored dtype
 INFERENCE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def write_selection(run_dir: Path, metric: str, higher_is_better: bool, final_report: str | None) -> None:
-    """What picked the run's best weights, so that `lmforge runs` and `report` rank and show a run without
-    knowing its task: the val metric, its direction, and the file its final report on those weights is in."""
-    record = {"metric": metric, "higher_is_better": higher_is_better, "final_report": final_report}
-    atomic_write(run_dir / SELECTION_FILE, lambda tmp: tmp.write_text(json.dumps(record) + "\n", encoding="utf-8"))
-
-
-def read_selection(run_dir: Path) -> dict:
-    """write_selection's record; a run written before there was one is ranked by its val loss."""
-    path = run_dir / SELECTION_FILE
-    if not path.is_file():
-        return {"metric": "loss", "higher_is_better": False, "final_report": None}
-    return read_json(path, str(run_dir))
 
 
 def is_hf_folder(path: Path) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from lmforge.errors import UserError
 
@@ -26,8 +27,8 @@ def embedded_corpus() -> Path:
 
 def resolve_format(path: Path, fmt: str) -> str:
     if not path.exists():
-        raise UserError(f"data: {path}: no such file or folder; expected a .txt file, a folder of .txt files or a "
-                        ".jsonl file")
+        raise UserError(f"data: {path}: no such file or folder; expected a text file, a folder of text files "
+                        "(data.extensions) or a .jsonl file")
     if fmt == "auto":
         return "folder" if path.is_dir() else "jsonl" if path.suffix in (".jsonl", ".json") else "txt"
     if (fmt == "folder") != path.is_dir():
@@ -35,13 +36,30 @@ def resolve_format(path: Path, fmt: str) -> str:
     return fmt
 
 
-def corpus_files(path: Path, fmt: str) -> list[Path]:
+TEXT_EXTENSIONS = (".txt",)  # what a folder corpus reads unless told (data.extensions)
+
+
+def corpus_files(path: Path, fmt: str, extensions: Sequence[str] = TEXT_EXTENSIONS,
+                 option: str = "data.extensions") -> list[Path]:
+    """The files of a corpus: the file itself, or a folder's files (searched recursively, in path order) whose
+    names end in one of `extensions`. `option`: what the user sets to change them, named by the error."""
     if fmt != "folder":
         return [path]
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in found if p.name.endswith(tuple(extensions))]
     if not files:
-        raise UserError(f"data: {path}: the folder holds no .txt files")
+        raise UserError(f"data: {path}: the folder holds no {', '.join(extensions)} files ({_what_it_holds(found)}); "
+                        f"set {option}")
     return files
+
+
+def _what_it_holds(files: list[Path]) -> str:
+    """The folder's files by extension, the commonest first: what a user could name in data.extensions."""
+    if not files:
+        return "it is empty"
+    counts = Counter(p.suffix or "(no extension)" for p in files)
+    shown = [f"{n} {ext}" for ext, n in counts.most_common(5)]
+    return f"it has {', '.join(shown)}{', ...' if len(counts) > 5 else ''}"
 
 
 def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -93,10 +111,11 @@ def read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
         yield text, True
 
 
-def read_corpus(path: Path, fmt: str, text_field: str) -> Iterator[tuple[str, bool]]:
-    """All (text, ends_document) pieces of a corpus; raises UserError if it holds no text at all."""
+def read_corpus(path: Path, fmt: str, text_field: str, files: list[Path] | None = None) -> Iterator[tuple[str, bool]]:
+    """All (text, ends_document) pieces of a corpus (of `files`, corpus_files' choice, where given); raises
+    UserError if it holds no text at all."""
     empty = True
-    for file in corpus_files(path, fmt):
+    for file in corpus_files(path, fmt) if files is None else files:
         pieces = read_jsonl(file, text_field) if fmt == "jsonl" else read_txt(file)
         for text, ends in pieces:
             empty = empty and not text.strip()

@@ -30,6 +30,22 @@ class TokenSplits:
     val: np.ndarray
     tokenizer: Tokenizer
     source: Path
+    files: list[Path]  # the files read (a folder's: those with the data.extensions)
+
+    def summary(self) -> str:
+        """Where the tokens came from and how they split, for a person: "data/kjv.txt: 1 file, 4.35 MB, 1.05M
+        tokens (train 944k, val 105k)"."""
+        size = sum(f.stat().st_size for f in self.files)
+        return (f"{self.source}: {len(self.files)} file{'s' if len(self.files) != 1 else ''}, {amount(size, 'B')}, "
+                f"{amount(len(self.train) + len(self.val))} tokens (train {amount(len(self.train))}, "
+                f"val {amount(len(self.val))})")
+
+
+def amount(n: float, unit: str = "") -> str:
+    """n to three significant digits with a decimal prefix: 812, 10.5k, 1.05M; with a unit, 4.35 MB."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")):
+        if n >= scale * 0.9995 or scale == 1:  # 999,600 is 1M, not 1e+03k
+            return f"{n / scale:.3g}{' ' if unit else ''}{prefix}{unit}"
 
 
 def _digest(*parts: str | bytes) -> str:
@@ -64,10 +80,11 @@ def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:
     """Read, tokenise (training a tokenizer if none is given) and split the corpus, reusing the cache."""
     path = Path(data_cfg.path) if data_cfg.path else embedded_corpus()
     fmt = resolve_format(path, data_cfg.format)
-    files = corpus_files(path, fmt)
+    files = corpus_files(path, fmt, data_cfg.extensions)
+    # the files read, by name and content: data.extensions that pick other files give another key
     corpus_key = _digest(corpus_digest(files), fmt, data_cfg.text_field)
     cache = Path(data_cfg.cache_dir)
-    pieces = lambda: read_corpus(path, fmt, data_cfg.text_field)  # noqa: E731
+    pieces = lambda: read_corpus(path, fmt, data_cfg.text_field, files)  # noqa: E731
 
     sweep_temps(cache)  # what killed writes left (a tokenizer, a half-encoded store)
     tc = data_cfg.tokenizer
@@ -96,7 +113,7 @@ def prepare_tokens(data_cfg, seq_len: int) -> TokenSplits:
         raise UserError(f"data: {path}: {len(train)} train and {len(val)} val tokens; each split needs at least "
                         f"{need} (one context window of model.max_seq_len = {seq_len} plus one) - use a longer corpus, "
                         "a shorter context or another data.val_fraction")
-    return TokenSplits(train, val, tok, path)
+    return TokenSplits(train, val, tok, path, files)
 
 
 def _cached_tokenizer(path: Path) -> Tokenizer | None:

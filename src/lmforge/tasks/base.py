@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Config
+from lmforge.data.store import TokenSplits, amount
 from lmforge.errors import UserError
 from lmforge.losses import IGNORE_INDEX
 from lmforge.model.build import build_model
@@ -97,6 +98,22 @@ class Task:
     def finish(self, model: nn.Module, run_dir: Path) -> str:
         """Text printed at the end of a run (samples, a report)."""
         return ""
+
+    def summary(self) -> str:
+        """One line on what setup() read, printed once at the start of a run; "" for none."""
+        return ""
+
+
+def corpus_summary(data: TokenSplits, cfg: Config, window: int | None = None) -> str:
+    """A pre-training run's corpus line: what was read, and how many epochs of the train split the run's steps
+    cover. A step reads train.batch_size x train.grad_accum windows of `window` corpus tokens (by default
+    model.max_seq_len), all processes together (each keeps its slice of the global batch)."""
+    tc = cfg.train
+    window = window or cfg.model.max_seq_len
+    sequences = tc.batch_size * tc.grad_accum
+    tokens = tc.max_steps * sequences * window
+    return (f"lmforge: corpus {data.summary()}; {tc.max_steps} steps x {sequences} x {window} tokens = "
+            f"{amount(tokens)} tokens, {tokens / len(data.train):.3g} epochs")
 
 
 def follow_tokenizer(model: ModelConfig, vocab: int) -> ModelConfig:

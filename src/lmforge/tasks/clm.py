@@ -14,7 +14,7 @@ from lmforge.data.tokenizer import eos_id, save_tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.losses import linear_cross_entropy, loss_options
-from lmforge.tasks.base import Task, follow_tokenizer
+from lmforge.tasks.base import Task, corpus_summary, follow_tokenizer
 
 
 def next_token_loss(hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, loss_cfg) -> torch.Tensor:
@@ -55,6 +55,9 @@ class CausalLM(Task):
     def loss(self, model, batch) -> torch.Tensor:
         hidden = model.features(batch["input"], doc_ids=batch.get("doc_ids"))
         return next_token_loss(hidden, model.head, batch["target"], self.cfg.loss)
+
+    def summary(self) -> str:
+        return corpus_summary(self.data, self.cfg)
 
     def save_artifacts(self, run_dir: Path) -> None:
         save_tokenizer(self.data.tokenizer, run_dir / "tokenizer.json")

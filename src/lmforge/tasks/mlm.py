@@ -15,7 +15,7 @@ from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import save_tokenizer
 from lmforge.errors import UserError
 from lmforge.losses import IGNORE_INDEX, linear_cross_entropy, loss_options
-from lmforge.tasks.base import Task, follow_tokenizer
+from lmforge.tasks.base import Task, corpus_summary, follow_tokenizer
 
 EVAL_MASK_SEED = 1234  # the val set is masked the same way at every evaluation
 
@@ -110,6 +110,10 @@ class MaskedLMTask(Task):
         # Only the masked positions go through the MLM head (6 FLOPs per weight per token each).
         head = sum(m.weight.numel() for m in (model.mlm_head.dense, model.mlm_head.out))
         return model.flops_per_token() - 6 * head * (1 - self.cfg.mlm.mask_prob)
+
+    def summary(self) -> str:
+        # an example holds `span` tokens of the corpus: its window less [CLS] and the [SEP]s
+        return corpus_summary(self.data, self.cfg, self.train_examples.span)
 
     def save_artifacts(self, run_dir: Path) -> None:
         save_tokenizer(self.data.tokenizer, run_dir / "tokenizer.json")

@@ -18,7 +18,7 @@ from lmforge.data.batches import RandomWindows, eval_windows
 from lmforge.data.store import prepare_tokens
 from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, save_tokenizer, sentinel, seq2seq_special_ids
 from lmforge.errors import UserError
-from lmforge.tasks.base import Task, at_least_vocab
+from lmforge.tasks.base import Task, at_least_vocab, corpus_summary
 from lmforge.tasks.seq2seq import collate, seq2seq_loss
 
 
@@ -114,6 +114,9 @@ class SpanCorruption(Task):
     def flops_per_token(self, model) -> float:
         n = self.cfg.model.max_seq_len
         return model.encoder.flops_per_token(n) + model.decoder.flops_per_token(math.ceil(n * self.cfg.span.noise_density))
+
+    def summary(self) -> str:
+        return corpus_summary(self.data, self.cfg)
 
     def save_artifacts(self, run_dir) -> None:
         save_tokenizer(self.data.tokenizer, run_dir / "tokenizer.json")

@@ -21,9 +21,9 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_write, fsync_dir
+from lmforge.rundir import CKPT_DIR
 from lmforge.train import distributed
 
-CKPT_DIR = "checkpoints"
 EXTRAS = "extras.pt"  # in a sharded checkpoint: everything but the model and optimizer tensors
 
 

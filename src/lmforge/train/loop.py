@@ -21,7 +21,8 @@ from lmforge.io import fill_folder, sweep_temps, weights_metadata
 from lmforge.model.build import parameter_summary
 from lmforge.optim import build_optimizer, extend_schedule, lr_at, set_lr, start_schedule
 from lmforge import quant
-from lmforge.runs import base_reference, stores_trained_only, write_selection
+from lmforge.rundir import write_selection
+from lmforge.runs import base_reference, stores_trained_only
 from lmforge.tasks import make_task
 from lmforge.train import distributed
 from lmforge.train.adversarial import Adversary
@@ -103,6 +104,8 @@ class Trainer:
             # the task's one set-up; bad data stops the run here, before anything is written. A pretrained model
             # it imports from a Hugging Face folder streams into quantised layers where peft.base_dtype says so
             self.task.setup()
+        if summary := self.task.summary():  # a pre-training run: its corpus, and the epochs its steps cover
+            self.say(summary)
         # a PEFT run's checkpoints hold only what trains: it resumes on its base's weights too
         self._build(pretrained=resume is None or stores_trained_only(cfg))
         if d.main:  # what killed writes left is stale now: no process of this run is writing yet

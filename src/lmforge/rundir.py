@@ -1,0 +1,56 @@
+"""A run directory's names and the records read from it without the model: what `lmforge runs`, `report` and
+the commands' first checks need, kept free of torch so that they answer in a fraction of a second (runs.py,
+which loads models, imports torch: seconds on a cold start)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.config import ConfigError, read_yaml
+from lmforge.io import atomic_write, read_json
+from lmforge.tasks import registry
+
+WEIGHTS = "model.safetensors"  # the best (or final) weights, for inference and export
+CKPT_DIR = "checkpoints"  # step_XXXXXXXX.pt files (one process) or step_XXXXXXXX/ folders (DCP shards)
+LABELS_FILE = "labels.json"  # a fine-tuned run's label set, in the order of its head's outputs
+SELECTION_FILE = "selection.json"  # the metric that picked WEIGHTS, its direction, the final report's file
+# A PEFT run's weights and checkpoints name the model their frozen weights are (weights metadata, the
+# checkpoint's "base"): its absolute path, and a fingerprint of those weights to tell when it has changed.
+BASE_MODEL, BASE_FINGERPRINT = "base_model", "base_fingerprint"
+
+
+def write_selection(run_dir: Path, metric: str, higher_is_better: bool, final_report: str | None) -> None:
+    """What picked the run's best weights, so that `lmforge runs` and `report` rank and show a run without
+    knowing its task: the val metric, its direction, and the file its final report on those weights is in."""
+    record = {"metric": metric, "higher_is_better": higher_is_better, "final_report": final_report}
+    atomic_write(run_dir / SELECTION_FILE, lambda tmp: tmp.write_text(json.dumps(record) + "\n", encoding="utf-8"))
+
+
+def read_selection(run_dir: Path) -> dict:
+    """write_selection's record; a run written before there was one is ranked by its val loss."""
+    path = run_dir / SELECTION_FILE
+    if not path.is_file():
+        return {"metric": "loss", "higher_is_better": False, "final_report": None}
+    return read_json(path, str(run_dir))
+
+
+def task_before_loading(path: str | Path) -> str | None:
+    """The task of the run `path` names (its directory, a weights file beside its config.yaml, or a checkpoint
+    in its checkpoints/), read from config.yaml alone, so that a command refuses a run of the wrong kind before
+    it loads torch and the model. None where only loading tells (a Hugging Face folder has no config.yaml) or
+    where the config cannot say: then runs.load_run reads the run and names what is wrong with it."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.yaml").is_file():  # a run directory
+        folder = p
+    elif p.is_file() and (p.parent / "config.yaml").is_file():  # a weights file beside its config
+        folder = p.parent
+    elif p.exists() and p.parent.name == CKPT_DIR:  # a checkpoint: a file, or a sharded one's folder
+        folder = p.parent.parent
+    else:  # a Hugging Face folder (config.json), or no run at all
+        return None
+    try:
+        task = read_yaml(folder / "config.yaml").get("task")
+    except (ConfigError, OSError):  # unreadable: load_run's to report
+        return None
+    return task if task in registry.names() else None
