@@ -26,19 +26,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: install
 	$(VENV)/bin/lmforge pretrain
 
+# Every tier caches bytecode under .cache/ (even where the environment turns caching off): without it every
+# Python start, and the suite starts dozens (the CLI, torchrun, server and tmpfs tests run subprocesses),
+# recompiles torch and transformers, ~20 s of CPU each.
+CACHED_BYTECODE = PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(CURDIR)/.cache/pycache
+
 test: install browser
-	$(PY) -m pytest -q tests
+	$(CACHED_BYTECODE) $(PY) -m pytest -q tests
 
 # The edit-loop tier: everything but the tests marked `slow` (end-to-end runs) or `gpu`, in under a minute.
-# Bytecode is cached under .cache/ (even where the environment turns caching off): without it every start
-# recompiles torch and transformers, ~20 s of CPU.
 test-fast: install
-	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(CURDIR)/.cache/pycache $(PY) -m pytest -q -m "not slow and not gpu" tests
+	$(CACHED_BYTECODE) $(PY) -m pytest -q -m "not slow and not gpu" tests
 
 # The GPU tier: every test marked `gpu` (tests/test_gpu.py and the CUDA cases elsewhere). Needs CUDA;
 # `make test` runs the same files and skips these, saying why, where there is none.
 test-gpu: install
-	$(PY) -m pytest -q -m gpu tests
+	$(CACHED_BYTECODE) $(PY) -m pytest -q -m gpu tests
 
 # The report test opens the HTML page in headless Chromium (Debian's package). Installed when missing and
 # this user may (root with apt-get, as on CI); elsewhere that test is skipped and says why.
