@@ -184,6 +184,10 @@ def code_folder(tmp_path):
     (folder / "pkg" / "b.py").write_text("class Point:\n    x = 0\n" * 40)
     (folder / "README.md").write_text("# notes on the code\n" * 40)
     (folder / "LICENSE").write_text("free to use\n")
+    # hidden files and folders (a virtualenv, git's objects, an editor's) are not the project's text
+    (folder / ".venv" / "lib").mkdir(parents=True)
+    (folder / ".venv" / "lib" / "site.py").write_text("import os\n" * 40)
+    (folder / ".notes.md").write_text("# private\n")
     return folder
 
 

@@ -187,7 +187,7 @@ def test_warmup_longer_than_the_epochs_is_clamped_to_their_steps(tmp_path, encod
     clamped against those steps, not refused, and config.yaml records the warmup the run used."""
     train, dev = classify_files(tmp_path)
     run = finetune(tmp_path, encoder, train, dev, "classify", "--finetune.epochs", "1", "--train.warmup_steps", "100")
-    assert ("lmforge: note: train.warmup_steps = 100 is not below the schedule's 10 steps; warming up for 1 steps "
+    assert ("lmforge: note: train.warmup_steps = 100 is not below the schedule's 10 steps; warming up for 1 step "
             "(a tenth of them, rounded down) instead") in capsys.readouterr().out.splitlines()
     saved = read_yaml(run / "config.yaml")["train"]
     assert (saved["max_steps"], saved["schedule_steps"], saved["warmup_steps"]) == (10, 10, 1)

@@ -183,7 +183,7 @@ def start_schedule(tc) -> list[str]:
     warmup = clamped_warmup(tc.warmup_steps, tc.schedule_steps)
     if warmup != tc.warmup_steps:
         notes.append(f"train.warmup_steps = {tc.warmup_steps} is not below the schedule's {tc.schedule_steps} steps; "
-                     f"warming up for {warmup} steps (a tenth of them, rounded down) instead")
+                     f"warming up for {warmup} step{'' if warmup == 1 else 's'} (a tenth of them, rounded down) instead")
         tc.warmup_steps = warmup
     return notes
 

@@ -888,7 +888,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, device: str = "au
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
     engine = Engine(run, device, limits, dtype)
     app = create_app(engine, batching, api_key)
-    url = f"http://{host}:{port}"
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # an IPv6 address in brackets
     print(f"serving {run} ({engine.cfg.task}, {engine.model.num_params() / 1e6:.2f}M parameters) at {url}\n"
           f"  POST {url}/v1/{engine.endpoint}   GET {url}/health  {url}/metadata   schema: {url}/docs\n"
           f"  batching {'on' if batching else 'off'}, {torch.get_num_threads()} model thread(s); Ctrl-C stops after "

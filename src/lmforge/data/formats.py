@@ -42,15 +42,20 @@ TEXT_EXTENSIONS = (".txt",)  # what a folder corpus reads unless told (data.exte
 def corpus_files(path: Path, fmt: str, extensions: Sequence[str] = TEXT_EXTENSIONS,
                  option: str = "data.extensions") -> list[Path]:
     """The files of a corpus: the file itself, or a folder's files (searched recursively, in path order) whose
-    names end in one of `extensions`. `option`: what the user sets to change them, named by the error."""
+    names end in one of `extensions`. `option`: what the user sets to change them, named by the error. Hidden
+    files and folders are left out: a project folder's .git and .venv are not its text."""
     if fmt != "folder":
         return [path]
-    found = sorted(p for p in path.rglob("*") if p.is_file())
+    found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
     files = [p for p in found if p.name.endswith(tuple(extensions))]
     if not files:
         raise UserError(f"data: {path}: the folder holds no {', '.join(extensions)} files ({_what_it_holds(found)}); "
                         f"set {option}")
     return files
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _what_it_holds(files: list[Path]) -> str:
