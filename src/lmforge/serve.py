@@ -52,7 +52,7 @@ from lmforge import __version__, chat
 from lmforge.data.labelled import Example, split_answer
 from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
-from lmforge.fields import MIN_TEMPERATURE, MIN_TOP_P, SEED_MAX
+from lmforge.fields import MIN_TEMPERATURE, MIN_TOP_P, SEED_MAX, temperature_range
 from lmforge.generate import generate_texts, prompt_ids, translate
 from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run, run_dir_of
 from lmforge.tasks import make_task, registry
@@ -79,8 +79,10 @@ MAX_MESSAGES = 1024
 
 
 def _sampling_temperature(value: float) -> float:
-    if 0 < value < MIN_TEMPERATURE:
-        raise ValueError(f"expected 0 (greedy) or at least {MIN_TEMPERATURE}")
+    """The CLI's rule (fields.temperature_range); an endpoint may bound it lower (chat: OpenAI's 2)."""
+    ok, expected = temperature_range()
+    if not ok(value):
+        raise ValueError(f"expected {expected}")
     return value
 
 

@@ -131,17 +131,22 @@ def _cached_tokenizer(path: Path) -> Tokenizer | None:
 META_KEYS = {"version": int, "dtype": str, "tokens": int, "split": int, "bytes": int, "checksum": str}
 
 
-def _store_problem(store: Path) -> str | None:
-    """Why a token store cannot be trusted (None: it matches its record). The record is meta.json: the size
-    and checksum of tokens.bin as written. A file cut short or damaged since would otherwise train on
-    fewer tokens, or on wrong ones, without a word."""
+def _read_store(store: Path) -> tuple[dict | None, str | None]:
+    """(a token store's meta.json, None) when the store matches it, else (None, why it cannot be trusted). The
+    record is meta.json: the size and checksum of tokens.bin as written. A file cut short or damaged since
+    would otherwise train on fewer tokens, or on wrong ones, without a word."""
     try:
         meta = json.loads((store / "meta.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"meta.json cannot be read ({type(e).__name__})"
+        return None, f"meta.json cannot be read ({type(e).__name__})"
     wrong = [k for k, kind in META_KEYS.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
     if wrong:
-        return f"meta.json lacks {', '.join(wrong)} (written by an older lmforge, or damaged)"
+        return None, f"meta.json lacks {', '.join(wrong)} (written by an older lmforge, or damaged)"
+    problem = _size_or_checksum_problem(store, meta)
+    return (None, problem) if problem else (meta, None)
+
+
+def _size_or_checksum_problem(store: Path, meta: dict) -> str | None:
     tokens = store / "tokens.bin"
     size = tokens.stat().st_size if tokens.is_file() else -1
     if meta["dtype"] not in ("uint16", "uint32") or not 0 <= meta["split"] <= meta["tokens"] \
@@ -159,9 +164,9 @@ def _checked_meta(store: Path) -> dict | None:
     again (then the damaged store is removed, with a note)."""
     if not store.exists():
         return None
-    problem = _store_problem(store)
+    meta, problem = _read_store(store)
     if problem is None:
-        return json.loads((store / "meta.json").read_text(encoding="utf-8"))
+        return meta
     print(f"lmforge: note: the token cache {store} does not match its record ({problem}); building it again",
           file=sys.stderr)
     shutil.rmtree(store, ignore_errors=True)

@@ -10,6 +10,7 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import UserError
+from lmforge.io import atomic_write
 
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>")
@@ -102,8 +103,6 @@ def check_vocab_size(kind: str, asked: int, holds: int, where: str) -> None:
 def save_tokenizer(tok: Tokenizer, path: str | Path, parents: bool = False) -> None:
     """tokenizer.json, whole or not at all (the tokenizers library writes in place and reports a full disk
     as a bare Exception); parents: create the folders above it."""
-    from lmforge.io import atomic_write  # here: lmforge.io imports torch, which `tokenizer train` needs nowhere else
-
     atomic_write(Path(path), lambda tmp: tok.save(str(tmp)), parents)
 
 
