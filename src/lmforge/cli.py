@@ -460,6 +460,11 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "onnx":
+        return _export_onnx(args)
+    if args.quantize:
+        raise UserError(f"export: --quantize {args.quantize} applies to --format onnx (an ONNX graph for "
+                        f"onnxruntime); a Hugging Face folder (--format {args.format}) is written in fp32")
     from lmforge.hf.export import ADAPTER_DIR, export_hf
 
     hf_cfg = export_hf(args.run, args.out, args.format, merge=args.merge)
@@ -472,6 +477,17 @@ def cmd_export(args) -> int:
         print("          (or export with --merge for one plain model)")
     else:
         print(f"load it:  {base}")
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from lmforge.hf.onnx import export_onnx
+
+    info = export_onnx(args.run, args.out, args.quantize)
+    files = " and ".join(info["files"].values())
+    print(f"exported {args.run} as an ONNX {info['graph']} graph ({files}) to {args.out}")
+    print(f"run it:   onnxruntime.InferenceSession(\"{Path(args.out) / info['files']['float32']}\"); its inputs and "
+          f"outputs in {Path(args.out) / 'onnx_config.json'}")
     return 0
 
 
@@ -518,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, DataConfig,  # light: no torch
                                 Seq2SeqConfig, ServeLimits)
     from lmforge.fields import between, ge, gt, nonempty, seed_range, temperature_range, top_p_range
-    from lmforge.hf.arch import FORMATS as HF_FORMATS
+    from lmforge.hf.arch import EXPORT_FORMATS, ONNX_QUANTIZE
 
     parser = Parser(prog="lmforge", description="Train Transformer models in practice: from raw text to a trained, "
                     "evaluated, exported and served model.", epilog=WORKFLOW, allow_abbrev=False,
@@ -651,18 +667,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3 or BERT "
-                       "layout)",
+                       "layout) or an ONNX graph",
                        description="Write a run as a Hugging Face model folder that transformers' from_pretrained "
                        "loads: config.json, model.safetensors and the tokenizer; a fine-tuned run gets its task's "
-                       "head class (e.g. BertForSequenceClassification), a LoRA run a PEFT adapter folder.",
+                       "head class (e.g. BertForSequenceClassification), a LoRA run a PEFT adapter folder. With "
+                       "--format onnx: model.onnx for onnxruntime (a decoder with its KV cache as inputs and "
+                       "outputs), the tokenizer and onnx_config.json; --quantize int8 adds model.int8.onnx.",
                        allow_abbrev=False)
     p.add_argument("run", metavar="RUN", help="a run directory, one of its checkpoints, or a Hugging Face folder")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
-    p.add_argument("--format", default="auto", choices=HF_FORMATS,
+    p.add_argument("--format", default="auto", choices=EXPORT_FORMATS,
                    help="the Hugging Face layout; auto = bert for mlm, the first of gpt2, llama, qwen2, qwen3 that "
-                   "fits for clm [default: auto]")
+                   "fits for clm; onnx = an ONNX graph for onnxruntime (docs/huggingface.md) [default: auto]")
     p.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapter into the weights and write "
-                   "one plain model [default: the base and the adapter in the peft library's format]")
+                   "one plain model [default: the base and the adapter in the peft library's format; --format "
+                   "onnx always merges]")
+    p.add_argument("--quantize", choices=ONNX_QUANTIZE, help="--format onnx: also write model.int8.onnx, "
+                   "onnxruntime's dynamic int8 quantisation of the weights [default: fp32 only]")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="answer HTTP requests with a trained run (FastAPI; OpenAPI schema at /docs)",

@@ -337,4 +337,6 @@ QWEN3 = replace(
 )
 
 ARCHS = {a.name: a for a in (BERT, GPT2, LLAMA, QWEN2, QWEN3)}
-FORMATS = ("auto", *ARCHS)
+FORMATS = ("auto", *ARCHS)  # the Hugging Face layouts export_hf writes
+EXPORT_FORMATS = (*FORMATS, "onnx")  # lmforge export --format: one of those, or an ONNX graph (hf/onnx.py)
+ONNX_QUANTIZE = ("int8",)  # lmforge export --format onnx --quantize
