@@ -33,6 +33,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -166,6 +167,9 @@ def _plain_model(run, cfg, model: nn.Module) -> nn.Module:
     if kind not in ("gpt", "masked_lm", "sequence_classifier", "token_tagger"):
         raise UserError(f"export: {run}: a {cfg.task} model ({kind}) has no ONNX graph lmforge writes; it writes "
                         "decoders (clm, sft, dpo), encoders (mlm), sequence classifiers and taggers")
+    if cfg.model.max_seq_len < PAST + SEQ:
+        raise UserError(f"export: {run}: model.max_seq_len = {cfg.model.max_seq_len}; the ONNX export traces the "
+                        f"model on {PAST + SEQ} positions")
     dequantise_model(model)
     if peft_method(model) == "lora":
         model = strip_peft(model, merge=True, inplace=True)
@@ -174,20 +178,19 @@ def _plain_model(run, cfg, model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporter's and the quantiser's chatter kept off the terminal: their progress lines on stdout, their
-    warnings (about names they rename, "torchvision is not installed", "consider pre-processing before
-    quantization"), none about anything the user can change; a failure still raises."""
-    loggers = [logging.getLogger(name) for name in ("", "torch.onnx", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    """The exporter's and the quantiser's chatter kept off the terminal: progress lines on stdout, the traced
+    graph on stderr when tracing fails, log warnings ("torchvision is not installed", "consider pre-processing
+    before quantization") and Python warnings about axes it renames, none of it about anything the user can
+    change; a failure still raises, and says why (_reason)."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        logging.disable(disabled)
 
 
 def _trace(run, graph: nn.Module, args: tuple, dynamic: dict, inputs: list[str], outputs: list[str]):
@@ -199,13 +202,21 @@ def _trace(run, graph: nn.Module, args: tuple, dynamic: dict, inputs: list[str],
             return torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=dynamic, input_names=inputs,
                                      output_names=outputs, verbose=False)
     except Exception as e:  # the exporter's errors are many classes, from torch.export, onnxscript and itself
-        raise UserError(f"export: {run}: the ONNX exporter cannot trace this model: {_first_line(e)}") from None
+        raise UserError(f"export: {run}: the ONNX exporter cannot trace this model: {_reason(e)}") from None
 
 
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
     text = lines[0] if lines else type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of the error at the root of the exporter's chain ("Failed to export the model with
+    torch.export" says which step failed; its cause says why), with its class."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{_first_line(e)} ({type(e).__name__})"
 
 
 def _flat(outputs) -> list[torch.Tensor]:

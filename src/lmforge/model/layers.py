@@ -128,7 +128,9 @@ class Attention(nn.Module):
             # mask (which must not lift causality) or extra keys (their columns come first)
             causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             mask = causal if mask is None else mask & causal
-        is_causal = self.causal and mask is None and past == 0 and T > 1
+        # bool(): traced for ONNX (hf/onnx.py) T is a symbolic size, whose comparison SDPA refuses; the
+        # trace takes T > 1, and SDPA's causal mask of one position is that position, as without it
+        is_causal = self.causal and mask is None and past == 0 and bool(T > 1)
         k, v, mask = self.extend_keys(k, v, mask)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
