@@ -29,7 +29,7 @@ LAYERS = {
     "lmforge.runs": 3, "lmforge.rundir": 3, "lmforge.train.": 3,
     "lmforge.tasks.": 4, "lmforge.generate": 4,
     "lmforge.train.loop": 5, "lmforge.train.checkpointer": 5, "lmforge.cli": 5, "lmforge.serve": 5,
-    "lmforge.report": 5, "lmforge.hf.export": 5, "lmforge.__main__": 5,
+    "lmforge.report": 5, "lmforge.hf.export": 5, "lmforge.hf.onnx": 5, "lmforge.__main__": 5,
 }
 
 

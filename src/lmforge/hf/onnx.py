@@ -30,6 +30,7 @@ onnx, onnxruntime and onnxscript are imported here, when an ONNX export is asked
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -58,12 +59,12 @@ CHECK_TOL = 1e-3
 
 
 def _need_libraries() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401  (torch.onnx's exporter writes the graph with it)
-    except ImportError as e:
-        raise UserError(f"export --format onnx needs the {e.name} package: pip install 'lmforge[onnx]'") from None
+    """onnxscript: torch.onnx's exporter writes the graph with it; onnx and onnxruntime: read and check it."""
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise UserError(f"export --format onnx needs the {name} package: pip install 'lmforge[onnx]'") from None
 
 
 # -- the graphs: nn.Modules whose forward takes and returns the ONNX inputs and outputs -----------------
