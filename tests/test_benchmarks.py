@@ -64,3 +64,23 @@ def test_qlora_memory_smoke_runs_each_variant_in_its_own_process_and_compares_th
         losses[variant] = float(re.search(r"dev loss (\d+\.\d+)", row).group(1))
     # a random tiny model's loss is ln(vocab) or so on every base: the quantised bases change it little
     assert abs(losses["int8"] / losses["fp32"] - 1) < 0.01 and abs(losses["nf4"] / losses["fp32"] - 1) < 0.05, losses
+
+
+@pytest.mark.slow  # a subprocess importing torch and onnxruntime, a short training run and an ONNX export
+def test_onnx_latency_smoke_scores_and_times_lmforge_and_both_onnx_graphs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    if not (DATA / "sst2" / "train.txt").is_file():
+        pytest.skip(f"the shared SST-2 data set is not at {DATA}")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onnx_latency.py"), "--smoke"], cwd=tmp_path,
+                          env=benchmark_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"RESULT ort_speedup_b1=\d+\.\d\d ort_speedup_b32=\d+\.\d\d int8_speedup_b1=\d+\.\d\d "
+                        r"int8_speedup_b32=\d+\.\d\d int8_acc_drop=-?\d+\.\d\d acc_fp32=\d\.\d{4} acc_int8=\d\.\d{4}",
+                        lines[-1]), lines[-1]
+    # the fp32 graph computes lmforge's logits, so it scores the same sentences right
+    diff = float(re.search(r"max abs logit difference (\S+)", done.stdout).group(1))
+    accs = {side: float(re.search(rf"{side} +accuracy (\d\.\d{{4}})", done.stdout).group(1))
+            for side in ("lmforge eager", "onnxruntime fp32", "onnxruntime int8")}
+    assert diff < 1e-4 and accs["lmforge eager"] == accs["onnxruntime fp32"], (diff, accs)
