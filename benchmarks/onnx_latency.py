@@ -37,8 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from lmforge.cli import finetune_base, main as lmforge_main  # noqa: E402
-from lmforge.config import load_config, read_yaml, save_config  # noqa: E402
+from lmforge.cli import main as lmforge_main  # noqa: E402
+from lmforge.config import load_config, save_config  # noqa: E402
 from lmforge.data.tokenizer import train_tokenizer  # noqa: E402
 from lmforge.hf.onnx import INT8_FILE, MODEL_FILE, export_onnx, ort_session  # noqa: E402
 from lmforge.io import save_weights  # noqa: E402
