@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--format", default="auto", choices=EXPORT_FORMATS,
                    help="the Hugging Face layout; auto = bert for mlm, the first of gpt2, llama, qwen2, qwen3 that "
-                   "fits for clm; onnx = an ONNX graph for onnxruntime (docs/huggingface.md) [default: auto]")
+                   "fits for clm; onnx = an ONNX graph for onnxruntime (docs/onnx.md) [default: auto]")
     p.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapter into the weights and write "
                    "one plain model [default: the base and the adapter in the peft library's format; --format "
                    "onnx always merges]")
