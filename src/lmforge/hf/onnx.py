@@ -260,7 +260,8 @@ def graph_outputs(path: Path) -> list[str]:
 
 def _quantize(source: Path, target: Path) -> None:
     """onnxruntime's dynamic int8 quantisation of every MatMul with a weight: one scale per output channel
-    (per-tensor scales lose a point of SST-2 accuracy on MiniLM), activations quantised per call."""
+    (the channels of a weight differ in range, and one scale for all would round the narrow ones coarsely),
+    activations quantised per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     large = (source.parent / f"{source.name}.data").exists()
