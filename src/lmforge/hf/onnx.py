@@ -107,9 +107,9 @@ class EncoderGraph(nn.Module):
     """A bidirectional or fine-tuned model on right-padded rows: the model's forward (a masked LM's: its
     logits and the body's hidden states)."""
 
-    def __init__(self, model: nn.Module, segments: bool):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.segments = model, segments
+        self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         pad_mask = attention_mask.bool()
@@ -150,22 +150,24 @@ def _encoder(model: nn.Module) -> tuple[nn.Module, tuple, dict, list[str], list[
     mask[1, -2:] = 0  # a right-padded row
     axes = {0: "batch", 1: "sequence"}
     args, dynamic, inputs = (ids, mask), {"input_ids": axes, "attention_mask": axes}, ["input_ids", "attention_mask"]
-    segments = model.seg_emb is not None
-    if segments:
+    if model.seg_emb is not None:
         args += (torch.randint(0, cfg.type_vocab_size, (BATCH, SEQ), generator=g, device="cpu"),)
         dynamic["token_type_ids"] = axes
         inputs.append("token_type_ids")
     outputs = ["logits", "last_hidden_state"] if isinstance(model, MaskedLM) else ["logits"]
-    return EncoderGraph(model, segments), args, dynamic, inputs, outputs
+    return EncoderGraph(model), args, dynamic, inputs, outputs
 
 
 # -- export ------------------------------------------------------------------------------------------
+
+# the graph of each model kind (registry.TaskSpec.model) that has one; onnx_config.json's "graph"
+GRAPHS = {"gpt": "decoder", "masked_lm": "encoder", "sequence_classifier": "classifier", "token_tagger": "tagger"}
 
 
 def _plain_model(run, cfg, model: nn.Module) -> nn.Module:
     """The model as the graph computes it: dequantised, a LoRA update merged; adapters and prefixes stay."""
     kind = registry.spec(cfg.task).model
-    if kind not in ("gpt", "masked_lm", "sequence_classifier", "token_tagger"):
+    if kind not in GRAPHS:
         raise UserError(f"export: {run}: a {cfg.task} model ({kind}) has no ONNX graph lmforge writes; it writes "
                         "decoders (clm, sft, dpo), encoders (mlm), sequence classifiers and taggers")
     if cfg.model.max_seq_len < PAST + SEQ:
@@ -314,8 +316,7 @@ def export_onnx(run: str | Path, out: str | Path, quantize: str | None = None) -
     _need_libraries()
     model, tok, cfg = load_run(run)
     model = _plain_model(run, cfg, model)
-    kind = {"gpt": "decoder", "masked_lm": "encoder", "sequence_classifier": "classifier",
-            "token_tagger": "tagger"}[registry.spec(cfg.task).model]
+    kind = GRAPHS[registry.spec(cfg.task).model]
     graph, args, dynamic, inputs, outputs = (_decoder if kind == "decoder" else _encoder)(model)
     program = _trace(run, graph.eval(), args, dynamic, inputs, outputs)
     info = {}
