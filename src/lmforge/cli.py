@@ -42,14 +42,59 @@ def _long_options(parser: argparse.ArgumentParser) -> list[str]:
     return sorted(set(found))
 
 
-def _config_options(p: argparse.ArgumentParser, base: dict | None = None) -> None:
+def _config_options(p: argparse.ArgumentParser, base: dict | None = None, task: str | None = None) -> None:
+    """The config's fields as --SECTION.KEY options. task: --help shows the options that apply to it alone
+    (every option is still accepted: a recipe may set another task); None or "all": every option."""
     from lmforge.config import help_rows
 
     p.usage = f"{p.prog} [--config YAML] [--resume auto|RUN|CKPT] [--SECTION.KEY VALUE ...]"
     p.add_argument("--config", metavar="YAML", help="a recipe file; the options below override its values")
-    group = p.add_argument_group("config options (dotted keys; also settable in the YAML file)")
-    for option, metavar, text in help_rows(base):
-        group.add_argument(option, metavar=metavar, help=text, default=argparse.SUPPRESS)
+    shown = None if task in (None, ALL_TASKS) else task
+    title = (f"config options of task {shown} (dotted keys; also settable in the YAML file; another task's: "
+             f"--task NAME --help; every option: --help {ALL_TASKS})" if shown else
+             "config options (dotted keys; also settable in the YAML file)")
+    group = p.add_argument_group(title)
+    for option, metavar, text, applies in help_rows(base, shown):
+        group.add_argument(option, metavar=metavar, help=text if applies else argparse.SUPPRESS,
+                           default=argparse.SUPPRESS)
+
+
+ALL_TASKS = "all"  # `lmforge finetune --help all`: every task's options
+TRAIN_COMMANDS = ("pretrain", "train", "finetune")
+
+
+def _help_task(argv: list[str]) -> str | None:
+    """For `lmforge pretrain|train|finetune ... --help [all]`: the task whose options --help shows (from --task,
+    else the --config recipe, else the command's default task), or ALL_TASKS; None when no help is asked for."""
+    if not argv or argv[0] not in TRAIN_COMMANDS or not {"-h", "--help"} & set(argv):
+        return None
+    at = max(i for i, word in enumerate(argv) if word in ("-h", "--help"))
+    if argv[at + 1:at + 2] == [ALL_TASKS]:
+        return ALL_TASKS
+    task = _option_value(argv, "--task")
+    if task is None and (recipe := _option_value(argv, "--config")):
+        from lmforge.config import read_yaml
+
+        found = read_yaml(recipe).get("task")
+        task = found if isinstance(found, str) else None
+    from lmforge.tasks import registry
+
+    task = task or ("classify" if argv[0] == "finetune" else "clm")
+    if task not in registry.TASKS:
+        raise UserError(f"{argv[0]} --help: task = {task}: expected one of {', '.join(registry.TASKS)} "
+                        f"(every option: --help {ALL_TASKS})")
+    return task
+
+
+def _option_value(argv: list[str], option: str) -> str | None:
+    """The value given to `option` (as `--option V` or `--option=V`), the last one winning; None if absent."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(option + "="):
+            value = word.split("=", 1)[1]
+    return value
 
 
 def _checkpoint(p: argparse.ArgumentParser, what: str) -> None:
@@ -479,6 +524,9 @@ def cmd_serve(args) -> int:
     import os
 
     from lmforge.config import ServeLimits
+    from lmforge.rundir import check_serves, task_before_loading
+
+    check_serves(args.run, task_before_loading(args.run))  # before torch and the model load (seconds)
     from lmforge.serve import serve
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
@@ -514,7 +562,8 @@ WORKFLOW = """a first session:
 recipes: configs/*.yaml   docs: docs/*.md"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
+    """help_task: the task (or ALL_TASKS) whose config options `pretrain|finetune --help` lists (_help_task)."""
     from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, DataConfig,  # light: no torch
                                 Seq2SeqConfig, ServeLimits)
     from lmforge.fields import between, ge, gt, nonempty, seed_range, temperature_range, top_p_range
@@ -533,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "not pre-training (seq2seq).", allow_abbrev=False)
     p.add_argument("--resume", metavar="auto|RUN|CKPT",
                    help="continue a run exactly: auto = the newest good checkpoint of --log.run_dir or of the newest run")
-    _config_options(p)
+    _config_options(p, task=help_task)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained model (a run or a Hugging Face folder) on labelled data",
@@ -542,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "0.01, 3 epochs); a recipe or the options below override them. Needs --finetune.init_from and "
                        "--finetune.train.", allow_abbrev=False)
     p.add_argument("--resume", metavar="auto|RUN|CKPT", help="continue a run exactly (as for pretrain)")
-    _config_options(p, finetune_base({}))
+    _config_options(p, finetune_base({}), help_task)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a labelled file and print its report",
@@ -717,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             raise UserError("no command given; start with `lmforge pretrain` (a small GPT in about 4 minutes) "
                             "or see lmforge --help")
-        args = build_parser().parse_args(argv)
+        args = build_parser(_help_task(argv)).parse_args(argv)
         return args.func(args)
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)

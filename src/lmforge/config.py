@@ -658,9 +658,27 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))  # a killed write leaves the old one
 
 
-def help_rows(base: dict | None = None):
-    """(option, metavar, help) for every config field, for the CLI's --help; base: a command's own starting
-    values (fine-tuning's), shown as the defaults where they differ."""
+def applies(path: str, task: str, loss_name: str | None = None) -> bool:
+    """Whether the config key `path` (dotted) means anything to `task`: its section is one the task reads
+    (registry: TaskSpec.config_sections) and, in the loss section, the option belongs to loss_name (None:
+    to any of the task's losses)."""
+    spec = registry.spec(task)
+    section, _, key = path.partition(".")
+    if path == "task":
+        return True
+    if section not in spec.config_sections:
+        return False
+    if path == "loss.chunked":  # the fused output projection + loss of a language-model head
+        return spec.model in ("gpt", "masked_lm", "encoder_decoder")
+    if section == "loss" and key != "name":
+        return any(key in LOSS_OPTIONS[name] for name in ((loss_name,) if loss_name else spec.losses))
+    return True
+
+
+def help_rows(base: dict | None = None, task: str | None = None):
+    """(option, metavar, help, applies) for every config field, for the CLI's --help; base: a command's own
+    starting values (fine-tuning's), shown as the defaults where they differ; task: the task whose options
+    apply (None: all)."""
     for path, tp, f in leaves(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         node = base or {}
@@ -669,4 +687,5 @@ def help_rows(base: dict | None = None):
         default = default if node is dataclasses.MISSING else node
         extra = f" {{{','.join(map(str, choices_of(f)))}}}" if choices_of(f) else ""
         check = f" ({f.metadata['check'][1]})" if f.metadata.get("check") else ""
-        yield f"--{path}", _type_name(tp).upper(), f"{f.metadata['doc']}{extra}{check} [default: {default}]"
+        yield (f"--{path}", _type_name(tp).upper(), f"{f.metadata['doc']}{extra}{check} [default: {default}]",
+               task is None or applies(path, task))

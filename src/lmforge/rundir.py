@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from lmforge.config import ConfigError, read_yaml
+from lmforge.errors import UserError
 from lmforge.io import atomic_write, read_json
 from lmforge.tasks import registry
 
@@ -54,3 +55,13 @@ def task_before_loading(path: str | Path) -> str | None:
     except (ConfigError, OSError):  # unreadable: load_run's to report
         return None
     return task if task in registry.names() else None
+
+
+def check_serves(run: str | Path, task: str | None) -> None:
+    """Refuse to serve a run whose task answers no requests (the registry's endpoint); task None: not known
+    before loading (a Hugging Face folder), checked again once loaded."""
+    if task is None or registry.spec(task).endpoint is not None:
+        return
+    served = [name for name, s in registry.TASKS.items() if s.endpoint]
+    raise UserError(f"serve: {run} holds a {task} model, which answers no requests; expected a run "
+                    f"of task {', '.join(served)} (fine-tune it first: lmforge finetune)")
