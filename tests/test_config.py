@@ -162,9 +162,9 @@ def test_read_yaml_errors(tmp_path):
     assert isinstance(ConfigError("x"), UserError)
 
 
-def test_pretrain_help_shows_every_field_doc(capsys):
+def test_pretrain_help_all_shows_every_field_doc(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["pretrain", "--help"])
+        main(["pretrain", "--help", "all"])
     assert e.value.code == 0
     squashed = re.sub(r"\s+", "", capsys.readouterr().out)  # help text is wrapped at any space or hyphen
     for path, _, field in leaves(Config):
