@@ -206,8 +206,8 @@ def cmd_train(args) -> int:
         print(f"weights:       none saved: no evaluation scored a finite val {result.metric}")
     if result.plot:
         print(f"plot:          {result.plot}")
-    if cfg.log.tensorboard:
-        print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    for line in result.tracked:  # tensorboard --logdir ..., wandb sync ..., the MLflow run
+        print(line)
     if weights.is_file():
         _print_next_steps(registry.spec(cfg.task), result.run_dir)
     return 0
