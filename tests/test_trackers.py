@@ -255,3 +255,19 @@ def test_missing_library_through_the_command(workdir, tmp_path):
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     check(workdir, tmp_path, before, busy, proc.returncode, proc.stdout, proc.stderr, ["pip install wandb"])
+
+
+def test_wandb_online_without_credentials(workdir, tmp_path, monkeypatch, capsys):
+    """Online W&B with no API key and no `wandb login`: refused up front, never a login prompt on stdin."""
+    from lmforge.cli import main
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    before, busy = snapshot(workdir)
+    monkeypatch.chdir(workdir)
+    rc = main(full_argv(["pretrain", "--log.trackers", "[wandb]", "--log.wandb_mode", "online"], tmp_path))
+    out = capsys.readouterr()
+    assert rc == 2
+    check(workdir, tmp_path, before, busy, rc, out.out, out.err,
+          ["log.wandb_mode = online needs W&B credentials", "wandb login", "WANDB_API_KEY"])
