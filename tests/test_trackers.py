@@ -47,6 +47,16 @@ def test_log_tensorboard_is_a_deprecated_alias(capsys):
     assert "tensorboard" not in cfg.log.__dict__  # the resolved config holds log.trackers alone
 
 
+def test_the_command_takes_log_tensorboard_unlisted(capsys):
+    from lmforge.cli import _overrides, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "--log.tensorboard", "false", "--log.trackers", "[mlflow, tensorboard]"])
+    assert load_config(overrides=_overrides(args)).log.trackers == ["mlflow"]
+    assert "log.tensorboard is deprecated" in capsys.readouterr().err
+    assert "--log.tensorboard" not in parser._subparsers._group_actions[0].choices["pretrain"].format_help()
+
+
 def test_an_old_run_config_reads_quietly(tmp_path, capsys):
     """A run written before log.trackers has log.tensorboard in its config.yaml: it loads (resume, predict, export)
     without a note, its switch carried into log.trackers."""

@@ -43,13 +43,15 @@ def _long_options(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def _config_options(p: argparse.ArgumentParser, base: dict | None = None) -> None:
-    from lmforge.config import help_rows
+    from lmforge.config import DEPRECATED_KEYS, help_rows
 
     p.usage = f"{p.prog} [--config YAML] [--resume auto|RUN|CKPT] [--SECTION.KEY VALUE ...]"
     p.add_argument("--config", metavar="YAML", help="a recipe file; the options below override its values")
     group = p.add_argument_group("config options (dotted keys; also settable in the YAML file)")
     for option, metavar, text in help_rows(base):
         group.add_argument(option, metavar=metavar, help=text, default=argparse.SUPPRESS)
+    for key in DEPRECATED_KEYS:  # old scripts keep working, with a note; --help shows the new keys only
+        group.add_argument(f"--{key}", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
 
 
 def _checkpoint(p: argparse.ArgumentParser, what: str) -> None:
@@ -134,9 +136,9 @@ def _dtype(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     """The config options given on the command line, as {dotted key: raw string}."""
-    from lmforge.config import leaves
+    from lmforge.config import DEPRECATED_KEYS, leaves
 
-    keys = {path for path, _, _ in leaves()}
+    keys = {path for path, _, _ in leaves()} | set(DEPRECATED_KEYS)
     return {k: v for k, v in vars(args).items() if k in keys}
 
 

@@ -674,6 +674,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+DEPRECATED_KEYS = ("log.tensorboard",)  # still read (legacy_log_keys), no longer fields; the CLI takes them, unlisted
+
+
 def legacy_log_keys(tree: dict) -> str | None:
     """log.tensorboard (a switch before log.trackers) still works, so old configs, scripts and run directories do:
     false takes tensorboard out of log.trackers, true puts it in. Returns the deprecation note to print (None

@@ -9,9 +9,11 @@ wandb nor mlflow."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -52,7 +54,12 @@ def check(cfg: Config) -> None:
     W&B online has credentials. One UserError naming the key and the fix otherwise."""
     lc = cfg.log
     for name in lc.trackers:
-        _import(name)
+        module, package = MODULES[name]
+        # found, not imported: mlflow takes seconds to import, paid when the run starts and not for a refusal
+        installed = sys.modules[module] is not None if module in sys.modules else importlib.util.find_spec(module)
+        if not installed:
+            raise UserError(f"config: log.trackers has {name}, but the {module} package is not installed: "
+                            f"pip install {package} (or pip install 'lmforge[trackers]')")
     if "mlflow" in lc.trackers:
         check_mlflow_uri(mlflow_uri(lc), lc.mlflow_uri)
     if "wandb" in lc.trackers and lc.wandb_mode == "online":
@@ -60,14 +67,14 @@ def check(cfg: Config) -> None:
 
 
 def _import(name: str):
+    """The tracker's library, at its start; one that is installed but does not import (a dependency's version,
+    say) is one line too."""
     module, package = MODULES[name]
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        missing = getattr(e, "name", None) in (module, None)
-        why = "is not installed" if missing else f"does not import ({one_line(e, 120)})"
-        raise UserError(f"config: log.trackers has {name}, but the {module} package {why}: pip install {package} "
-                        "(or pip install 'lmforge[trackers]')") from None
+        raise UserError(f"log.trackers: {name}: the {module} package does not import ({one_line(e, 120)}): "
+                        f"pip install -U {package}") from None
 
 
 def mlflow_uri(lc) -> str:
