@@ -45,7 +45,7 @@ def _long_options(parser: argparse.ArgumentParser) -> list[str]:
 def _config_options(p: argparse.ArgumentParser, base: dict | None = None, task: str | None = None) -> None:
     """The config's fields as --SECTION.KEY options. task: --help shows the options that apply to it alone
     (every option is still accepted: a recipe may set another task); None or "all": every option."""
-    from lmforge.config import help_rows
+    from lmforge.config import DEPRECATED_KEYS, help_rows
 
     p.usage = f"{p.prog} [--config YAML] [--resume auto|RUN|CKPT] [--SECTION.KEY VALUE ...]"
     p.add_argument("--config", metavar="YAML", help="a recipe file; the options below override its values")
@@ -57,6 +57,8 @@ def _config_options(p: argparse.ArgumentParser, base: dict | None = None, task: 
     for option, metavar, text, applies in help_rows(base, shown):
         group.add_argument(option, metavar=metavar, help=text if applies else argparse.SUPPRESS,
                            default=argparse.SUPPRESS)
+    for key in DEPRECATED_KEYS:  # old scripts keep working, with a note; --help shows the new keys only
+        group.add_argument(f"--{key}", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
 
 
 ALL_TASKS = "all"  # `lmforge finetune --help all`: every task's options
@@ -179,9 +181,9 @@ def _dtype(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     """The config options given on the command line, as {dotted key: raw string}."""
-    from lmforge.config import leaves
+    from lmforge.config import DEPRECATED_KEYS, leaves
 
-    keys = {path for path, _, _ in leaves()}
+    keys = {path for path, _, _ in leaves()} | set(DEPRECATED_KEYS)
     return {k: v for k, v in vars(args).items() if k in keys}
 
 
@@ -251,8 +253,8 @@ def cmd_train(args) -> int:
         print(f"weights:       none saved: no evaluation scored a finite val {result.metric}")
     if result.plot:
         print(f"plot:          {result.plot}")
-    if cfg.log.tensorboard:
-        print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    for line in result.tracked:  # tensorboard --logdir ..., wandb sync ..., the MLflow run
+        print(line)
     if weights.is_file():
         _print_next_steps(registry.spec(cfg.task), result.run_dir)
     return 0

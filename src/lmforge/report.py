@@ -26,10 +26,12 @@ from lmforge.errors import UserError
 from lmforge.io import atomic_write
 from lmforge.rundir import BASE_MODEL, read_selection
 from lmforge.tasks import registry
+from lmforge.train import trackers
 from lmforge.train.tracking import METRICS, read_metrics
 
 EXPECTED = "expected a run directory with config.yaml and metrics.jsonl"
-SKIP_DIRS = {"checkpoints", "tensorboard"}
+# the trackers' folders hold copies of a run's config.yaml and metrics.jsonl (uploaded files), not runs
+SKIP_DIRS = {"checkpoints", trackers.TB_DIR, trackers.WANDB_DIR, trackers.MLFLOW_STORE}
 PPL_TASKS = ("clm", "mlm")  # their loss is a per-token cross-entropy, so exp(loss) is a perplexity
 SAMPLES = 10
 
