@@ -472,6 +472,9 @@ def cmd_export(args) -> int:
         print("          (or export with --merge for one plain model)")
     else:
         print(f"load it:  {base}")
+    if hf_cfg.get("is_encoder_decoder"):  # generation_config.json holds the run's beam size and length penalty
+        print(f"translate: model.generate(**tokenizer(texts, return_tensors=\"pt\", padding=True)) decodes as "
+              f"lmforge translate does (tokenizer: transformers.AutoTokenizer.from_pretrained(\"{args.out}\"))")
     return 0
 
 
