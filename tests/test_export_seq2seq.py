@@ -72,7 +72,9 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 def loaded(pair: tuple[Path, Path]):
     run, folder = pair
     model, tok, cfg = load_run(run)
-    hf = transformers.BartForConditionalGeneration.from_pretrained(folder).eval()
+    hf, info = transformers.BartForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    hf.eval()
     return model.eval(), tok, cfg, hf, transformers.AutoTokenizer.from_pretrained(folder)
 
 
@@ -108,6 +110,9 @@ def test_the_folder_says_how_lmforge_decodes(exported):
     assert gen.max_length == cfg.model.max_seq_len
     # the HF tokenizer ends a source with </s>, as lmforge's encoder reads it
     assert hf_tok(SOURCES)["input_ids"] == encoded(tok, SOURCES, eos)
+    batch = hf_tok(SOURCES, padding=True, return_tensors="pt")
+    source, mask = padded_sources(tok, SOURCES)
+    assert torch.equal(batch["input_ids"], source) and torch.equal(batch["attention_mask"].bool(), mask)
     span = loaded(exported["span"])[3].generation_config
     assert span.num_beams == 1
 

@@ -127,7 +127,8 @@ def token_ids(tok: Tokenizer) -> dict[str, int]:
     return {"pad_token_id": pad, "bos_token_id": bos, "eos_token_id": eos, "decoder_start_token_id": bos}
 
 
-# generate's additions that lmforge's decoding never makes: BART's defaults force </s> at max_length
+# generate's additions that lmforge's decoding never makes: BartConfig's defaults force token 2 at max_length.
+# transformers 5 reads them from generation_config.json, older versions from config.json: null in both.
 NO_FORCED_TOKENS = {"forced_bos_token_id": None, "forced_eos_token_id": None}
 
 
