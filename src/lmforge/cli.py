@@ -519,6 +519,9 @@ def cmd_export(args) -> int:
         print("          (or export with --merge for one plain model)")
     else:
         print(f"load it:  {base}")
+    if hf_cfg.get("is_encoder_decoder"):  # generation_config.json holds the run's beam size and length penalty
+        print(f"translate: model.generate(**tokenizer(texts, return_tensors=\"pt\", padding=True)) decodes as "
+              f"lmforge translate does (tokenizer: transformers.AutoTokenizer.from_pretrained(\"{args.out}\"))")
     return 0
 
 
@@ -702,7 +705,7 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3 or BERT "
-                       "layout)",
+                       "layout; BART for an encoder-decoder)",
                        description="Write a run as a Hugging Face model folder that transformers' from_pretrained "
                        "loads: config.json, model.safetensors and the tokenizer; a fine-tuned run gets its task's "
                        "head class (e.g. BertForSequenceClassification), a LoRA run a PEFT adapter folder.",
@@ -711,7 +714,7 @@ def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--format", default="auto", choices=HF_FORMATS,
                    help="the Hugging Face layout; auto = bert for mlm, the first of gpt2, llama, qwen2, qwen3 that "
-                   "fits for clm [default: auto]")
+                   "fits for clm, BART for seq2seq and span [default: auto]")
     p.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapter into the weights and write "
                    "one plain model [default: the base and the adapter in the peft library's format]")
     p.set_defaults(func=cmd_export)

@@ -16,7 +16,7 @@ from lmforge import chat
 from lmforge.config import save_config
 from lmforge.errors import UserError
 from lmforge.hf.arch import ACTIVATIONS, ARCHS, BERT, FORMATS, Arch
-from lmforge.hf import keymap
+from lmforge.hf import bart, keymap
 from lmforge.hf.load import Imported, load_hf
 from lmforge.hf.tokenizer import special_tokens
 from lmforge.io import atomic_dir, atomic_text, atomic_write, fill_folder, save_weights, write_safetensors
@@ -94,11 +94,6 @@ def _export_arch(cfg, fmt: str, run) -> Arch:
     if fmt not in FORMATS:
         raise UserError(f"export: --format {fmt}: expected one of {', '.join(FORMATS)}")
     candidates = [ARCHS[fmt]] if fmt != "auto" else [a for a in ARCHS.values() if a.task == _body_task(cfg)]
-    if not candidates:  # an encoder-decoder: no layout to list the gaps of
-        written = {task: " or ".join(a.title for a in ARCHS.values() if a.task == task) for task in ("clm", "mlm")}
-        raise UserError(f"export: {run}: a {cfg.task} model is an encoder-decoder, and lmforge writes no Hugging Face "
-                        f"encoder-decoder layout; it exports clm models as {written['clm']} and mlm models as "
-                        f"{written['mlm']}")
     gaps = [(a, _gaps(a, cfg)) for a in candidates]
     for arch, missing in gaps:
         if not missing:
@@ -184,6 +179,8 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     out = Path(out)
     _check_out(out, "export")
     trained, tok, cfg = load_run(run)
+    if registry.spec(cfg.task).model == "encoder_decoder":
+        return _export_encoder_decoder(trained, tok, cfg, run, out, fmt)
     dequantise_model(trained)
     arch = _export_arch(cfg, fmt, run)
     method = peft_method(trained)
@@ -203,25 +200,47 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
         tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.model.d_model, device="cpu")
     specials = special_tokens(tok, _body_task(cfg))
     hf_cfg = {**_hf_config(arch, cfg, specials, tok), **_finetuned_config(arch, cfg, run)}
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is: the same ids
-               "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False, **specials}
-    side = {"tokenizer_config.json": _json_text(tok_cfg), "special_tokens_map.json": _json_text(specials),
-            **hf_side_files(run)}  # the source's own, where the run came from one
+    side = {**_tokenizer_files(specials, cfg), **hf_side_files(run)}  # the source's own, where the run came from one
     hf_cfg.update(_source_token_ids(side))
     _add_named_template(side, cfg)
 
     def write(tmp: Path) -> None:
-        # clone: safetensors refuses views that share storage (the parts of a fused tensor)
-        write_safetensors({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
-                          {"format": "pt"})
-        for name, text in {"config.json": _json_text(hf_cfg), **side}.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        tok.save(str(tmp / "tokenizer.json"))
+        _write_model(tmp, tensors, {"config.json": _json_text(hf_cfg), **side}, tok)
         if method == "lora":  # in a sub-folder: beside config.json, transformers would load it in place of the base
             write_peft_adapter(trained, arch, tmp / ADAPTER_DIR, base_model_path=str(out.resolve()),
                                hf_class=hf_cfg["architectures"][0], mapping=mapping)
 
     _write_dir(out, "export", write)
+    return hf_cfg
+
+
+def _tokenizer_files(specials: dict[str, str], cfg) -> dict[str, str]:
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is: the same ids
+               "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False, **specials}
+    return {"tokenizer_config.json": _json_text(tok_cfg), "special_tokens_map.json": _json_text(specials)}
+
+
+def _write_model(tmp: Path, tensors: dict[str, torch.Tensor], texts: dict[str, str], tok: Tokenizer) -> None:
+    # clone: safetensors refuses views that share storage (the parts of a fused tensor)
+    write_safetensors({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
+                      {"format": "pt"})
+    for name, text in texts.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    tok.save(str(tmp / "tokenizer.json"))
+
+
+def _export_encoder_decoder(model, tok: Tokenizer, cfg, run, out: Path, fmt: str) -> dict:
+    """A seq2seq or span run -> a BartForConditionalGeneration folder whose generate() decodes as lmforge does
+    (hf/bart.py: the layout, why BART, the generation settings)."""
+    if fmt != "auto":
+        raise UserError(f"export: --format {fmt}: a {cfg.task} model is an encoder-decoder, written as BART only; "
+                        "leave --format at auto")
+    bart.check(cfg, run)
+    hf_cfg = bart.config(model, tok)
+    texts = {"config.json": _json_text(hf_cfg), "generation_config.json": _json_text(bart.generation_config(cfg, tok)),
+             **_tokenizer_files(bart.special_tokens(tok), cfg)}
+    tensors = bart.tensors(model)
+    _write_dir(out, "export", lambda tmp: _write_model(tmp, tensors, texts, bart.tokenizer(tok)))
     return hf_cfg
 
 
