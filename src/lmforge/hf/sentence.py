@@ -69,15 +69,15 @@ def sentence_files(pooling: str, d_model: int, n_out: int, max_length: int, labe
     """{path inside OUT: text} of the sentence-transformers modules around the root's BertModel."""
     modules = [{"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
                for i, (path, kind) in enumerate((("", "Transformer"), (POOLING_DIR, "Pooling"), (DENSE_DIR, "Dense")))]
-    pool = {"word_embedding_dimension": d_model,
-            **{f"pooling_mode_{m}": m == POOLING_MODES[pooling] for m in ALL_MODES}, "include_prompt": True}
+    pool = {"word_embedding_dimension": d_model, **{f"pooling_mode_{m}": m == POOLING_MODES[pooling] for m in ALL_MODES}}
     dense = {"in_features": d_model, "out_features": n_out, "bias": True,
              "activation_function": "torch.nn.modules.linear.Identity"}
     readme = (f"# An lmforge classifier in the sentence-transformers layout\n\n"
               f"A BertModel body, {pooling} pooling and a linear head with {n_out} outputs "
               f"({', '.join(labels)}; config.json's id2label). The outputs are the model's logits "
               f"(or values), as lmforge computes them:\n\n"
-              f"```python\nfrom sentence_transformers import SentenceTransformer\n"
+              f"```python\nOUT, texts = \"path/to/this/folder\", [\"a first text\", \"another one\"]\n\n"
+              f"from sentence_transformers import SentenceTransformer\n"
               f"logits = SentenceTransformer(OUT).encode(texts, convert_to_tensor=True)\n```\n\n"
               f"With transformers alone (sentence pairs: `tok(texts, pairs, ...)`):\n\n"
               f"```python\n{transformers_code(pooling)}```\n")
