@@ -126,7 +126,7 @@ def test_encoder_classifier_exports_as_sentence_transformers_with_equal_outputs(
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
     if peft == LORA:  # merged, and saying so; the LoRA update is what makes the outputs equal
-        assert "the LoRA update is merged" in capsys.readouterr().out
+        assert "the LoRA update is merged" in capsys.readouterr().err
         assert not (out / ADAPTER_DIR).exists()
         trained = load_run(run)[0]
         batch = model.tokenize(TEXTS)

@@ -5,6 +5,7 @@ peft library's format beside it, `write_peft_adapter`)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -157,8 +158,8 @@ def _decoder_classifier_tokenizer(tok: Tokenizer, specials: dict[str, str]) -> t
     adds the eos as the run did, replacing the source's (which may add a bos the run never read)."""
     tok = Tokenizer.from_str(tok.to_str())
     eos, pad = specials.get("eos_token"), specials.get("pad_token")
-    if pad is None or pad == eos:
-        pad = NEW_PAD if tok.token_to_id(NEW_PAD) is None else "<|lmforge_pad|>"
+    if pad is None or pad == eos:  # (a vocabulary holding NEW_PAD would have given it as the pad token)
+        pad = NEW_PAD
         tok.add_special_tokens([pad])
     if eos is not None:
         tok.post_processor = processors.TemplateProcessing(
@@ -279,7 +280,7 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     sentence = sentence_layout(cfg)
     if sentence and method == "lora" and not merge:
         print(f"lmforge: note: {run}: the LoRA update is merged into the weights (a sentence-transformers folder "
-              "holds no peft adapter)")
+              "holds no peft adapter)", file=sys.stderr)
         merge = True
     # the base weights, its adapter written on its own below; merged: the base plus the LoRA update
     model = strip_peft(trained, merge=merge)
