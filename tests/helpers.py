@@ -160,21 +160,27 @@ TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32}
 
 
 def make_base(run: Path, task: str, specials: list[str] | None = None, texts: list[str] | None = None,
-              vocab: int = 300, sections: dict | None = None, **model) -> Path:
+              vocab: int = 300, sections: dict | None = None, noise: float = 0.0, **model) -> Path:
     """A pretrained-looking run directory (config.yaml, weights, tokenizer) with random weights; its tokenizer
     learnt from `texts` (default: synthetic lines) with `vocab` tokens; `sections`: more of its config (a
-    fine-tuned run's finetune section)."""
-    kind = "wordpiece" if task == "mlm" else "bpe"
+    fine-tuned run's finetune or peft section); `noise`: the std of Gaussian noise added to every weight, so
+    that what starts at zero or one (biases, norm weights, LoRA's B) is checked too."""
+    encoder = task == "mlm" or (sections or {}).get("finetune", {}).get("body") == "encoder"  # a BERT
+    kind = "wordpiece" if encoder else "bpe"
     specials = specials or ([] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"])
     tok = train_tokenizer(texts or synthetic_text(8000).splitlines(), kind, vocab, specials)
     extra = {"pos": "learned", "type_vocab_size": 2, "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
-             "bias": True} if task == "mlm" else {}  # BERT's layout
+             "bias": True} if encoder else {}  # BERT's layout
     cfg = load_config(base={"task": task, "model": {**TINY_MODEL, **extra, **model, "vocab_size": tok.get_vocab_size()},
                             "data": {"tokenizer": {"kind": kind}}, **(sections or {})})
     torch.manual_seed(0)
     run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
-    save_weights(full_weights(Dist(), make_task(cfg).build_model()), run / WEIGHTS, {"step": "0"})
+    model = make_task(cfg).build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, device=p.device) * noise)
+    save_weights(full_weights(Dist(), model), run / WEIGHTS, {"step": "0"})
     tok.save(str(run / "tokenizer.json"))
     return run
 

@@ -511,6 +511,12 @@ def cmd_export(args) -> int:
 
     hf_cfg = export_hf(args.run, args.out, args.format, merge=args.merge)
     cls = hf_cfg["architectures"][0]
+    if (Path(args.out) / "modules.json").is_file():  # the sentence-transformers layout (hf/sentence.py)
+        print(f"exported {args.run} as a sentence-transformers model ({cls}, its pooling, a Dense head with "
+              f"{len(hf_cfg['id2label'])} outputs) to {args.out}")
+        print(f"load it:  sentence_transformers.SentenceTransformer(\"{args.out}\").encode(texts) gives the logits")
+        print(f"          (transformers alone: AutoModel, the pooling and the head, as {Path(args.out) / 'README.md'} shows)")
+        return 0
     print(f"exported {args.run} as {cls} ({hf_cfg['model_type']}) to {args.out}")
     base = f"transformers.{cls}.from_pretrained(\"{args.out}\")"
     adapter = Path(args.out) / ADAPTER_DIR

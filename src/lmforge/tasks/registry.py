@@ -91,6 +91,13 @@ TEXT_FORMATS = ("sst", "csv", "tsv", "jsonl")
 # what a fine-tuned causal LM exports as, by HF architecture (sft, dpo)
 CAUSAL_LM_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM"}
+# what a fine-tuned sequence classifier (classify, regress, multilabel, reward) and a tagger export as, by HF
+# architecture; an encoder classifier pooled otherwise than with BERT's pooler is written in the
+# sentence-transformers layout instead (hf/sentence.py)
+SEQUENCE_CLASSES = {"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
+                    "llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                    "qwen3": "Qwen3ForSequenceClassification"}
+TOKEN_CLASSES = {name: cls.replace("Sequence", "Token") for name, cls in SEQUENCE_CLASSES.items()}
 CLASSIFIERS = ("cross_entropy", "focal", "hinge_crammer_singer", "hinge_weston_watkins")
 
 register(TaskSpec("clm", "lmforge.tasks.clm:CausalLM", "causal LM (GPT)", "pretrain", "gpt", "decoder",
@@ -99,17 +106,16 @@ register(TaskSpec("mlm", "lmforge.tasks.mlm:MaskedLMTask", "masked LM (BERT-styl
                   "encoder", ("cross_entropy",), class_weights=False, sections=("mlm",)))
 register(TaskSpec("classify", "lmforge.tasks.classify:ClassifyTask", "sentence (pair) classification", "finetune",
                   "sequence_classifier", "pretrained", CLASSIFIERS, label="class", formats=TEXT_FORMATS,
-                  endpoint="classify", hf_classes={"bert": "BertForSequenceClassification"}, sections=("robust",)))
+                  endpoint="classify", hf_classes=SEQUENCE_CLASSES, sections=("robust",)))
 register(TaskSpec("regress", "lmforge.tasks.classify:RegressTask", "regression of a number per text", "finetune",
                   "sequence_classifier", "pretrained", ("mse", "huber", "smooth_l1", "mae"), label="value",
-                  formats=TEXT_FORMATS, endpoint="classify", hf_classes={"bert": "BertForSequenceClassification"},
-                  sections=("robust",)))
+                  formats=TEXT_FORMATS, endpoint="classify", hf_classes=SEQUENCE_CLASSES, sections=("robust",)))
 register(TaskSpec("multilabel", "lmforge.tasks.classify:MultiLabelTask", "multi-label classification", "finetune",
                   "sequence_classifier", "pretrained", ("bce", "binary_focal"), label="classes", formats=TEXT_FORMATS,
-                  endpoint="classify", hf_classes={"bert": "BertForSequenceClassification"}, sections=("robust",)))
+                  endpoint="classify", hf_classes=SEQUENCE_CLASSES, sections=("robust",)))
 register(TaskSpec("tag", "lmforge.tasks.tag:TagTask", "token tagging (NER)", "finetune", "token_tagger", "pretrained",
                   ("cross_entropy", "focal"), label="tags", formats=("conll", "jsonl"), endpoint="tag",
-                  hf_classes={"bert": "BertForTokenClassification"}, sections=("robust",)))
+                  hf_classes=TOKEN_CLASSES, sections=("robust",)))
 register(TaskSpec("sft", "lmforge.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM on prompt/response pairs",
                   "finetune", "gpt", "decoder", ("cross_entropy",), label="response", formats=("jsonl",),
                   endpoint="generate", class_weights=False, packs=True,
@@ -121,8 +127,7 @@ register(TaskSpec("dpo", "lmforge.tasks.dpo:DPOTask", "preference tuning of a ca
 register(TaskSpec("reward", "lmforge.tasks.reward:RewardTask", "a reward model: one score per answer, trained on "
                   "chosen/rejected pairs (Bradley-Terry)", "finetune", "sequence_classifier", "pretrained",
                   ("bradley_terry",), label="preference", formats=("jsonl",), endpoint="score", class_weights=False,
-                  hf_classes={"llama": "LlamaForSequenceClassification", "bert": "BertForSequenceClassification"},
-                  sections=("robust",)))
+                  hf_classes=SEQUENCE_CLASSES, sections=("robust",)))
 register(TaskSpec("seq2seq", "lmforge.tasks.seq2seq:Seq2SeqTask", "encoder-decoder translation", "pretrain",
                   "encoder_decoder", "encoder_decoder", ("cross_entropy",), endpoint="translate", sections=("seq2seq",)))
 register(TaskSpec("span", "lmforge.tasks.span:SpanCorruption", "span-corruption pre-training of an encoder-decoder",
