@@ -507,6 +507,12 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from lmforge.hf.layouts import check_exportable
+    from lmforge.rundir import config_before_loading
+
+    saved = config_before_loading(args.run)  # a run directory's refusals come before torch and the model load
+    if saved is not None:
+        check_exportable(saved, args.run, args.format, args.merge)
     from lmforge.hf.export import ADAPTER_DIR, export_hf
 
     hf_cfg = export_hf(args.run, args.out, args.format, merge=args.merge)

@@ -19,13 +19,12 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, seq2seq_special_ids
-from lmforge.errors import UserError
 from lmforge.hf import keymap
 from lmforge.hf.arch import ACTIVATIONS, Arch
+from lmforge.hf.layouts import BART_CLASS  # layouts.BART_LAYOUT: the model.* values BART needs
 
-CLASS = "BartForConditionalGeneration"
+CLASS = BART_CLASS
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding reads row position + 2
-LAYER_NORM_EPS = 1e-5  # BART's nn.LayerNorm default; config.json cannot set another
 
 
 def _layers(side: str) -> dict:
@@ -63,40 +62,6 @@ def _stack(side: str, tok_emb: str) -> Arch:
 ENCODER, DECODER = _stack("encoder", "model.shared"), _stack("decoder", "model.decoder.embed_tokens")
 
 EMBEDDINGS = ("shared.weight", "embed_tokens.weight", "embed_positions.weight")  # the only BART weights without a bias
-
-# What BART's maths needs of model.*: values, or a function of the config giving the one value allowed.
-LAYOUT = {
-    "pos": "learned", "norm": "layernorm", "norm_position": "post", "norm_eps": LAYER_NORM_EPS, "qk_norm": False,
-    "type_vocab_size": 0, "mlp": tuple(dict.fromkeys(ACTIVATIONS.values())),
-    "n_kv_head": lambda m: m.n_head, "head_dim": lambda m: m.d_model // m.n_head,
-}
-
-
-def _show(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def gaps(cfg) -> list[str]:
-    """What keeps this run from BART's layout, as 'model.x = needed (it has y)' or the seq2seq option."""
-    m, out = cfg.model, []
-    for key, need in LAYOUT.items():
-        ok = (need(m),) if callable(need) else need if isinstance(need, tuple) else (need,)
-        if getattr(m, key) not in ok:
-            out.append(f"model.{key} = {' or '.join(map(_show, ok))} (it has {_show(getattr(m, key))})")
-    if cfg.task == "seq2seq" and cfg.seq2seq.source_vocab_size:
-        out.append(f"seq2seq.source_vocab_size = 0, one vocabulary for both sides (it has "
-                   f"{cfg.seq2seq.source_vocab_size})")
-    return out
-
-
-def check(cfg, run) -> None:
-    """One line naming every model.* value a run would need for BART, or nothing."""
-    missing = gaps(cfg)
-    if missing:
-        raise UserError(f"export: {run}: a {cfg.task} encoder-decoder exports as BART ({CLASS}), which needs "
-                        f"{', '.join(missing)}; train one with --model.preset bart-tiny or bart-base "
-                        "(docs/translation.md, Export)")
-
 
 def tensors(model) -> dict[str, torch.Tensor]:
     """An EncoderDecoder's weights under BART's names: biases lmforge has not are zeros, the position tables

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, processors
 from lmforge import chat
 from lmforge.config import save_config
 from lmforge.errors import UserError
-from lmforge.hf.arch import ACTIVATIONS, ARCHS, BERT, FORMATS, Arch
+from lmforge.hf.arch import ACTIVATIONS, BERT, Arch
+from lmforge.hf.layouts import body_task, check_exportable, decoder_classifier, hf_class, sentence_layout
 from lmforge.hf import bart, keymap
 from lmforge.hf.load import Imported, load_hf
 from lmforge.hf.sentence import DENSE_DIR, sentence_files, split_tensors
@@ -59,61 +60,8 @@ def import_hf(folder: str | Path, out: str | Path) -> Imported:
 
 
 
-def _show(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _body_task(cfg) -> str:
-    """The pre-training task whose layout a model's body has (an Arch's `task`): a decoder's is clm, an
-    encoder's mlm; a fine-tuned model's body is the one it started from (finetune.body)."""
-    body = registry.spec(cfg.task).body
-    if body == "pretrained":
-        body = cfg.finetune.body
-    return {"decoder": "clm", "encoder": "mlm"}.get(body, cfg.task)
-
-
 # transformers' problem_type of a sequence classifier, by the kind of label it predicts
 PROBLEM_TYPES = {"class": "single_label_classification", "value": "regression", "classes": "multi_label_classification"}
-
-
-def _gaps(arch: Arch, cfg) -> list[str]:
-    """What keeps this config from the architecture's layout, as 'model.x = needed (it has y)'."""
-    if _body_task(cfg) != arch.task:
-        return [f"task = {arch.task} (it is {cfg.task})"]
-    m = cfg.model
-    needs = {k: (v,) for k, v in arch.layout.items()}
-    if arch.activation:
-        needs["mlp"] = tuple(dict.fromkeys(ACTIVATIONS.values()))
-    if arch.mha_only:
-        needs["n_kv_head"] = (m.n_head,)
-    if not any(ours == "head_dim" for ours, _ in arch.config.values()):  # its config.json cannot say another
-        needs["head_dim"] = (m.d_model // m.n_head,)
-    return [f"model.{k} = {' or '.join(map(_show, ok))} (it has {_show(getattr(m, k))})"
-            for k, ok in needs.items() if getattr(m, k) not in ok]
-
-
-def _export_arch(cfg, fmt: str, run) -> Arch:
-    if fmt not in FORMATS:
-        raise UserError(f"export: --format {fmt}: expected one of {', '.join(FORMATS)}")
-    candidates = [ARCHS[fmt]] if fmt != "auto" else [a for a in ARCHS.values() if a.task == _body_task(cfg)]
-    gaps = [(a, _gaps(a, cfg)) for a in candidates]
-    for arch, missing in gaps:
-        if not missing:
-            return arch
-    reasons = "; ".join(f"{a.title} needs {', '.join(g)}" for a, g in gaps)
-    raise UserError(f"export: {run}: the model fits no Hugging Face layout lmforge writes: {reasons}")
-
-
-def sentence_layout(cfg) -> bool:
-    """An encoder's sequence classifier that pools otherwise than with BERT's pooler (mean, cls, last): no
-    transformers class computes it, so it is written in the sentence-transformers layout (hf/sentence.py)."""
-    return (registry.spec(cfg.task).model == "sequence_classifier" and _body_task(cfg) == "mlm"
-            and cfg.finetune.pooling != "pooler")
-
-
-def _decoder_classifier(cfg) -> bool:
-    """A sequence classifier on a causal body (pooled at its last real token)."""
-    return registry.spec(cfg.task).model == "sequence_classifier" and _body_task(cfg) == "clm"
 
 
 def _finetuned_config(arch: Arch, cfg, run) -> dict:
@@ -122,15 +70,7 @@ def _finetuned_config(arch: Arch, cfg, run) -> dict:
     spec = registry.spec(cfg.task)
     if not spec.finetune:
         return {}
-    cls = "BertModel" if sentence_layout(cfg) else spec.hf_classes.get(arch.name)
-    if cls is None:
-        written = sorted({c for s in registry.TASKS.values() for c in s.hf_classes.values()})
-        raise UserError(f"export: {run}: a {cfg.task} model on a {arch.title} body has no Hugging Face class "
-                        f"lmforge writes (it writes {', '.join(written)})")
-    if _decoder_classifier(cfg) and cfg.finetune.pooling != "last":
-        raise UserError(f"export: {run}: {cls} pools a decoder's last real token; this model has finetune.pooling = "
-                        f"{cfg.finetune.pooling}, which transformers cannot compute on a decoder (fine-tune with "
-                        "finetune.pooling = last, a decoder's default)")
+    cls = hf_class(arch, cfg, run)
     out = {"architectures": [cls]}
     if spec.label in (*PROBLEM_TYPES, "tags", "preference"):
         labels = cfg.finetune.labels or ["score" if spec.label == "preference" else "value"]  # one output
@@ -187,7 +127,7 @@ def _token_tagger_head(tensors: dict, arch: Arch, cfg) -> None:
     """A causal body's tagger has a bias-free classifier (as GPT-2's and Llama's `score`); transformers'
     *ForTokenClassification has a bias, written as zeros. GPT2ForTokenClassification calls its layer
     `classifier`, not `score`."""
-    if registry.spec(cfg.task).model != "token_tagger" or _body_task(cfg) != "clm":
+    if registry.spec(cfg.task).model != "token_tagger" or body_task(cfg) != "clm":
         return
     weight = tensors.pop(arch.weights["classifier"] + ".weight")
     name = "classifier" if arch.name == "gpt2" else arch.weights["classifier"]
@@ -235,19 +175,6 @@ def _source_token_ids(side: dict[str, str]) -> dict:
     return {k: source[k] for k in TOKEN_ID_KEYS if k in source}
 
 
-def _refuse_unmergeable(method: str, run) -> None:
-    """Bottleneck adapters and prefixes have no Hugging Face layout lmforge writes and cannot be folded into
-    the base's weights."""
-    why = {"adapter": "its bottleneck adapters are extra nonlinear layers, which cannot be merged into the base's "
-                      "weights",
-           "prefix": "its prefix adds key/value positions to every attention layer, which cannot be merged into the "
-                     "base's weights"}
-    if method in why:
-        raise UserError(f"export: {run}: peft.method = {method}: {why[method]} and transformers has no layer for "
-                        "them; fine-tune with peft.method = lora (or none) to export, or serve this run with "
-                        "lmforge serve")
-
-
 def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool = False) -> dict:
     """A run directory, checkpoint or HF folder (anything load_run reads) -> a Hugging Face folder:
     model.safetensors, config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json (and
@@ -265,15 +192,11 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     out = Path(out)
     _check_out(out, "export")
     trained, tok, cfg = load_run(run)
-    if registry.spec(cfg.task).model == "encoder_decoder":
-        return _export_encoder_decoder(trained, tok, cfg, run, out, fmt)
-    dequantise_model(trained)
-    arch = _export_arch(cfg, fmt, run)
     method = peft_method(trained)
-    _refuse_unmergeable(method, run)
-    if merge and method != "lora":
-        raise UserError(f"export: --merge: {run} has no LoRA adapter to merge (peft.method = {method}); "
-                        "export it without --merge")
+    arch = check_exportable(cfg, run, fmt, merge, method)  # `lmforge export` asked before loading a run directory
+    if arch is None:
+        return _export_encoder_decoder(trained, tok, cfg, out)
+    dequantise_model(trained)
     sentence = sentence_layout(cfg)
     if sentence and method == "lora" and not merge:
         print(f"lmforge: note: {run}: the LoRA update is merged into the weights (a sentence-transformers folder "
@@ -288,14 +211,14 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     if arch is BERT and cfg.model.type_vocab_size == 0:
         tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.model.d_model, device="cpu")
     _token_tagger_head(tensors, arch, cfg)
-    specials = special_tokens(tok, _body_task(cfg))
-    if _decoder_classifier(cfg):
+    specials = special_tokens(tok, body_task(cfg))
+    if decoder_classifier(cfg):
         tok, specials = _decoder_classifier_tokenizer(tok, specials)
     hf_cfg = {**_hf_config(arch, cfg, specials, tok), **_finetuned_config(arch, cfg, run)}
     side = {**_tokenizer_files(specials, cfg), **hf_side_files(run)}  # the source's own, where the run came from one
     hf_cfg.update(_source_token_ids(side))
     _add_named_template(side, cfg)
-    if _decoder_classifier(cfg):  # the pad token chosen above, whatever the source said
+    if decoder_classifier(cfg):  # the pad token chosen above, whatever the source said
         _set_side_tokens(side, specials)
         hf_cfg["pad_token_id"] = tok.token_to_id(specials["pad_token"])
         _grow_embedding(tensors, mapping, hf_cfg, tok.get_vocab_size())
@@ -334,13 +257,9 @@ def _write_model(tmp: Path, weights: dict[str, dict[str, torch.Tensor]], texts: 
     tok.save(str(tmp / "tokenizer.json"))
 
 
-def _export_encoder_decoder(model, tok: Tokenizer, cfg, run, out: Path, fmt: str) -> dict:
-    """A seq2seq or span run -> a BartForConditionalGeneration folder whose generate() decodes as lmforge does
-    (hf/bart.py: the layout, why BART, the generation settings)."""
-    if fmt != "auto":
-        raise UserError(f"export: --format {fmt}: a {cfg.task} model is an encoder-decoder, written as BART only; "
-                        "leave --format at auto")
-    bart.check(cfg, run)
+def _export_encoder_decoder(model, tok: Tokenizer, cfg, out: Path) -> dict:
+    """A seq2seq or span run (check_exportable passed) -> a BartForConditionalGeneration folder whose generate()
+    decodes as lmforge does (hf/bart.py: the layout, why BART, the generation settings)."""
     hf_cfg = bart.config(model, tok)
     texts = {"config.json": _json_text(hf_cfg), "generation_config.json": _json_text(bart.generation_config(cfg, tok)),
              **_tokenizer_files(bart.special_tokens(tok), cfg)}
