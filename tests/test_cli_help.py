@@ -106,3 +106,14 @@ def test_help_of_an_unknown_task_is_one_line(capsys):
     assert main(["pretrain", "--task", "bogus", "--help"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "task = bogus: expected one of clm" in err
+
+
+@pytest.mark.parametrize("preset, exports", [(None, False), ("bart-tiny", True)])
+def test_the_closing_lines_offer_export_only_where_the_model_has_a_layout(preset, exports, tmp_path, capsys):
+    from lmforge.cli import _print_next_steps
+    from lmforge.config import load_config
+
+    model = {"vocab_size": 100, **({"preset": preset} if preset else {})}
+    _print_next_steps(load_config(base={"task": "seq2seq", "model": model}), tmp_path)
+    out = capsys.readouterr().out
+    assert "lmforge translate --checkpoint" in out and ("lmforge export" in out) == exports

@@ -256,13 +256,18 @@ def cmd_train(args) -> int:
     for line in result.tracked:  # tensorboard --logdir ..., wandb sync ..., the MLflow run
         print(line)
     if weights.is_file():
-        _print_next_steps(registry.spec(cfg.task), result.run_dir)
+        _print_next_steps(cfg, result.run_dir)
     return 0
 
 
-def _print_next_steps(spec, run_dir: Path) -> None:
-    """The commands that use what the task trained, as its registry entry says."""
+def _print_next_steps(cfg, run_dir: Path) -> None:
+    """The commands that use what the task trained, as its registry entry says; export where the model has a
+    Hugging Face layout."""
+    from lmforge.hf.layouts import check_exportable
     from lmforge.runs import chat_template
+    from lmforge.tasks import registry
+
+    spec = registry.spec(cfg.task)
     if spec.endpoint == "generate":
         chat = " --chat" if chat_template(run_dir) is not None else ""
         print(f"generate:      lmforge generate --checkpoint {run_dir}{chat} --prompt \"...\"")
@@ -271,8 +276,11 @@ def _print_next_steps(spec, run_dir: Path) -> None:
     if spec.finetune:
         print(f"evaluate:      lmforge evaluate --checkpoint {run_dir} --data FILE")
         print(f"predict:       lmforge predict --checkpoint {run_dir} --input FILE --output OUT.jsonl")
-    if spec.body != "encoder_decoder":  # hf/arch.py has decoder and encoder layouts only
-        print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder)")
+    try:
+        check_exportable(cfg, run_dir)
+        print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder; --format onnx: onnxruntime)")
+    except UserError:  # no layout: a command that would refuse is no next step
+        pass
 
 
 def _need_finetuned(checkpoint: str, task: str | None, command: str) -> None:
@@ -495,14 +503,13 @@ def cmd_generate(args) -> int:
 
 def cmd_import(args) -> int:
     from lmforge.hf.export import import_hf
-    from lmforge.tasks import registry
 
     imported = import_hf(args.hf_dir, args.out)
     print(f"imported {args.hf_dir}: {imported.summary()}")
     for note in imported.notes:
         print(f"note: {note}")
     print(f"run directory: {args.out}")
-    _print_next_steps(registry.spec(imported.config.task), Path(args.out))
+    _print_next_steps(imported.config, Path(args.out))
     return 0
 
 
