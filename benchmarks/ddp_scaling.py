@@ -42,7 +42,7 @@ def run(nproc: int, threads: int, steps: int, tmp: Path) -> float:
             "--model.dropout", "0", "--train.batch_size", str(GLOBAL_BATCH // nproc), "--train.max_steps", str(steps),
             "--train.warmup_steps", "1", "--train.checkpoint_every", "0", "--train.device", "cpu",
             "--eval.every", "0", "--eval.batches", "1", "--log.every", "5", "--log.progress", "false",
-            "--log.tensorboard", "false", "--log.samples", "0", "--log.run_dir", str(run_dir)]
+            "--log.trackers", "[]", "--log.samples", "0", "--log.run_dir", str(run_dir)]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads), "LMFORGE_CACHE": str(tmp)}
     subprocess.run([sys.executable, *launcher, "-m", "lmforge", *args], env=env, check=True, stdout=subprocess.DEVNULL)

@@ -83,7 +83,7 @@ def run_lmforge(model_dir: Path, train_file: Path, dev_file: Path, epochs: int, 
         "train": {"batch_size": BATCH, "lr": LR, "warmup_steps": 0, "schedule": "linear", "min_lr": 0.0,
                   "weight_decay": WEIGHT_DECAY, "seed": SEED, "device": "cpu"},
         "eval": {"every": 0, "batch_size": EVAL_BATCH},
-        "log": {"progress": False, "tensorboard": False, "run_dir": str(tmp / "lmforge-run")},
+        "log": {"progress": False, "trackers": [], "run_dir": str(tmp / "lmforge-run")},
     })
     cfg = load_config(base=base)
     wall = time.perf_counter()

@@ -41,7 +41,7 @@ def run(optimizer: str, key: str, value: float, fixed: dict, steps: int, tmp: st
         "train.warmup_steps": max(1, steps // 10), "train.lr": lr, "train.min_lr": lr / 10,
         "train.weight_decay": 0.1, "train.checkpoint_every": 0, "train.device": "cpu", "train.seed": 0,
         "eval.every": 0, "eval.batches": 16, "eval.batch_size": 8,
-        "log.run_dir": f"{tmp}/{optimizer}-{value:g}", "log.progress": False, "log.tensorboard": False,
+        "log.run_dir": f"{tmp}/{optimizer}-{value:g}", "log.progress": False, "log.trackers": [],
         "log.samples": 0, "log.every": max(1, steps // 5), **fixed, key: value,
     }
     if optimizer == "muon":  # the floor of the Muon groups follows the same ratio as the AdamW part

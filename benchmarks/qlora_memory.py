@@ -162,7 +162,7 @@ def child(args) -> None:
         "peft": {"method": "lora", "lora_rank": spec["rank"], "lora_alpha": spec["alpha"], "lora_dropout": 0.0,
                  "lora_targets": TARGETS, "base_dtype": base_dtype},
         "eval": {"every": 0, "batch_size": 16},  # one evaluation of the whole dev set, after the last step
-        "log": {"progress": False, "tensorboard": False, "run_dir": spec["run_dir"] + "-" + args.variant},
+        "log": {"progress": False, "trackers": [], "run_dir": spec["run_dir"] + "-" + args.variant},
     }))
     # the same before the baseline in every variant, the fp32 one too: torchao imported (its import initialises
     # parts of torch that a run would otherwise set up inside the measured window, tens of MiB) and the NF4

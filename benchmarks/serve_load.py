@@ -48,7 +48,7 @@ MALFORMED = {
     "classify": [b'{"inputs": ["a fine film",', b'{"inputs": 42}', json.dumps({"inputs": "great " * 600}).encode(),
                  json.dumps({"inputs": ALMOST_THE_BODY_LIMIT}).encode()],
 }
-QUIET = ["--log.progress", "false", "--log.tensorboard", "false"]
+QUIET = ["--log.progress", "false", "--log.trackers", "[]"]
 LMFORGE = [sys.executable, "-m", "lmforge"]
 
 

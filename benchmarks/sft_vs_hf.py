@@ -225,7 +225,7 @@ def lmforge_config(args, model_dir: Path, train_file: Path, check_file: Path, ru
         "peft": {"method": "lora", "lora_rank": args.rank, "lora_alpha": args.alpha, "lora_dropout": 0.0,
                  "lora_targets": LMFORGE_TARGETS},
         "eval": {"every": 0, "batches": 0, "batch_size": 16},  # one evaluation, after the last step
-        "log": {"progress": False, "tensorboard": False, "run_dir": str(run_dir)},
+        "log": {"progress": False, "trackers": [], "run_dir": str(run_dir)},
     })
     return load_config(base=base)
 

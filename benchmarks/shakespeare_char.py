@@ -35,7 +35,7 @@ def main() -> None:
         sys.exit(f"skipped: {DATA} is missing (the benchmark reads the shared data set beside the repository)")
     with tempfile.TemporaryDirectory() as tmp:
         overrides = {"data.path": str(DATA), "data.cache_dir": f"{tmp}/cache", "log.run_dir": f"{tmp}/run",
-                     "log.progress": "false", "log.tensorboard": "false"}
+                     "log.progress": "false", "log.trackers": "[]"}
         overrides.update(dict(o.split("=", 1) for o in args.overrides))
         cfg = load_config(ROOT / "configs" / "shakespeare-char.yaml", overrides)
         result = train(cfg)

@@ -3,7 +3,7 @@ bases, a server process. Plain functions and constants, imported as `from helper
 pytest machinery that uses some of them (fixtures, hooks) stays in conftest.py.
 
 Every config built here points its token cache and run directory under pytest's tmp_path, turns the
-progress bar, TensorBoard and end-of-run samples off, and uses a model small enough to train a few
+progress bar, the trackers (log.trackers: []) and end-of-run samples off, and uses a model small enough to train a few
 steps on a shared 2-core CPU in well under a second.
 """
 
@@ -76,7 +76,7 @@ def tiny_overrides(tmp_path: Path, corpus: Path, **extra) -> dict:
         "train.min_lr": 1e-4, "train.checkpoint_every": 0, "train.device": "cpu", "train.precision": "fp32",
         "eval.every": 0, "eval.batches": 2, "eval.batch_size": 8,
         "log.out_dir": str(tmp_path / "runs"), "log.run_dir": str(tmp_path / "run"), "log.every": 1,
-        "log.progress": False, "log.tensorboard": False, "log.samples": 0,
+        "log.progress": False, "log.trackers": [], "log.samples": 0,
     }
     over.update(extra)
     return over
@@ -160,21 +160,27 @@ TINY_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32}
 
 
 def make_base(run: Path, task: str, specials: list[str] | None = None, texts: list[str] | None = None,
-              vocab: int = 300, sections: dict | None = None, **model) -> Path:
+              vocab: int = 300, sections: dict | None = None, noise: float = 0.0, **model) -> Path:
     """A pretrained-looking run directory (config.yaml, weights, tokenizer) with random weights; its tokenizer
     learnt from `texts` (default: synthetic lines) with `vocab` tokens; `sections`: more of its config (a
-    fine-tuned run's finetune section)."""
-    kind = "wordpiece" if task == "mlm" else "bpe"
+    fine-tuned run's finetune or peft section); `noise`: the std of Gaussian noise added to every weight, so
+    that what starts at zero or one (biases, norm weights, LoRA's B) is checked too."""
+    encoder = task == "mlm" or (sections or {}).get("finetune", {}).get("body") == "encoder"  # a BERT
+    kind = "wordpiece" if encoder else "bpe"
     specials = specials or ([] if kind == "wordpiece" else ["<|endoftext|>", "<pad>"])
     tok = train_tokenizer(texts or synthetic_text(8000).splitlines(), kind, vocab, specials)
     extra = {"pos": "learned", "type_vocab_size": 2, "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
-             "bias": True} if task == "mlm" else {}  # BERT's layout
+             "bias": True} if encoder else {}  # BERT's layout
     cfg = load_config(base={"task": task, "model": {**TINY_MODEL, **extra, **model, "vocab_size": tok.get_vocab_size()},
                             "data": {"tokenizer": {"kind": kind}}, **(sections or {})})
     torch.manual_seed(0)
     run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
-    save_weights(full_weights(Dist(), make_task(cfg).build_model()), run / WEIGHTS, {"step": "0"})
+    model = make_task(cfg).build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, device=p.device) * noise)
+    save_weights(full_weights(Dist(), model), run / WEIGHTS, {"step": "0"})
     tok.save(str(run / "tokenizer.json"))
     return run
 
@@ -204,7 +210,7 @@ def finetune(tmp_path: Path, base: Path, train: Path, dev: Path | None, task: st
     argv = ["finetune", "--task", task, "--finetune.init_from", str(base), "--finetune.train", str(train),
             "--train.device", "cpu", "--train.lr", "3e-3", "--train.batch_size", "16", "--finetune.epochs", "12",
             "--finetune.evals_per_epoch", "0", "--eval.every", "20", "--log.run_dir", str(tmp_path / run),
-            "--log.progress", "false", "--log.tensorboard", "false", "--finetune.classifier_dropout", "0"]
+            "--log.progress", "false", "--log.trackers", "[]", "--finetune.classifier_dropout", "0"]
     if dev is not None:
         argv += ["--finetune.dev", str(dev)]
     assert main(argv + list(extra)) == 0
@@ -246,7 +252,7 @@ def write_tsv(path: Path, pairs) -> Path:
 
 
 SEQ2SEQ_TINY = ["--model.n_layer", "2", "--model.n_head", "4", "--model.d_model", "64", "--model.max_seq_len", "48",
-        "--log.progress", "false", "--log.tensorboard", "false", "--train.device", "cpu"]
+        "--log.progress", "false", "--log.trackers", "[]", "--train.device", "cpu"]
 
 
 # The GPU tier's device: cuda, or what LMFORGE_GPU_TEST_DEVICE names (cpu: a dry run of the tier's own

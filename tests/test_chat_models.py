@@ -142,7 +142,7 @@ def test_a_fine_tuned_chat_model_exports_its_sources_template_and_tokens(chat_fo
     run = tmp_path / "sft"
     assert main(["finetune", "--task", "sft", "--finetune.init_from", str(chat_folder), "--finetune.train", str(train),
                  "--finetune.epochs", "1", "--train.batch_size", "8", "--train.warmup_steps", "0", "--train.device", "cpu",
-                 "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false",
+                 "--log.run_dir", str(run), "--log.progress", "false", "--log.trackers", "[]",
                  "--peft.method", "lora"]) == 0
     # the LoRA run keeps its adapter only; loaded, it holds the Hugging Face folder's weights beneath it
     tensors, metadata = read_weights(run / "model.safetensors")

@@ -18,7 +18,7 @@ from helpers import synthetic_text
 # a tiny model, so that a case that wrongly got past its error would still finish quickly
 TINY = ["--model.n_layer", "1", "--model.n_head", "2", "--model.d_model", "32", "--model.max_seq_len", "16",
         "--train.max_steps", "2", "--train.warmup_steps", "0", "--eval.batches", "1", "--log.progress", "false",
-        "--log.tensorboard", "false", "--log.samples", "0", "--data.tokenizer.kind", "char"]
+        "--log.trackers", "[]", "--log.samples", "0", "--data.tokenizer.kind", "char"]
 
 
 def setup_files(tmp: Path) -> None:

@@ -230,9 +230,9 @@ def test_an_unterminated_json_string_is_worded_once(runs, tmp_path, capsys):
     assert "at at" not in line
 
 
-def test_a_seq2seq_export_says_why_it_has_no_layout(runs, tmp_path, capsys):
-    refused(capsys, ["export", str(runs["s2s"]), str(tmp_path / "out")], "a seq2seq model is an encoder-decoder",
-            "GPT-2", "BERT", runs=runs, tmp=tmp_path)
+def test_a_seq2seq_export_says_what_bart_needs(runs, tmp_path, capsys):
+    refused(capsys, ["export", str(runs["s2s"]), str(tmp_path / "out")], "exports as BART",
+            "model.pos = learned (it has rope)", "--model.preset bart-tiny", runs=runs, tmp=tmp_path)
 
 
 @pytest.mark.parametrize("rows, expected", [

@@ -43,12 +43,14 @@ def lmforge_alone(*argv) -> tuple[dict, str, str]:
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     make_base(root / "clm", "clm")
+    make_base(root / "mlm", "mlm", specials=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     make_base(root / "cls", "classify", sections={"finetune": {"labels": ["neg", "pos"], "body": "decoder",
                                                                "pooling": "last"}})
     return root
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["predict", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["predict", "--help"],
+                                  ["finetune", "--task", "tag", "--help"], ["finetune", "--help", "all"]])
 def test_help_needs_no_torch(argv):
     result, out, _ = lmforge_alone(*argv)
     assert result == {"code": 0, "torch": False} and out.startswith("usage: lmforge")
@@ -67,10 +69,15 @@ def test_listing_the_runs_needs_no_torch(runs):
      "evaluate: {clm}/model.safetensors holds a clm model"),
     (["translate", "--checkpoint", "{clm}"], "translate: {clm} holds a clm model; expected a seq2seq run"),
     (["generate", "--checkpoint", "{cls}", "--prompt", "hi"], "generate: {cls} holds a model of task classify"),
+    (["serve", "{mlm}"], "serve: {mlm} holds a mlm model, which answers no requests"),
+    (["export", "{mlm}", "{out}", "--format", "llama"], "export: {mlm}: the model fits no Hugging Face layout "
+                                                        "lmforge writes: Llama needs task = clm (it is mlm)"),
+    (["export", "{cls}", "{out}", "--merge"], "export: --merge: {cls} has no LoRA adapter to merge"),
 ])
 def test_a_run_of_the_wrong_kind_is_refused_before_torch_loads(runs, argv, expected):
-    where = {"clm": runs / "clm", "cls": runs / "cls"}
+    where = {"clm": runs / "clm", "cls": runs / "cls", "mlm": runs / "mlm", "out": runs / "out"}
     result, out, err = lmforge_alone(*(a.format(**where) for a in argv))
     assert result == {"code": 2, "torch": False}
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lmforge: error: {expected.format(**where)}"), err
+    assert not where["out"].exists()

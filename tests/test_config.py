@@ -28,7 +28,7 @@ train:
   max_steps: 50
   warmup_steps: 5
 log:
-  tensorboard: no
+  trackers: [wandb]
 data:
   tokenizer:
     special_tokens: ["<s>", "</s>"]
@@ -40,7 +40,7 @@ data:
     assert cfg.train.batch_size == 32  # the command line wins over the file
     assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
     assert cfg.model.n_layer == 3 and cfg.model.d_model == 64
-    assert cfg.log.tensorboard is False and cfg.log.progress is False
+    assert cfg.log.trackers == ["wandb"] and cfg.log.progress is False
     assert cfg.data.path is None and cfg.log.run_dir == "somewhere"
     assert cfg.data.tokenizer.special_tokens == ["<a>", "<b>"]
     assert cfg.train.weight_decay == TrainConfig().weight_decay  # untouched keys keep their defaults
@@ -162,9 +162,9 @@ def test_read_yaml_errors(tmp_path):
     assert isinstance(ConfigError("x"), UserError)
 
 
-def test_pretrain_help_shows_every_field_doc(capsys):
+def test_pretrain_help_all_shows_every_field_doc(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["pretrain", "--help"])
+        main(["pretrain", "--help", "all"])
     assert e.value.code == 0
     squashed = re.sub(r"\s+", "", capsys.readouterr().out)  # help text is wrapped at any space or hyphen
     for path, _, field in leaves(Config):

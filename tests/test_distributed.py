@@ -243,7 +243,7 @@ def test_final_report_is_made_on_the_best_weights_on_every_rank(tmp_path, monkey
             "--finetune.dev", str(dev), "--finetune.epochs", "1", "--finetune.evals_per_epoch", "2",
             "--finetune.classifier_dropout", "0", "--train.batch_size", "8", "--train.lr", "3e-3",
             "--train.warmup_steps", "1", "--train.device", "cpu", "--train.parallel", parallel,
-            "--log.run_dir", str(run), "--log.progress", "false", "--log.tensorboard", "false", "--peft.method", peft,
+            "--log.run_dir", str(run), "--log.progress", "false", "--log.trackers", "[]", "--peft.method", peft,
             "--train.checkpoint_every", "5"])
     assert [r["step"] for r in read_metrics(run, "val")] == [5, 10]
     if peft == "lora":

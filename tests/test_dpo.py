@@ -406,7 +406,7 @@ def test_lora_dpo_on_two_ranks_equals_one_process(base, tmp_path, parallel):
               "--finetune.chat_template", "chatml", "--peft.method", "lora", "--finetune.epochs", "0",
               "--train.max_steps", "3", "--train.warmup_steps", "1", "--train.grad_accum", "2", "--eval.every", "3",
               "--finetune.group_by_length", "false", "--train.device", "cpu", "--log.progress", "false",
-              "--log.tensorboard", "false", "--log.every", "1"]
+              "--log.trackers", "[]", "--log.every", "1"]
     forked(common + ["--train.batch_size", "2", "--train.parallel", parallel, "--log.run_dir", str(tmp_path / "two")])
     assert main(common + ["--train.batch_size", "4", "--log.run_dir", str(tmp_path / "one")]) == 0
     two, one = read_metrics(tmp_path / "two", "train"), read_metrics(tmp_path / "one", "train")

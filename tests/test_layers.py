@@ -26,6 +26,7 @@ LAYERS = {
     "lmforge.config": 1, "lmforge.model.": 1, "lmforge.losses": 1, "lmforge.optim": 1, "lmforge.metrics": 1,
     "lmforge.peft": 1, "lmforge.quant": 1, "lmforge.chat": 1,
     "lmforge.data.": 2, "lmforge.hf.arch": 2, "lmforge.hf.keymap": 2, "lmforge.hf.tokenizer": 2, "lmforge.hf.load": 2,
+    "lmforge.hf.bart": 2, "lmforge.hf.sentence": 2, "lmforge.hf.layouts": 2,
     "lmforge.runs": 3, "lmforge.rundir": 3, "lmforge.train.": 3,
     "lmforge.tasks.": 4, "lmforge.generate": 4,
     "lmforge.train.loop": 5, "lmforge.train.checkpointer": 5, "lmforge.cli": 5, "lmforge.serve": 5,

@@ -66,7 +66,9 @@ def test_classification_report_is_one_self_contained_page(classify_run, tmp_path
     page = out.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page) and "<script" not in page
     assert page.count("<table") >= 5  # header, summary, per class, confusion, config sections
-    assert "train.lr" in page and "finetune.metric" in page  # the config
+    assert "train.lr" in page and "finetune.metric" in page  # the config, with only the classify task's keys:
+    assert "seq2seq.beam_size" not in page and "mlm.mask_prob" not in page and "model.n_layer" not in page
+    assert "loss.label_smoothing" in page and "loss.beta" not in page  # cross_entropy's options, not dpo's
     assert "<th>neg</th>" in page and "<th>pos</th>" in page and "gold \\ predicted" in page  # confusion, named
     assert re.search(r"<td>accuracy</td><td class=\"n\">[01]\.\d{4}</td>", page)
     curves, confusion = images(page)  # the curves and confusion.png

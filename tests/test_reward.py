@@ -200,7 +200,7 @@ def test_accumulation_equals_one_big_batch(tmp_path, decoder, monkeypatch):
                                              "evals_per_epoch": 0, "classifier_dropout": 0.0, "dropout": 0.0},
               "train": {"max_steps": 1, "warmup_steps": 0, "grad_clip": 0.0, "weight_decay": 0.0, "lr": 0.5,
                         "min_lr": 0.5, "eps": 1.0, "device": "cpu", "precision": "fp32", "checkpoint_every": 0},
-              "log": {"progress": False, "tensorboard": False}}
+              "log": {"progress": False, "trackers": []}}
     monkeypatch.setattr(RewardTask, "train_batches", batches(True))
     train(load_config(base=common, overrides={"train.grad_accum": 3, "log.run_dir": str(tmp_path / "acc")}))
     monkeypatch.setattr(RewardTask, "train_batches", batches(False))
@@ -502,7 +502,7 @@ def test_minilm_reward_model_learns_sst2_preferences(tmp_path, capsys):
                  "--finetune.dev", str(dev), "--finetune.epochs", "1", "--finetune.evals_per_epoch", "0",
                  "--finetune.max_length", "64", "--train.batch_size", "16", "--train.lr", "2e-4",
                  "--train.device", "cpu", "--train.precision", "fp32", "--log.run_dir", str(tmp_path / "run"),
-                 "--log.progress", "false", "--log.tensorboard", "false"]) == 0
+                 "--log.progress", "false", "--log.trackers", "[]"]) == 0
     cfg = read_yaml(tmp_path / "run" / "config.yaml")
     assert cfg["finetune"]["body"] == "encoder" and cfg["finetune"]["pooling"] == "pooler"
     report = json.loads((tmp_path / "run" / "dev_report.json").read_text())

@@ -189,7 +189,7 @@ def test_span_corruption_loss_falls_and_initialises_translation(tmp_path, capsys
     # its weights and tokenizer start a translation run
     train = write_tsv(tmp_path / "train.tsv", [(s, s) for s in lines[:200]])
     run = tmp_path / "run"
-    assert main(["train", "--task", "seq2seq", "--log.progress", "false", "--log.tensorboard", "false",
+    assert main(["train", "--task", "seq2seq", "--log.progress", "false", "--log.trackers", "[]",
                  "--seq2seq.init_from", str(span), "--seq2seq.train", str(train), "--seq2seq.dev", str(train),
                  "--seq2seq.max_length", "32", "--train.max_steps", "1", "--train.warmup_steps", "0",
                  "--seq2seq.eval_bleu", "false", "--seq2seq.samples", "0", "--log.run_dir", str(run)]) == 0

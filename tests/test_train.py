@@ -352,7 +352,7 @@ def test_run_directory_and_repeat_from_resolved_config(tmp_path):
     corpus = write_corpus(tmp_path, shakespeare_text(30_000))
     run = tmp_path / "run"
     cfg = tiny_config(tmp_path, corpus, train__max_steps=4, train__warmup_steps=1, eval__every=2,
-                      log__tensorboard=True, model__pos="rope", model__norm="rmsnorm")
+                      log__trackers=["tensorboard"], model__pos="rope", model__norm="rmsnorm")
     first = train(cfg)
 
     for name in ("config.yaml", "tokenizer.json", "model.safetensors", "metrics.jsonl"):
@@ -447,7 +447,7 @@ def test_default_job_runs_on_the_embedded_corpus(tmp_path):
     out = tmp_path / "runs"
     rc = main(["pretrain", "--train.max_steps", "3", "--train.warmup_steps", "1", "--eval.batches", "1",
                "--data.cache_dir", str(tmp_path / "cache"), "--log.out_dir", str(out), "--log.samples", "1",
-               "--log.sample_tokens", "5", "--log.tensorboard", "false"])
+               "--log.sample_tokens", "5", "--log.trackers", "[]"])
     assert rc == 0
     (run,) = out.iterdir()
     from lmforge.config import load_config, read_yaml

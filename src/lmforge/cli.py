@@ -42,14 +42,61 @@ def _long_options(parser: argparse.ArgumentParser) -> list[str]:
     return sorted(set(found))
 
 
-def _config_options(p: argparse.ArgumentParser, base: dict | None = None) -> None:
-    from lmforge.config import help_rows
+def _config_options(p: argparse.ArgumentParser, base: dict | None = None, task: str | None = None) -> None:
+    """The config's fields as --SECTION.KEY options. task: --help shows the options that apply to it alone
+    (every option is still accepted: a recipe may set another task); None or "all": every option."""
+    from lmforge.config import DEPRECATED_KEYS, help_rows
 
     p.usage = f"{p.prog} [--config YAML] [--resume auto|RUN|CKPT] [--SECTION.KEY VALUE ...]"
     p.add_argument("--config", metavar="YAML", help="a recipe file; the options below override its values")
-    group = p.add_argument_group("config options (dotted keys; also settable in the YAML file)")
-    for option, metavar, text in help_rows(base):
-        group.add_argument(option, metavar=metavar, help=text, default=argparse.SUPPRESS)
+    shown = None if task in (None, ALL_TASKS) else task
+    title = (f"config options of task {shown} (dotted keys; also settable in the YAML file; another task's: "
+             f"--task NAME --help; every option: --help {ALL_TASKS})" if shown else
+             "config options (dotted keys; also settable in the YAML file)")
+    group = p.add_argument_group(title)
+    for option, metavar, text, applies in help_rows(base, shown):
+        group.add_argument(option, metavar=metavar, help=text if applies else argparse.SUPPRESS,
+                           default=argparse.SUPPRESS)
+    for key in DEPRECATED_KEYS:  # old scripts keep working, with a note; --help shows the new keys only
+        group.add_argument(f"--{key}", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+
+
+ALL_TASKS = "all"  # `lmforge finetune --help all`: every task's options
+TRAIN_COMMANDS = ("pretrain", "train", "finetune")
+
+
+def _help_task(argv: list[str]) -> str | None:
+    """For `lmforge pretrain|train|finetune ... --help [all]`: the task whose options --help shows (from --task,
+    else the --config recipe, else the command's default task), or ALL_TASKS; None when no help is asked for."""
+    if not argv or argv[0] not in TRAIN_COMMANDS or not {"-h", "--help"} & set(argv):
+        return None
+    at = max(i for i, word in enumerate(argv) if word in ("-h", "--help"))
+    if argv[at + 1:at + 2] == [ALL_TASKS]:
+        return ALL_TASKS
+    task = _option_value(argv, "--task")
+    if task is None and (recipe := _option_value(argv, "--config")):
+        from lmforge.config import read_yaml
+
+        found = read_yaml(recipe).get("task")
+        task = found if isinstance(found, str) else None
+    from lmforge.tasks import registry
+
+    task = task or ("classify" if argv[0] == "finetune" else "clm")
+    if task not in registry.TASKS:
+        raise UserError(f"{argv[0]} --help: task = {task}: expected one of {', '.join(registry.TASKS)} "
+                        f"(every option: --help {ALL_TASKS})")
+    return task
+
+
+def _option_value(argv: list[str], option: str) -> str | None:
+    """The value given to `option` (as `--option V` or `--option=V`), the last one winning; None if absent."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(option + "="):
+            value = word.split("=", 1)[1]
+    return value
 
 
 def _checkpoint(p: argparse.ArgumentParser, what: str) -> None:
@@ -134,9 +181,9 @@ def _dtype(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     """The config options given on the command line, as {dotted key: raw string}."""
-    from lmforge.config import leaves
+    from lmforge.config import DEPRECATED_KEYS, leaves
 
-    keys = {path for path, _, _ in leaves()}
+    keys = {path for path, _, _ in leaves()} | set(DEPRECATED_KEYS)
     return {k: v for k, v in vars(args).items() if k in keys}
 
 
@@ -206,16 +253,21 @@ def cmd_train(args) -> int:
         print(f"weights:       none saved: no evaluation scored a finite val {result.metric}")
     if result.plot:
         print(f"plot:          {result.plot}")
-    if cfg.log.tensorboard:
-        print(f"tensorboard:   tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    for line in result.tracked:  # tensorboard --logdir ..., wandb sync ..., the MLflow run
+        print(line)
     if weights.is_file():
-        _print_next_steps(registry.spec(cfg.task), result.run_dir)
+        _print_next_steps(cfg, result.run_dir)
     return 0
 
 
-def _print_next_steps(spec, run_dir: Path) -> None:
-    """The commands that use what the task trained, as its registry entry says."""
+def _print_next_steps(cfg, run_dir: Path) -> None:
+    """The commands that use what the task trained, as its registry entry says; export where the model has a
+    Hugging Face layout."""
+    from lmforge.hf.layouts import check_exportable
     from lmforge.runs import chat_template
+    from lmforge.tasks import registry
+
+    spec = registry.spec(cfg.task)
     if spec.endpoint == "generate":
         chat = " --chat" if chat_template(run_dir) is not None else ""
         print(f"generate:      lmforge generate --checkpoint {run_dir}{chat} --prompt \"...\"")
@@ -224,8 +276,11 @@ def _print_next_steps(spec, run_dir: Path) -> None:
     if spec.finetune:
         print(f"evaluate:      lmforge evaluate --checkpoint {run_dir} --data FILE")
         print(f"predict:       lmforge predict --checkpoint {run_dir} --input FILE --output OUT.jsonl")
-    if spec.body != "encoder_decoder":  # hf/arch.py has decoder and encoder layouts only
-        print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder)")
+    try:
+        check_exportable(cfg, run_dir)
+        print(f"export:        lmforge export {run_dir} OUT_DIR   (a Hugging Face folder; --format onnx: onnxruntime)")
+    except UserError:  # no layout: a command that would refuse is no next step
+        pass
 
 
 def _need_finetuned(checkpoint: str, task: str | None, command: str) -> None:
@@ -448,14 +503,13 @@ def cmd_generate(args) -> int:
 
 def cmd_import(args) -> int:
     from lmforge.hf.export import import_hf
-    from lmforge.tasks import registry
 
     imported = import_hf(args.hf_dir, args.out)
     print(f"imported {args.hf_dir}: {imported.summary()}")
     for note in imported.notes:
         print(f"note: {note}")
     print(f"run directory: {args.out}")
-    _print_next_steps(registry.spec(imported.config.task), Path(args.out))
+    _print_next_steps(imported.config, Path(args.out))
     return 0
 
 
@@ -465,10 +519,22 @@ def cmd_export(args) -> int:
     if args.quantize:
         raise UserError(f"export: --quantize {args.quantize} applies to --format onnx (an ONNX graph for "
                         f"onnxruntime); a Hugging Face folder (--format {args.format}) is written in fp32")
+    from lmforge.hf.layouts import check_exportable
+    from lmforge.rundir import config_before_loading
+
+    saved = config_before_loading(args.run)  # a run directory's refusals come before torch and the model load
+    if saved is not None:
+        check_exportable(saved, args.run, args.format, args.merge)
     from lmforge.hf.export import ADAPTER_DIR, export_hf
 
     hf_cfg = export_hf(args.run, args.out, args.format, merge=args.merge)
     cls = hf_cfg["architectures"][0]
+    if (Path(args.out) / "modules.json").is_file():  # the sentence-transformers layout (hf/sentence.py)
+        print(f"exported {args.run} as a sentence-transformers model ({cls}, its pooling, a Dense head with "
+              f"{len(hf_cfg['id2label'])} outputs) to {args.out}")
+        print(f"load it:  sentence_transformers.SentenceTransformer(\"{args.out}\").encode(texts) gives the logits")
+        print(f"          (transformers alone: AutoModel, the pooling and the head, as {Path(args.out) / 'README.md'} shows)")
+        return 0
     print(f"exported {args.run} as {cls} ({hf_cfg['model_type']}) to {args.out}")
     base = f"transformers.{cls}.from_pretrained(\"{args.out}\")"
     adapter = Path(args.out) / ADAPTER_DIR
@@ -477,6 +543,9 @@ def cmd_export(args) -> int:
         print("          (or export with --merge for one plain model)")
     else:
         print(f"load it:  {base}")
+    if hf_cfg.get("is_encoder_decoder"):  # generation_config.json holds the run's beam size and length penalty
+        print(f"translate: model.generate(**tokenizer(texts, return_tensors=\"pt\", padding=True)) decodes as "
+              f"lmforge translate does (tokenizer: transformers.AutoTokenizer.from_pretrained(\"{args.out}\"))")
     return 0
 
 
@@ -495,6 +564,9 @@ def cmd_serve(args) -> int:
     import os
 
     from lmforge.config import ServeLimits
+    from lmforge.rundir import check_serves, task_before_loading
+
+    check_serves(args.run, task_before_loading(args.run))  # before torch and the model load (seconds)
     from lmforge.serve import serve
 
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
@@ -530,7 +602,8 @@ WORKFLOW = """a first session:
 recipes: configs/*.yaml   docs: docs/*.md"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_task: str | None = None) -> argparse.ArgumentParser:
+    """help_task: the task (or ALL_TASKS) whose config options `pretrain|finetune --help` lists (_help_task)."""
     from lmforge.config import (BLEU_TOKENIZERS, CORPUS_FORMATS, TOKENIZER_KINDS, DataConfig,  # light: no torch
                                 Seq2SeqConfig, ServeLimits)
     from lmforge.fields import between, ge, gt, nonempty, seed_range, temperature_range, top_p_range
@@ -549,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "not pre-training (seq2seq).", allow_abbrev=False)
     p.add_argument("--resume", metavar="auto|RUN|CKPT",
                    help="continue a run exactly: auto = the newest good checkpoint of --log.run_dir or of the newest run")
-    _config_options(p)
+    _config_options(p, task=help_task)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained model (a run or a Hugging Face folder) on labelled data",
@@ -558,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "0.01, 3 epochs); a recipe or the options below override them. Needs --finetune.init_from and "
                        "--finetune.train.", allow_abbrev=False)
     p.add_argument("--resume", metavar="auto|RUN|CKPT", help="continue a run exactly (as for pretrain)")
-    _config_options(p, finetune_base({}))
+    _config_options(p, finetune_base({}), help_task)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a labelled file and print its report",
@@ -667,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3 or BERT "
-                       "layout) or an ONNX graph",
+                       "layout; BART for an encoder-decoder) or an ONNX graph",
                        description="Write a run as a Hugging Face model folder that transformers' from_pretrained "
                        "loads: config.json, model.safetensors and the tokenizer; a fine-tuned run gets its task's "
                        "head class (e.g. BertForSequenceClassification), a LoRA run a PEFT adapter folder. With "
@@ -678,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--format", default="auto", choices=EXPORT_FORMATS,
                    help="the Hugging Face layout; auto = bert for mlm, the first of gpt2, llama, qwen2, qwen3 that "
-                   "fits for clm; onnx = an ONNX graph for onnxruntime (docs/onnx.md) [default: auto]")
+                   "fits for clm, BART for seq2seq and span; onnx = an ONNX graph for onnxruntime (docs/onnx.md) "
+                   "[default: auto]")
     p.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapter into the weights and write "
                    "one plain model [default: the base and the adapter in the peft library's format; --format "
                    "onnx always merges]")
@@ -738,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             raise UserError("no command given; start with `lmforge pretrain` (a small GPT in about 4 minutes) "
                             "or see lmforge --help")
-        args = build_parser().parse_args(argv)
+        args = build_parser(_help_task(argv)).parse_args(argv)
         return args.func(args)
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)

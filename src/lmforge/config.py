@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -21,8 +23,8 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.io import atomic_text
-from lmforge.fields import (between, choices_of, device_name, file_endings, fraction_open, ge, gt, opt, section,
-                            seed_range)
+from lmforge.fields import (between, choices_of, device_name, file_endings, fraction_open, ge, gt, nonempty, opt,
+                            section, seed_range)
 from lmforge.model.config import LLAMA3_ROPE_FIELDS, PRESETS, ModelConfig
 from lmforge.tasks import registry
 
@@ -36,6 +38,7 @@ class ConfigError(UserError):
 
 TOKENIZER_KINDS = ("char", "bpe", "wordpiece")
 CORPUS_FORMATS = ("auto", "txt", "folder", "jsonl")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train/trackers.py
 
 
 @dataclass
@@ -320,7 +323,21 @@ class LogConfig:
     run_dir: str | None = opt(None, "this run's directory (default: OUT_DIR/<time>-<task>)")
     every: int = opt(10, "log train metrics every N steps", check=gt(0))
     progress: bool = opt(True, "show a progress bar")
-    tensorboard: bool = opt(True, "write TensorBoard event files")
+    trackers: list[str] = opt(["tensorboard"], "experiment trackers fed besides metrics.jsonl and curves.png: "
+                              "tensorboard (RUN/tensorboard), wandb (Weights & Biases; offline in RUN/wandb unless "
+                              "log.wandb_mode says otherwise), mlflow (log.mlflow_uri); [] = none. Replaces the "
+                              "deprecated log.tensorboard", choices=TRACKERS,
+                              check=(lambda v: len(set(v)) == len(v), "a list without repeats"))
+    wandb_project: str = opt("lmforge", "W&B project of the run (log.trackers has wandb)", check=nonempty())
+    wandb_mode: str = opt("offline", "W&B mode: offline writes RUN/wandb/offline-run-* (upload later with `wandb "
+                          "sync`), online needs `wandb login` or WANDB_API_KEY, disabled writes nothing",
+                          choices=("offline", "online", "disabled"))
+    mlflow_uri: str = opt("", "MLflow tracking URI: a folder or file: URI (a file store), sqlite:///PATH.db (needs "
+                          "SQLAlchemy and Alembic: pip install mlflow), http(s)://HOST:PORT (a tracking server); "
+                          "empty = $MLFLOW_TRACKING_URI, else OUT_DIR/mlruns")
+    mlflow_experiment: str = opt("lmforge", "MLflow experiment of the run (created if missing)", check=nonempty())
+    log_weights: bool = opt(False, "also upload model.safetensors to W&B / MLflow at the end (config.yaml, "
+                            "metrics.jsonl and curves.png always go)")
     samples: int = opt(3, "samples printed at the end of a language-model run", check=ge(0))
     sample_tokens: int = opt(120, "tokens per printed sample", check=gt(0))
 
@@ -586,7 +603,11 @@ def _build(cls: type, data: dict, prefix: str, from_cli: set[str]):
             continue
         value = _coerce(path, tp, data[f.name], path in from_cli)
         choices, check = choices_of(f), f.metadata.get("check")
-        if choices and value not in choices:
+        if choices and isinstance(value, list):  # a list field's choices are those of its items
+            for i, item in enumerate(value):
+                if item not in choices:
+                    raise ConfigError(f"config: {path}[{i}] = {item!r}: expected one of {', '.join(map(str, choices))}")
+        elif choices and value not in choices:
             raise ConfigError(f"config: {path} = {value!r}: expected one of {', '.join(map(str, choices))}")
         if check and value is not None and not check[0](value):
             raise ConfigError(f"config: {path} = {value!r}: must be {check[1]}")
@@ -644,10 +665,33 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if name not in PRESETS:
             raise ConfigError(f"config: model.preset = {name!r}: expected one of {', '.join(PRESETS)}")
         tree["model"] = {**PRESETS[name], **model}
+    note = legacy_log_keys(tree)
+    if note and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 says it
+        print(f"lmforge: note: {note}", file=sys.stderr)
     cfg = _build(Config, tree, "", set(overrides))
     if validate:
         cfg.validate()
     return cfg
+
+
+DEPRECATED_KEYS = ("log.tensorboard",)  # still read (legacy_log_keys), no longer fields; the CLI takes them, unlisted
+
+
+def legacy_log_keys(tree: dict) -> str | None:
+    """log.tensorboard (a switch before log.trackers) still works, so old configs, scripts and run directories do:
+    false takes tensorboard out of log.trackers, true puts it in. Returns the deprecation note to print (None
+    when the key is absent); the resolved config written to a run holds log.trackers only."""
+    log = tree.get("log")
+    if not isinstance(log, dict) or "tensorboard" not in log:
+        return None
+    on = _coerce("log.tensorboard", bool, log.pop("tensorboard"), from_cli=True)
+    given = log.get("trackers", ["tensorboard"])
+    trackers = _coerce("log.trackers", list[str], given, from_cli=isinstance(given, str))
+    if on != ("tensorboard" in trackers):
+        trackers = trackers + ["tensorboard"] if on else [t for t in trackers if t != "tensorboard"]
+    log["trackers"] = trackers
+    return (f"log.tensorboard is deprecated; use log.trackers (log.tensorboard = {str(on).lower()} "
+            f"made it [{', '.join(trackers)}])")
 
 
 def to_dict(cfg) -> dict:
@@ -658,9 +702,27 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))  # a killed write leaves the old one
 
 
-def help_rows(base: dict | None = None):
-    """(option, metavar, help) for every config field, for the CLI's --help; base: a command's own starting
-    values (fine-tuning's), shown as the defaults where they differ."""
+def applies(path: str, task: str, loss_name: str | None = None) -> bool:
+    """Whether the config key `path` (dotted) means anything to `task`: its section is one the task reads
+    (registry: TaskSpec.config_sections) and, in the loss section, the option belongs to loss_name (None:
+    to any of the task's losses)."""
+    spec = registry.spec(task)
+    section, _, key = path.partition(".")
+    if path == "task":
+        return True
+    if section not in spec.config_sections:
+        return False
+    if path == "loss.chunked":  # the fused output projection + loss of a language-model head
+        return spec.model in ("gpt", "masked_lm", "encoder_decoder")
+    if section == "loss" and key != "name":
+        return any(key in LOSS_OPTIONS[name] for name in ((loss_name,) if loss_name else spec.losses))
+    return True
+
+
+def help_rows(base: dict | None = None, task: str | None = None):
+    """(option, metavar, help, applies) for every config field, for the CLI's --help; base: a command's own
+    starting values (fine-tuning's), shown as the defaults where they differ; task: the task whose options
+    apply (None: all)."""
     for path, tp, f in leaves(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         node = base or {}
@@ -669,4 +731,5 @@ def help_rows(base: dict | None = None):
         default = default if node is dataclasses.MISSING else node
         extra = f" {{{','.join(map(str, choices_of(f)))}}}" if choices_of(f) else ""
         check = f" ({f.metadata['check'][1]})" if f.metadata.get("check") else ""
-        yield f"--{path}", _type_name(tp).upper(), f"{f.metadata['doc']}{extra}{check} [default: {default}]"
+        yield (f"--{path}", _type_name(tp).upper(), f"{f.metadata['doc']}{extra}{check} [default: {default}]",
+               task is None or applies(path, task))

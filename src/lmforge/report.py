@@ -21,13 +21,17 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.config import LOSS_OPTIONS, applies
 from lmforge.errors import UserError
 from lmforge.io import atomic_write
 from lmforge.rundir import BASE_MODEL, read_selection
+from lmforge.tasks import registry
+from lmforge.train import trackers
 from lmforge.train.tracking import METRICS, read_metrics
 
 EXPECTED = "expected a run directory with config.yaml and metrics.jsonl"
-SKIP_DIRS = {"checkpoints", "tensorboard"}
+# the trackers' folders hold copies of a run's config.yaml and metrics.jsonl (uploaded files), not runs
+SKIP_DIRS = {"checkpoints", trackers.TB_DIR, trackers.WANDB_DIR, trackers.MLFLOW_STORE}
 PPL_TASKS = ("clm", "mlm")  # their loss is a per-token cross-entropy, so exp(loss) is a perplexity
 SAMPLES = 10
 
@@ -276,6 +280,24 @@ def _translations(run: Path, cfg: dict) -> str:
     return "<h2>Translation</h2>\n" + "\n".join(parts) if parts else ""
 
 
+def _config_tables(cfg: dict) -> list[str]:
+    """The config, one small table per top-level section set in columns, with only the keys that apply to the
+    run's task (a fine-tuning run's page has no seq2seq or mlm options; config.yaml keeps them all)."""
+    task = cfg.get("task")
+    known = isinstance(task, str) and task in registry.TASKS
+    loss = (cfg.get("loss") or {}).get("name") if isinstance(cfg.get("loss"), dict) else None
+    loss = loss if loss in LOSS_OPTIONS else None
+    sections = {}
+    for key, value in _flatten(cfg):
+        if known and not applies(key, task, loss):
+            continue
+        text = "null" if value is None else str(value)  # a string: numbers as given, not rounded to 4 places
+        sections.setdefault(key.split(".")[0], []).append([key, text])
+    note = (f'<p class="muted">the options of task {_e(task)}; config.yaml holds every key</p>' if known else "")
+    return ["<h2>Config</h2>", note, '<div class="config">',
+            *(_table(None, items, name) for name, items in sections.items()), "</div>"]
+
+
 def _render(run: Path) -> str:
     cfg, rows = _read(run / "config.yaml", yaml.safe_load), read_metrics(run / METRICS)
     info = run_info(run, cfg, rows)
@@ -302,12 +324,7 @@ def _render(run: Path) -> str:
     if evals:
         body += ["<h2>Evaluation</h2>", *evals]
     body.append(_translations(run, cfg))
-    sections = {}
-    for key, value in _flatten(cfg):  # one small table per top-level section, set in columns
-        text = "null" if value is None else str(value)  # a string: numbers as given, not rounded to 4 places
-        sections.setdefault(key.split(".")[0], []).append([key, text])
-    body += ["<h2>Config</h2>", '<div class="config">',
-             *(_table(None, items, name) for name, items in sections.items()), "</div>"]
+    body += _config_tables(cfg)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(run.name)} - lmforge report'
             f"</title><style>{CSS}</style></head><body>\n" + "\n".join(b for b in body if b) + "\n</body></html>\n")
 

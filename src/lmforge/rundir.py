@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmforge.config import ConfigError, read_yaml
+from lmforge.config import ConfigError, load_config, read_yaml
+from lmforge.errors import UserError
 from lmforge.io import atomic_write, read_json
 from lmforge.tasks import registry
 
@@ -35,22 +36,53 @@ def read_selection(run_dir: Path) -> dict:
     return read_json(path, str(run_dir))
 
 
-def task_before_loading(path: str | Path) -> str | None:
-    """The task of the run `path` names (its directory, a weights file beside its config.yaml, or a checkpoint
-    in its checkpoints/), read from config.yaml alone, so that a command refuses a run of the wrong kind before
-    it loads torch and the model. None where only loading tells (a Hugging Face folder has no config.yaml) or
-    where the config cannot say: then runs.load_run reads the run and names what is wrong with it."""
+def _run_folder(path: str | Path) -> Path | None:
+    """The run directory of what `path` names (the directory, a weights file beside its config.yaml, or a
+    checkpoint in its checkpoints/); None for a Hugging Face folder (config.json) or no run at all."""
     p = Path(path)
-    if p.is_dir() and (p / "config.yaml").is_file():  # a run directory
-        folder = p
-    elif p.is_file() and (p.parent / "config.yaml").is_file():  # a weights file beside its config
-        folder = p.parent
-    elif p.exists() and p.parent.name == CKPT_DIR:  # a checkpoint: a file, or a sharded one's folder
-        folder = p.parent.parent
-    else:  # a Hugging Face folder (config.json), or no run at all
-        return None
+    if p.is_dir() and (p / "config.yaml").is_file():
+        return p
+    if p.is_file() and (p.parent / "config.yaml").is_file():
+        return p.parent
+    if p.exists() and p.parent.name == CKPT_DIR:  # a checkpoint: a file, or a sharded one's folder
+        return p.parent.parent
+    return None
+
+
+def _saved_tree(path: str | Path) -> dict | None:
+    folder = _run_folder(path)
     try:
-        task = read_yaml(folder / "config.yaml").get("task")
+        return read_yaml(folder / "config.yaml") if folder else None
     except (ConfigError, OSError):  # unreadable: load_run's to report
         return None
+
+
+def task_before_loading(path: str | Path) -> str | None:
+    """The task of the run `path` names, read from its config.yaml alone, so that a command refuses a run of the
+    wrong kind before it loads torch and the model. None where only loading tells (a Hugging Face folder has no
+    config.yaml) or where the config cannot say: then runs.load_run reads the run and names what is wrong."""
+    task = (_saved_tree(path) or {}).get("task")
     return task if task in registry.names() else None
+
+
+def config_before_loading(path: str | Path):
+    """The whole Config of the run `path` names, from its config.yaml, for checks that need more than the task
+    (`lmforge export`: the model's layout, the PEFT method); None wherever task_before_loading says None, or
+    the config does not load (load_run then names what is wrong)."""
+    tree = _saved_tree(path)
+    if not tree or tree.get("task") not in registry.names():
+        return None
+    try:
+        return load_config(base=tree, validate=False)
+    except ConfigError:
+        return None
+
+
+def check_serves(run: str | Path, task: str | None) -> None:
+    """Refuse to serve a run whose task answers no requests (the registry's endpoint); task None: not known
+    before loading (a Hugging Face folder), checked again once loaded."""
+    if task is None or registry.spec(task).endpoint is not None:
+        return
+    served = [name for name, s in registry.TASKS.items() if s.endpoint]
+    raise UserError(f"serve: {run} holds a {task} model, which answers no requests; expected a run "
+                    f"of task {', '.join(served)} (fine-tune it first: lmforge finetune)")

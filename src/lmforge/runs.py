@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge import chat
-from lmforge.config import load_config, read_yaml
+from lmforge.config import legacy_log_keys, load_config, read_yaml
 from lmforge.data.labelled import LabelMap
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
@@ -230,6 +230,7 @@ def read_run_config(run_dir: Path) -> dict:
         # a run written before the schedule's horizon was recorded ran to its max_steps: a resume that extends
         # max_steps then keeps that schedule, as for a newer run
         train["schedule_steps"] = train["max_steps"]
+    legacy_log_keys(tree)  # a run written before log.trackers: its log.tensorboard, quietly (the run is not the user's to edit)
     return tree
 
 

@@ -54,6 +54,7 @@ from lmforge.config import ServeLimits as Limits
 from lmforge.errors import UserError
 from lmforge.fields import MIN_TEMPERATURE, MIN_TOP_P, SEED_MAX, temperature_range
 from lmforge.generate import generate_texts, prompt_ids, translate
+from lmforge.rundir import check_serves
 from lmforge.runs import INFERENCE_DTYPES, chat_template, end_token_ids, load_run, run_dir_of
 from lmforge.tasks import make_task, registry
 from lmforge.tasks.seq2seq import source_tokenizer
@@ -173,11 +174,8 @@ class Engine:
         self.end_ids = end_token_ids(run)  # an imported chat model stops at its own end of turn
         self.run, self.limits = str(run), limits
         spec = registry.spec(self.cfg.task)
+        check_serves(run, self.cfg.task)  # cmd_serve checked a run directory's before loading; an HF folder's here
         self.endpoint = spec.endpoint  # the registry says which request each task answers
-        if self.endpoint is None:
-            served = [name for name, s in registry.TASKS.items() if s.endpoint]
-            raise UserError(f"serve: {run} holds a {self.cfg.task} model, which answers no requests; expected a run "
-                            f"of task {', '.join(served)} (fine-tune it first: lmforge finetune)")
         self.task = None
         if spec.finetune:  # labelled-example tasks encode and predict through their Task
             self.task = make_task(self.cfg)

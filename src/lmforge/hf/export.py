@@ -5,19 +5,22 @@ peft library's format beside it, `write_peft_adapter`)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 
 from lmforge import chat
 from lmforge.config import save_config
 from lmforge.errors import UserError
-from lmforge.hf.arch import ACTIVATIONS, ARCHS, BERT, FORMATS, Arch
-from lmforge.hf import keymap
+from lmforge.hf.arch import ACTIVATIONS, BERT, Arch
+from lmforge.hf.layouts import body_task, check_exportable, decoder_classifier, hf_class, sentence_layout
+from lmforge.hf import bart, keymap
 from lmforge.hf.load import Imported, load_hf
+from lmforge.hf.sentence import DENSE_DIR, sentence_files, split_tensors
 from lmforge.hf.tokenizer import special_tokens
 from lmforge.io import atomic_dir, atomic_text, atomic_write, fill_folder, save_weights, write_safetensors
 from lmforge.peft import Adapter, PrefixAttention, lora_layers, peft_method, strip_peft
@@ -57,70 +60,17 @@ def import_hf(folder: str | Path, out: str | Path) -> Imported:
 
 
 
-def _show(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _body_task(cfg) -> str:
-    """The pre-training task whose layout a model's body has (an Arch's `task`): a decoder's is clm, an
-    encoder's mlm; a fine-tuned model's body is the one it started from (finetune.body)."""
-    body = registry.spec(cfg.task).body
-    if body == "pretrained":
-        body = cfg.finetune.body
-    return {"decoder": "clm", "encoder": "mlm"}.get(body, cfg.task)
-
-
 # transformers' problem_type of a sequence classifier, by the kind of label it predicts
 PROBLEM_TYPES = {"class": "single_label_classification", "value": "regression", "classes": "multi_label_classification"}
 
 
-def _gaps(arch: Arch, cfg) -> list[str]:
-    """What keeps this config from the architecture's layout, as 'model.x = needed (it has y)'."""
-    if _body_task(cfg) != arch.task:
-        return [f"task = {arch.task} (it is {cfg.task})"]
-    m = cfg.model
-    needs = {k: (v,) for k, v in arch.layout.items()}
-    if arch.activation:
-        needs["mlp"] = tuple(dict.fromkeys(ACTIVATIONS.values()))
-    if arch.mha_only:
-        needs["n_kv_head"] = (m.n_head,)
-    if not any(ours == "head_dim" for ours, _ in arch.config.values()):  # its config.json cannot say another
-        needs["head_dim"] = (m.d_model // m.n_head,)
-    return [f"model.{k} = {' or '.join(map(_show, ok))} (it has {_show(getattr(m, k))})"
-            for k, ok in needs.items() if getattr(m, k) not in ok]
-
-
-def _export_arch(cfg, fmt: str, run) -> Arch:
-    if fmt not in FORMATS:
-        raise UserError(f"export: --format {fmt}: expected one of {', '.join(FORMATS)}")
-    candidates = [ARCHS[fmt]] if fmt != "auto" else [a for a in ARCHS.values() if a.task == _body_task(cfg)]
-    if not candidates:  # an encoder-decoder: no layout to list the gaps of
-        written = {task: " or ".join(a.title for a in ARCHS.values() if a.task == task) for task in ("clm", "mlm")}
-        raise UserError(f"export: {run}: a {cfg.task} model is an encoder-decoder, and lmforge writes no Hugging Face "
-                        f"encoder-decoder layout; it exports clm models as {written['clm']} and mlm models as "
-                        f"{written['mlm']}")
-    gaps = [(a, _gaps(a, cfg)) for a in candidates]
-    for arch, missing in gaps:
-        if not missing:
-            return arch
-    reasons = "; ".join(f"{a.title} needs {', '.join(g)}" for a, g in gaps)
-    raise UserError(f"export: {run}: the model fits no Hugging Face layout lmforge writes: {reasons}")
-
-
 def _finetuned_config(arch: Arch, cfg, run) -> dict:
-    """config.json additions of a fine-tuned model: its class (the registry's hf_classes), labels and
-    problem type."""
+    """config.json additions of a fine-tuned model: its class (the registry's hf_classes; BertModel for the
+    sentence-transformers layout), labels and problem type."""
     spec = registry.spec(cfg.task)
     if not spec.finetune:
         return {}
-    cls = spec.hf_classes.get(arch.name)
-    if cls is None:
-        written = sorted({c for s in registry.TASKS.values() for c in s.hf_classes.values()})
-        raise UserError(f"export: {run}: a {cfg.task} model on a {arch.title} body has no Hugging Face class "
-                        f"lmforge writes (it writes {', '.join(written)})")
-    if cls == "BertForSequenceClassification" and cfg.finetune.pooling != "pooler":
-        raise UserError(f"export: {run}: BertForSequenceClassification pools with BERT's pooler; this model has "
-                        f"finetune.pooling = {cfg.finetune.pooling}, which transformers cannot compute")
+    cls = hf_class(arch, cfg, run)
     out = {"architectures": [cls]}
     if spec.label in (*PROBLEM_TYPES, "tags", "preference"):
         labels = cfg.finetune.labels or ["score" if spec.label == "preference" else "value"]  # one output
@@ -130,6 +80,59 @@ def _finetuned_config(arch: Arch, cfg, run) -> dict:
     if spec.label in PROBLEM_TYPES:
         out["problem_type"] = PROBLEM_TYPES[spec.label]
     return out
+
+
+NEW_PAD = "<pad>"
+
+
+def _decoder_classifier_tokenizer(tok: Tokenizer, specials: dict[str, str]) -> tuple[Tokenizer, dict[str, str]]:
+    """The tokenizer and special tokens of a decoder classifier's export. The run read `text eos` (a pair:
+    `a eos b eos`, SequenceTask.join) and pooled its last real token; transformers' *ForSequenceClassification
+    pools the last token that is not config.pad_token_id, so the pad token must never end a text: the run's own
+    padding token where it has one other than eos, else a new one (NEW_PAD, the next id). Its post-processor
+    adds the eos as the run did, replacing the source's (which may add a bos the run never read)."""
+    tok = Tokenizer.from_str(tok.to_str())
+    eos, pad = specials.get("eos_token"), specials.get("pad_token")
+    if pad is None or pad == eos:  # (a vocabulary holding NEW_PAD would have given it as the pad token)
+        pad = NEW_PAD
+        tok.add_special_tokens([pad])
+    if eos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tok.token_to_id(eos))])
+    return tok, {**specials, "pad_token": pad}
+
+
+def _grow_embedding(tensors: dict, mapping: dict, hf_cfg: dict, rows: int) -> None:
+    """Zero rows for tokens the export added (NEW_PAD) past the model's vocabulary: a padding token's row is
+    never read, its positions masked and not pooled."""
+    if rows > hf_cfg["vocab_size"]:
+        emb = mapping["tok_emb.weight"][0]
+        extra = torch.zeros(rows - hf_cfg["vocab_size"], tensors[emb].shape[1], device=tensors[emb].device)
+        tensors[emb] = torch.cat([tensors[emb], extra])
+        hf_cfg["vocab_size"] = rows
+
+
+def _set_side_tokens(side: dict[str, str], specials: dict[str, str]) -> None:
+    """The export's pad token in the tokenizer files a source model brought along, and the tokenizer class that
+    reads tokenizer.json as it is (a LlamaTokenizerFast would rebuild the post-processor from add_bos_token)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = {**json.loads(side[name]), "pad_token": specials["pad_token"]}
+        if name == "tokenizer_config.json":
+            data = {k: v for k, v in data.items() if k not in ("add_bos_token", "add_eos_token")}
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        side[name] = _json_text(data)
+
+
+def _token_tagger_head(tensors: dict, arch: Arch, cfg) -> None:
+    """A causal body's tagger has a bias-free classifier (as GPT-2's and Llama's `score`); transformers'
+    *ForTokenClassification has a bias, written as zeros. GPT2ForTokenClassification calls its layer
+    `classifier`, not `score`."""
+    if registry.spec(cfg.task).model != "token_tagger" or body_task(cfg) != "clm":
+        return
+    weight = tensors.pop(arch.weights["classifier"] + ".weight")
+    name = "classifier" if arch.name == "gpt2" else arch.weights["classifier"]
+    tensors[f"{name}.weight"] = weight
+    tensors[f"{name}.bias"] = torch.zeros(weight.shape[0], device=weight.device)
 
 
 def _hf_config(arch: Arch, cfg, specials: dict[str, str], tok: Tokenizer) -> dict:
@@ -179,20 +182,26 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     files back unchanged); a LoRA run's base model there and its adapter in OUT/adapter in the peft
     library's format (peft.PeftModel.from_pretrained(base, OUT/adapter)), or with `merge` the base plus the
     LoRA update as one plain model. A run on a quantised base (peft.base_dtype) is written with the base's
-    dequantised values: the weights it computed with. Returns the config.json written."""
+    dequantised values: the weights it computed with.
+
+    Fine-tuned models: *ForSequenceClassification / *ForTokenClassification (BERT, GPT-2, Llama, Qwen2,
+    Qwen3 bodies), except an encoder classifier pooled otherwise than with BERT's pooler, which is written in
+    the sentence-transformers layout (hf/sentence.py: BertModel at the root, 1_Pooling, 2_Dense), its LoRA
+    always merged (that layout has no peft adapter). Returns the config.json written."""
 
     out = Path(out)
     _check_out(out, "export")
     trained, tok, cfg = load_run(run)
-    dequantise_model(trained)
-    arch = _export_arch(cfg, fmt, run)
     method = peft_method(trained)
-    if method not in ("none", "lora"):
-        raise UserError(f"export: {run}: a model with peft.method = {method} has no Hugging Face layout; only LoRA "
-                        "adapters are written (in the peft library's format)")
-    if merge and method != "lora":
-        raise UserError(f"export: --merge: {run} has no LoRA adapter to merge (peft.method = {method}); "
-                        "export it without --merge")
+    arch = check_exportable(cfg, run, fmt, merge, method)  # `lmforge export` asked before loading a run directory
+    if arch is None:
+        return _export_encoder_decoder(trained, tok, cfg, out)
+    dequantise_model(trained)
+    sentence = sentence_layout(cfg)
+    if sentence and method == "lora" and not merge:
+        print(f"lmforge: note: {run}: the LoRA update is merged into the weights (a sentence-transformers folder "
+              "holds no peft adapter)", file=sys.stderr)
+        merge = True
     # the base weights, its adapter written on its own below; merged: the base plus the LoRA update
     model = strip_peft(trained, merge=merge)
     method = "none" if merge else method
@@ -201,27 +210,61 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     tensors.update({copy: tensors[original] for copy, original in arch.copies.items() if original in tensors})
     if arch is BERT and cfg.model.type_vocab_size == 0:
         tensors["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.model.d_model, device="cpu")
-    specials = special_tokens(tok, _body_task(cfg))
+    _token_tagger_head(tensors, arch, cfg)
+    specials = special_tokens(tok, body_task(cfg))
+    if decoder_classifier(cfg):
+        tok, specials = _decoder_classifier_tokenizer(tok, specials)
     hf_cfg = {**_hf_config(arch, cfg, specials, tok), **_finetuned_config(arch, cfg, run)}
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is: the same ids
-               "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False, **specials}
-    side = {"tokenizer_config.json": _json_text(tok_cfg), "special_tokens_map.json": _json_text(specials),
-            **hf_side_files(run)}  # the source's own, where the run came from one
+    side = {**_tokenizer_files(specials, cfg), **hf_side_files(run)}  # the source's own, where the run came from one
     hf_cfg.update(_source_token_ids(side))
     _add_named_template(side, cfg)
+    if decoder_classifier(cfg):  # the pad token chosen above, whatever the source said
+        _set_side_tokens(side, specials)
+        hf_cfg["pad_token_id"] = tok.token_to_id(specials["pad_token"])
+        _grow_embedding(tensors, mapping, hf_cfg, tok.get_vocab_size())
+    files = {}  # {path inside OUT: tensors} beside model.safetensors
+    if sentence:
+        tensors, files[f"{DENSE_DIR}/model.safetensors"] = split_tensors(tensors, arch.prefix, cfg.model.d_model)
+        side.update(sentence_files(cfg.finetune.pooling, cfg.model.d_model, len(hf_cfg["id2label"]),
+                                   min(cfg.finetune.max_length, cfg.model.max_seq_len), list(hf_cfg["label2id"])))
 
     def write(tmp: Path) -> None:
-        # clone: safetensors refuses views that share storage (the parts of a fused tensor)
-        write_safetensors({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
-                          {"format": "pt"})
-        for name, text in {"config.json": _json_text(hf_cfg), **side}.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        tok.save(str(tmp / "tokenizer.json"))
+        _write_model(tmp, {"model.safetensors": tensors, **files}, {"config.json": _json_text(hf_cfg), **side}, tok)
         if method == "lora":  # in a sub-folder: beside config.json, transformers would load it in place of the base
             write_peft_adapter(trained, arch, tmp / ADAPTER_DIR, base_model_path=str(out.resolve()),
                                hf_class=hf_cfg["architectures"][0], mapping=mapping)
 
     _write_dir(out, "export", write)
+    return hf_cfg
+
+
+def _tokenizer_files(specials: dict[str, str], cfg) -> dict[str, str]:
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is: the same ids
+               "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False, **specials}
+    return {"tokenizer_config.json": _json_text(tok_cfg), "special_tokens_map.json": _json_text(specials)}
+
+
+def _write_model(tmp: Path, weights: dict[str, dict[str, torch.Tensor]], texts: dict[str, str], tok: Tokenizer) -> None:
+    """weights: {path inside the folder: tensors} (model.safetensors, a sentence-transformers head's file);
+    texts: {path: the file's text}; and tokenizer.json."""
+    for name, tensors in weights.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        # clone: safetensors refuses views that share storage (the parts of a fused tensor)
+        write_safetensors({k: v.contiguous().clone() for k, v in tensors.items()}, tmp / name, {"format": "pt"})
+    for name, text in texts.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text, encoding="utf-8")
+    tok.save(str(tmp / "tokenizer.json"))
+
+
+def _export_encoder_decoder(model, tok: Tokenizer, cfg, out: Path) -> dict:
+    """A seq2seq or span run (check_exportable passed) -> a BartForConditionalGeneration folder whose generate()
+    decodes as lmforge does (hf/bart.py: the layout, why BART, the generation settings)."""
+    hf_cfg = bart.config(model, tok)
+    texts = {"config.json": _json_text(hf_cfg), "generation_config.json": _json_text(bart.generation_config(cfg, tok)),
+             **_tokenizer_files(bart.special_tokens(tok), cfg)}
+    tensors = bart.tensors(model)
+    _write_dir(out, "export", lambda tmp: _write_model(tmp, {"model.safetensors": tensors}, texts, bart.tokenizer(tok)))
     return hf_cfg
 
 

@@ -14,7 +14,8 @@ class ModelConfig:
     layout, so it exports to Hugging Face as it is. The same fields describe
     the encoder the mlm task trains (see the bert-* presets)."""
 
-    preset: str | None = opt(None, "named preset supplying the defaults below (char-tiny, gpt-10m, gpt2-small, bert-tiny, bert-base)")
+    preset: str | None = opt(None, "named preset supplying the defaults below (char-tiny, gpt-10m, gpt2-small, bert-tiny, bert-base; "
+                               "encoder-decoders: bart-tiny, bart-base)")
     vocab_size: int = opt(0, "vocabulary size; 0 = take it from the tokenizer", check=ge(0))
     max_seq_len: int = opt(128, "context length in tokens", check=gt(0))
     n_layer: int = opt(4, "Transformer blocks", check=gt(0))
@@ -78,4 +79,11 @@ PRESETS: dict[str, dict] = {
     "bert-base": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=512, pos="learned", norm="layernorm",
                       norm_eps=1e-12, norm_position="post", mlp="gelu", bias=True, type_vocab_size=2,
                       depth_scaled_init=False),
+    # BART's layout for an encoder-decoder (task seq2seq or span): post-LN, learned positions, embedding norm,
+    # biases, exact GELU; `lmforge export` writes it as BartForConditionalGeneration (hf/bart.py). The tiny one
+    # is the translate-multi30k recipe's shape, the base one facebook/bart-base's (6 + 6 layers).
+    "bart-tiny": dict(n_layer=3, n_head=4, d_model=256, max_seq_len=128, pos="learned", norm="layernorm",
+                      norm_eps=1e-5, norm_position="post", mlp="gelu", bias=True, depth_scaled_init=False),
+    "bart-base": dict(n_layer=6, n_head=12, d_model=768, max_seq_len=1024, pos="learned", norm="layernorm",
+                      norm_eps=1e-5, norm_position="post", mlp="gelu", bias=True, depth_scaled_init=False),
 }

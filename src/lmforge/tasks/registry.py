@@ -44,11 +44,22 @@ class TaskSpec:
     # several documents (pretrain: data.pack) or examples (finetune: finetune.pack) may share a row, each
     # attending to itself: a causal LM's next-token loss, which has no per-row output to keep apart
     packs: bool = False
+    sections: tuple[str, ...] = ()  # the config sections of its own (mlm, seq2seq, robust...), see config_sections
 
     @property
     def finetune(self) -> bool:
         return self.family == "finetune"
 
+    @property
+    def config_sections(self) -> tuple[str, ...]:
+        """The top-level config sections the task reads: `--help` and the report show these alone."""
+        return FAMILY_SECTIONS[self.family] + self.sections + COMMON_SECTIONS
+
+
+# The config sections every task reads, and those of each family (a fine-tuned model's shape is its
+# pretrained body's, so the model section is pre-training's alone).
+COMMON_SECTIONS = ("train", "loss", "eval", "log")
+FAMILY_SECTIONS = {"pretrain": ("model", "data"), "finetune": ("finetune", "peft")}
 
 TASKS: dict[str, TaskSpec] = {}
 
@@ -80,28 +91,35 @@ TEXT_FORMATS = ("sst", "csv", "tsv", "jsonl")
 # what a fine-tuned causal LM exports as, by HF architecture (sft, dpo)
 CAUSAL_LM_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM"}
+# what a fine-tuned sequence classifier (classify, regress, multilabel, reward) and a tagger export as, by HF
+# architecture; an encoder classifier pooled otherwise than with BERT's pooler is written in the
+# sentence-transformers layout instead (hf/sentence.py)
+SEQUENCE_CLASSES = {"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
+                    "llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                    "qwen3": "Qwen3ForSequenceClassification"}
+TOKEN_CLASSES = {name: cls.replace("Sequence", "Token") for name, cls in SEQUENCE_CLASSES.items()}
 CLASSIFIERS = ("cross_entropy", "focal", "hinge_crammer_singer", "hinge_weston_watkins")
 
 register(TaskSpec("clm", "lmforge.tasks.clm:CausalLM", "causal LM (GPT)", "pretrain", "gpt", "decoder",
                   ("cross_entropy",), endpoint="generate", class_weights=False, packs=True))
 register(TaskSpec("mlm", "lmforge.tasks.mlm:MaskedLMTask", "masked LM (BERT-style encoder)", "pretrain", "masked_lm",
-                  "encoder", ("cross_entropy",), class_weights=False))
+                  "encoder", ("cross_entropy",), class_weights=False, sections=("mlm",)))
 register(TaskSpec("classify", "lmforge.tasks.classify:ClassifyTask", "sentence (pair) classification", "finetune",
                   "sequence_classifier", "pretrained", CLASSIFIERS, label="class", formats=TEXT_FORMATS,
-                  endpoint="classify", hf_classes={"bert": "BertForSequenceClassification"}))
+                  endpoint="classify", hf_classes=SEQUENCE_CLASSES, sections=("robust",)))
 register(TaskSpec("regress", "lmforge.tasks.classify:RegressTask", "regression of a number per text", "finetune",
                   "sequence_classifier", "pretrained", ("mse", "huber", "smooth_l1", "mae"), label="value",
-                  formats=TEXT_FORMATS, endpoint="classify", hf_classes={"bert": "BertForSequenceClassification"}))
+                  formats=TEXT_FORMATS, endpoint="classify", hf_classes=SEQUENCE_CLASSES, sections=("robust",)))
 register(TaskSpec("multilabel", "lmforge.tasks.classify:MultiLabelTask", "multi-label classification", "finetune",
                   "sequence_classifier", "pretrained", ("bce", "binary_focal"), label="classes", formats=TEXT_FORMATS,
-                  endpoint="classify", hf_classes={"bert": "BertForSequenceClassification"}))
+                  endpoint="classify", hf_classes=SEQUENCE_CLASSES, sections=("robust",)))
 register(TaskSpec("tag", "lmforge.tasks.tag:TagTask", "token tagging (NER)", "finetune", "token_tagger", "pretrained",
                   ("cross_entropy", "focal"), label="tags", formats=("conll", "jsonl"), endpoint="tag",
-                  hf_classes={"bert": "BertForTokenClassification"}))
+                  hf_classes=TOKEN_CLASSES, sections=("robust",)))
 register(TaskSpec("sft", "lmforge.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM on prompt/response pairs",
                   "finetune", "gpt", "decoder", ("cross_entropy",), label="response", formats=("jsonl",),
                   endpoint="generate", class_weights=False, packs=True,
-                  hf_classes=CAUSAL_LM_CLASSES))
+                  hf_classes=CAUSAL_LM_CLASSES, sections=("robust",)))
 register(TaskSpec("dpo", "lmforge.tasks.dpo:DPOTask", "preference tuning of a causal LM on chosen/rejected answers "
                   "(DPO, conservative DPO, IPO, SimPO)", "finetune", "gpt", "decoder", ("dpo", "ipo", "simpo"),
                   label="preference", formats=("jsonl",), endpoint="generate", class_weights=False, packs=True,
@@ -109,8 +127,8 @@ register(TaskSpec("dpo", "lmforge.tasks.dpo:DPOTask", "preference tuning of a ca
 register(TaskSpec("reward", "lmforge.tasks.reward:RewardTask", "a reward model: one score per answer, trained on "
                   "chosen/rejected pairs (Bradley-Terry)", "finetune", "sequence_classifier", "pretrained",
                   ("bradley_terry",), label="preference", formats=("jsonl",), endpoint="score", class_weights=False,
-                  hf_classes={"llama": "LlamaForSequenceClassification", "bert": "BertForSequenceClassification"}))
+                  hf_classes=SEQUENCE_CLASSES, sections=("robust",)))
 register(TaskSpec("seq2seq", "lmforge.tasks.seq2seq:Seq2SeqTask", "encoder-decoder translation", "pretrain",
-                  "encoder_decoder", "encoder_decoder", ("cross_entropy",), endpoint="translate"))
+                  "encoder_decoder", "encoder_decoder", ("cross_entropy",), endpoint="translate", sections=("seq2seq",)))
 register(TaskSpec("span", "lmforge.tasks.span:SpanCorruption", "span-corruption pre-training of an encoder-decoder",
-                  "pretrain", "encoder_decoder", "encoder_decoder", ("cross_entropy",)))
+                  "pretrain", "encoder_decoder", "encoder_decoder", ("cross_entropy",), sections=("span", "seq2seq")))

@@ -8,7 +8,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from lmforge import quant
 from lmforge.rundir import write_selection
 from lmforge.runs import base_reference, stores_trained_only
 from lmforge.tasks import make_task
-from lmforge.train import distributed
+from lmforge.train import distributed, trackers
 from lmforge.train.adversarial import Adversary
 from lmforge.train.checkpoint import CKPT_DIR, checkpoints
 from lmforge.train.checkpointer import BestKeeper, Checkpointer, TrainState, refuse_busy_run_dir
@@ -45,6 +45,7 @@ class RunResult:
     plot: Path | None
     text: str  # what the task printed at the end (samples)
     is_main: bool = True  # rank 0, or the only process: the one that reports
+    tracked: list[str] = field(default_factory=list)  # where each tracker of log.trackers holds the run
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -92,6 +93,9 @@ class Trainer:
         self.cfg, self.d, self.precision = cfg, d, precision
         set_tf32(d.device, tc.tf32)
         check_base_dtype(cfg, d)  # before the task reads anything
+        with distributed.main_first(d):  # rank 0 alone tracks; its refusal stops every rank
+            if d.main:  # a tracker's missing library or unreachable store: one line before anything is written
+                trackers.check(cfg)
         self.run_dir = new_run_dir(cfg)
         if resume is None:
             refuse_busy_run_dir(self.run_dir)
@@ -185,7 +189,7 @@ class Trainer:
     def train(self) -> RunResult:
         """Step and log; then, paused for throughput: evaluate, stop early or out of time, checkpoint."""
         cfg, tc, d, state = self.cfg, self.cfg.train, self.d, self.state
-        tracker = Tracker(self.run_dir, cfg.log, tc.max_steps, state.step) if d.main else NullTracker()
+        tracker = Tracker(self.run_dir, cfg, tc.max_steps, state.step) if d.main else NullTracker()
         self.runner.train()
         self.meter.start()
         close = lambda: tracker.close(schedule=[lr_at(s, tc) for s in range(tc.max_steps)],  # noqa: E731
@@ -195,12 +199,24 @@ class Trainer:
         except BaseException:  # a diverged run keeps its logged rows and curves too; the error is the news
             with contextlib.suppress(Exception):  # a full disk, say, cannot take the plot either
                 close()
+            self._end_failed(tracker)
             raise
         plot = close()
         train_seconds = self.meter.train_seconds()
         self.say(f"lmforge: stopped at step {state.step} ({stop_reason}); best val {self.keeper.metric} {state.best:.4f}")
+        try:
+            text = self.finish()  # the task's final report is among the files the trackers upload
+        except BaseException:
+            self._end_failed(tracker)
+            raise
         return RunResult(self.run_dir, state.step, state.best, self.keeper.metric, last_val, train_seconds, plot,
-                         self.finish(), d.main)
+                         text, d.main, tracker.end())
+
+    @staticmethod
+    def _end_failed(tracker) -> None:
+        """The trackers get what there is, their runs marked failed; the error that stopped the run is the news."""
+        with contextlib.suppress(Exception):
+            tracker.end(ok=False)
 
     def _steps(self, tracker) -> tuple[dict, str]:
         """The loop itself, until max_steps, early stopping or the time budget; (last val metrics, why it stopped)."""

@@ -1,5 +1,6 @@
-"""What a run reports: a progress bar, metrics.jsonl, TensorBoard event files, and a PNG of the
-loss and learning-rate curves at the end."""
+"""What a run reports: a progress bar, metrics.jsonl, the experiment trackers of log.trackers (TensorBoard,
+W&B, MLflow: train/trackers.py), and a PNG of the loss and learning-rate curves at the end. Every logged row goes
+to metrics.jsonl and to each tracker from `Tracker.log`, the one place."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmforge.errors import UserError
 from lmforge.io import atomic_write, writing
+from lmforge.train import trackers
 
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
-TB_DIR = "tensorboard"
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, lc, max_steps: int, start_step: int):
-        self.run_dir, self.lc = run_dir, lc
+    def __init__(self, run_dir: Path, cfg, max_steps: int, start_step: int):
+        self.run_dir, self.lc = run_dir, cfg.log
         self.path = run_dir / METRICS
         # On resume keep the history up to the checkpoint and drop what a crashed run logged after it.
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step else []
@@ -26,11 +28,8 @@ class Tracker:
             self.file = open(self.path, "w", encoding="utf-8")
             for r in kept:
                 self.file.write(json.dumps(r) + "\n")
-        self.tb = None
-        if lc.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            with writing(run_dir / TB_DIR):
-                self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
+        self.trackers = trackers.start(run_dir, cfg, start_step)
+        lc = cfg.log
         interactive = lc.progress and sys.stderr.isatty()
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not interactive, dynamic_ncols=True,
                         unit="step", file=sys.stderr)
@@ -41,10 +40,7 @@ class Tracker:
         with writing(self.path):
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
-        if self.tb:
-            with writing(self.run_dir / TB_DIR):
-                for k, v in metrics.items():
-                    self.tb.add_scalar(f"{split}/{k}", v, step)
+        self._each_tracker("log", step, {f"{split}/{k}": v for k, v in metrics.items()})
         if split == "train":
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                  tok_s=f"{metrics['tok_s']:.0f}", refresh=False)
@@ -53,6 +49,19 @@ class Tracker:
             self.bar.write(f"step {step} {split}: {text}")
         elif self.plain:
             print(f"step {step}: {text}", flush=True)
+
+    def _each_tracker(self, method: str, *args) -> None:
+        """Call `method` on every tracker. A tracker that fails mid-run (a server gone, a library's error) is
+        dropped with a warning: the run goes on, and metrics.jsonl keeps every row. A full disk stays fatal."""
+        for name, tracker in list(self.trackers.items()):
+            try:
+                getattr(tracker, method)(*args)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any library error; the run matters more than one tracker
+                del self.trackers[name]
+                self.bar.write(f"lmforge: warning: {name} failed ({type(e).__name__}: {str(e)[:200]}); the run goes on "
+                               f"without it (metrics.jsonl has every row)")
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
@@ -63,10 +72,14 @@ class Tracker:
         self.bar.close()
         with writing(self.path):
             self.file.close()
-        if self.tb:
-            with writing(self.run_dir / TB_DIR):
-                self.tb.close()
         return plot_curves(self.run_dir, schedule, metric)
+
+    def end(self, ok: bool = True) -> list[str]:
+        """After close and the task's final report: upload the run's files to the trackers and finish them (a
+        run that failed is marked so); the lines that say where each tracker's record is."""
+        files = trackers.files_to_upload(self.run_dir, self.lc.log_weights)
+        self._each_tracker("finish", files, ok)
+        return [f"{name + ':':<14} {tracker.where()}" for name, tracker in self.trackers.items()]
 
 
 class NullTracker:
@@ -80,6 +93,9 @@ class NullTracker:
 
     def close(self, schedule: list[float] | None = None, metric: str = "loss") -> None:
         return None
+
+    def end(self, ok: bool = True) -> list[str]:
+        return []
 
 
 def read_metrics(path: Path) -> list[dict]:
