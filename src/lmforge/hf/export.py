@@ -30,14 +30,14 @@ from lmforge.tasks import registry
 from lmforge.train.distributed import Dist, full_weights
 
 
-def _check_out(out: Path, what: str) -> None:
+def check_out(out: Path, what: str) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{what}: {out} already exists and is not an empty folder; give a new one")
 
 
-def _write_dir(out: Path, what: str, write: Callable[[Path], None]) -> None:
+def write_dir(out: Path, what: str, write: Callable[[Path], None]) -> None:
     """write(tmp) fills a temporary folder that becomes `out` once complete: a failure leaves nothing."""
-    _check_out(out, what)
+    check_out(out, what)
     atomic_dir(out, write)  # it makes the folders above `out` too, and removes them again on failure
 
 
@@ -45,7 +45,7 @@ def import_hf(folder: str | Path, out: str | Path) -> Imported:
     """A Hugging Face model folder -> an lmforge run directory (config.yaml, model.safetensors, tokenizer.json,
     and the folder's chat template, special tokens and generation settings as they were, runs.HF_SIDE_FILES)."""
     out = Path(out)
-    _check_out(out, "import")  # before reading a large checkpoint
+    check_out(out, "import")  # before reading a large checkpoint
     imported = load_hf(folder)
     side = hf_side_files(folder)
 
@@ -55,7 +55,7 @@ def import_hf(folder: str | Path, out: str | Path) -> Imported:
         imported.tokenizer.save(str(tmp / "tokenizer.json"))
         write_hf_side_files(tmp, side)
 
-    _write_dir(out, "import", write)
+    write_dir(out, "import", write)
     return imported
 
 
@@ -190,7 +190,7 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
     always merged (that layout has no peft adapter). Returns the config.json written."""
 
     out = Path(out)
-    _check_out(out, "export")
+    check_out(out, "export")
     trained, tok, cfg = load_run(run)
     method = peft_method(trained)
     arch = check_exportable(cfg, run, fmt, merge, method)  # `lmforge export` asked before loading a run directory
@@ -234,7 +234,7 @@ def export_hf(run: str | Path, out: str | Path, fmt: str = "auto", merge: bool =
             write_peft_adapter(trained, arch, tmp / ADAPTER_DIR, base_model_path=str(out.resolve()),
                                hf_class=hf_cfg["architectures"][0], mapping=mapping)
 
-    _write_dir(out, "export", write)
+    write_dir(out, "export", write)
     return hf_cfg
 
 
@@ -264,7 +264,7 @@ def _export_encoder_decoder(model, tok: Tokenizer, cfg, out: Path) -> dict:
     texts = {"config.json": _json_text(hf_cfg), "generation_config.json": _json_text(bart.generation_config(cfg, tok)),
              **_tokenizer_files(bart.special_tokens(tok), cfg)}
     tensors = bart.tensors(model)
-    _write_dir(out, "export", lambda tmp: _write_model(tmp, {"model.safetensors": tensors}, texts, bart.tokenizer(tok)))
+    write_dir(out, "export", lambda tmp: _write_model(tmp, {"model.safetensors": tensors}, texts, bart.tokenizer(tok)))
     return hf_cfg
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from lmforge.data.tokenizer import eos_id
 from lmforge.errors import UserError
 from lmforge.hf.arch import ONNX_QUANTIZE
-from lmforge.hf.export import _check_out, _write_dir
+from lmforge.hf.export import check_out, write_dir
 from lmforge.model.transformer import GPT, MaskedLM
 from lmforge.peft import peft_method, strip_peft
 from lmforge.quant import dequantise_model
@@ -312,7 +312,7 @@ def export_onnx(run: str | Path, out: str | Path, quantize: str | None = None) -
     out = Path(out)
     if quantize is not None and quantize not in ONNX_QUANTIZE:
         raise UserError(f"export: --quantize {quantize}: expected one of {', '.join(ONNX_QUANTIZE)}")
-    _check_out(out, "export")
+    check_out(out, "export")
     _need_libraries()
     model, tok, cfg = load_run(run)
     model = _plain_model(run, cfg, model)
@@ -330,5 +330,5 @@ def export_onnx(run: str | Path, out: str | Path, quantize: str | None = None) -
         info.update(_description(tmp / MODEL_FILE, cfg, tok, kind, quantize))
         (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
-    _write_dir(out, "export", write)
+    write_dir(out, "export", write)
     return info
