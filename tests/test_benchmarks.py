@@ -77,7 +77,8 @@ def test_onnx_latency_smoke_scores_and_times_lmforge_and_both_onnx_graphs(tmp_pa
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert re.fullmatch(r"RESULT ort_speedup_b1=\d+\.\d\d ort_speedup_b32=\d+\.\d\d int8_speedup_b1=\d+\.\d\d "
-                        r"int8_speedup_b32=\d+\.\d\d int8_acc_drop=-?\d+\.\d\d acc_fp32=\d\.\d{4} acc_int8=\d\.\d{4}",
+                        r"int8_speedup_b32=\d+\.\d\d int8_over_fp32_b1=\d+\.\d\d int8_over_fp32_b32=\d+\.\d\d "
+                        r"int8_acc_drop=-?\d+\.\d\d acc_fp32=\d\.\d{4} acc_int8=\d\.\d{4}",
                         lines[-1]), lines[-1]
     # the fp32 graph computes lmforge's logits, so it scores the same sentences right
     diff = float(re.search(r"max abs logit difference (\S+)", done.stdout).group(1))
