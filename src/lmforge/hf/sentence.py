@@ -26,7 +26,7 @@ POOLING_CODE = {
             "pooled = (hidden * mask).sum(1) / mask.sum(1)                # the mean over real tokens",
     "cls": "pooled = hidden[:, 0]                                         # the first token ([CLS])",
     "last": "last = batch[\"attention_mask\"].sum(1) - 1\n"
-            "pooled = hidden[torch.arange(len(last)), last]               # the last real token (right padding)",
+            "pooled = hidden[torch.arange(len(last), device=last.device), last]  # the last real token (right padding)",
 }
 TRANSFORMERS_CODE = """\
 import torch
