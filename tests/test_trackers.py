@@ -281,3 +281,33 @@ def test_wandb_online_without_credentials(workdir, tmp_path, monkeypatch, capsys
     assert rc == 2
     check(workdir, tmp_path, before, busy, rc, out.out, out.err,
           ["log.wandb_mode = online needs W&B credentials", "wandb login", "WANDB_API_KEY"])
+
+
+# -- a tracker failing mid-run ------------------------------------------------------------------------
+
+
+class Failing:
+    def __init__(self, error: Exception):
+        self.error, self.calls = error, 0
+
+    def log(self, step, metrics):
+        self.calls += 1
+        raise self.error
+
+
+def test_a_tracker_failing_mid_run_is_dropped_and_the_run_keeps_every_row(tmp_path, capsys):
+    from lmforge.errors import UserError
+    from lmforge.train.tracking import Tracker
+
+    tracker = Tracker(tmp_path, load_config(overrides={"log.trackers": "[]", "log.progress": "false"}), 10, 0)
+    broken = tracker.trackers["mlflow"] = Failing(ConnectionError("server gone"))
+    tracker.log(1, "train", {"loss": 2.0, "lr": 1e-3, "tok_s": 10.0})
+    tracker.log(2, "train", {"loss": 1.5, "lr": 1e-3, "tok_s": 10.0})
+    assert broken.calls == 1 and "mlflow" not in tracker.trackers  # dropped after its first failure
+    err = capsys.readouterr().err
+    assert err.count("mlflow failed (ConnectionError: server gone); the run goes on") == 1
+    tracker.trackers["wandb"] = Failing(UserError("disk full"))  # a user's (or the machine's) error stays fatal
+    with pytest.raises(UserError, match="disk full"):
+        tracker.log(3, "train", {"loss": 1.0, "lr": 1e-3, "tok_s": 10.0})
+    tracker.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]

@@ -61,7 +61,7 @@ class Tracker:
             except Exception as e:  # noqa: BLE001 - any library error; the run matters more than one tracker
                 del self.trackers[name]
                 self.bar.write(f"lmforge: warning: {name} failed ({type(e).__name__}: {str(e)[:200]}); the run goes on "
-                               f"without it (metrics.jsonl has every row)")
+                               f"without it (metrics.jsonl has every row)", file=sys.stderr)
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
