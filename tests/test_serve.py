@@ -212,15 +212,15 @@ def test_sigterm_finishes_the_request_in_flight(gpt):
         assert proc.wait(timeout=30) == 0
 
 
-def test_serve_refuses_what_it_cannot_serve(tmp_path, encoder, capsys):
+def test_serve_refuses_what_it_cannot_serve(tmp_path, encoder, classifier, capsys):
     capsys.readouterr()
-    assert main(["serve", str(encoder), "--port", str(free_port())]) == 2
+    assert main(["serve", str(encoder), "--port", str(free_port())]) == 2  # refused from config.yaml, before loading
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "mlm model, which answers no requests" in err and "lmforge finetune" in err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        assert main(["serve", str(encoder), "--port", str(taken.getsockname()[1])]) == 2
+        assert main(["serve", str(classifier), "--port", str(taken.getsockname()[1])]) == 2
     assert "choose another --port" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nothing"), "--port", str(free_port())]) == 2
     assert "not a run directory" in capsys.readouterr().err
