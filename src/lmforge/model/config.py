@@ -81,7 +81,8 @@ PRESETS: dict[str, dict] = {
                       depth_scaled_init=False),
     # BART's layout for an encoder-decoder (task seq2seq or span): post-LN, learned positions, embedding norm,
     # biases, exact GELU; `lmforge export` writes it as BartForConditionalGeneration (hf/bart.py). The tiny one
-    # is the translate-multi30k recipe's shape, the base one facebook/bart-base's (6 + 6 layers).
+    # is the translate-multi30k recipe's shape, the base one facebook/bart-base's (6 + 6 layers). Post-LN wants
+    # about half a pre-norm model's lr: the multi30k recipe's 2e-3 barely trains it, 1e-3 does (docs/translation.md).
     "bart-tiny": dict(n_layer=3, n_head=4, d_model=256, max_seq_len=128, pos="learned", norm="layernorm",
                       norm_eps=1e-5, norm_position="post", mlp="gelu", bias=True, depth_scaled_init=False),
     "bart-base": dict(n_layer=6, n_head=12, d_model=768, max_seq_len=1024, pos="learned", norm="layernorm",
