@@ -45,7 +45,8 @@ from lmforge.config import load_config, save_config  # noqa: E402
 from lmforge.data.tokenizer import train_tokenizer  # noqa: E402
 from lmforge.hf.onnx import INT8_FILE, MODEL_FILE, export_onnx, ort_session  # noqa: E402
 from lmforge.io import save_weights  # noqa: E402
-from lmforge.runs import WEIGHTS, load_run, read_run_config  # noqa: E402
+from lmforge.rundir import read_run_config  # noqa: E402
+from lmforge.runs import WEIGHTS, load_run  # noqa: E402
 from lmforge.tasks import make_task  # noqa: E402
 from lmforge.train.distributed import Dist, full_weights  # noqa: E402
 

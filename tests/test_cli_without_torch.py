@@ -81,3 +81,22 @@ def test_a_run_of_the_wrong_kind_is_refused_before_torch_loads(runs, argv, expec
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lmforge: error: {expected.format(**where)}"), err
     assert not where["out"].exists()
+
+
+def test_an_old_runs_log_tensorboard_is_upgraded_quietly_before_loading(runs):
+    """A run written before log.trackers: the export check reads it as load_run does, with no deprecation note."""
+    import yaml
+
+    from lmforge.rundir import config_before_loading
+
+    old = runs / "old"
+    old.mkdir()
+    tree = yaml.safe_load((runs / "clm" / "config.yaml").read_text())
+    tree["log"].pop("trackers")
+    tree["log"]["tensorboard"] = False
+    tree["train"].pop("schedule_steps", None)
+    (old / "config.yaml").write_text(yaml.safe_dump(tree))
+    result, _, err = lmforge_alone("export", old, runs / "old-out", "--format", "bert")
+    assert result == {"code": 2, "torch": False} and "deprecated" not in err and "needs task = mlm" in err
+    cfg = config_before_loading(old)
+    assert cfg.log.trackers == [] and cfg.train.schedule_steps == cfg.train.max_steps

@@ -18,7 +18,7 @@ from helpers import free_port, read_metrics, synthetic_text, tiny_overrides, wri
 from test_cli_errors import check, full_argv, setup_files, snapshot
 
 from lmforge.config import ConfigError, load_config, save_config
-from lmforge.runs import read_run_config
+from lmforge.rundir import read_run_config
 from lmforge.train import trackers
 
 

@@ -209,7 +209,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 def cmd_train(args) -> int:
     """pretrain and finetune: one loop, different defaults."""
     from lmforge.config import load_config, read_yaml
-    from lmforge.runs import WEIGHTS, read_run_config
+    from lmforge.rundir import WEIGHTS, read_run_config
     from lmforge.tasks import registry
     from lmforge.train.checkpoint import find_resume
     from lmforge.train.loop import train  # refuses a run directory that already holds a run

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmforge.config import ConfigError, load_config, read_yaml
+from lmforge.config import ConfigError, legacy_log_keys, load_config, read_yaml
 from lmforge.errors import UserError
 from lmforge.io import atomic_write, read_json
 from lmforge.tasks import registry
@@ -36,6 +36,27 @@ def read_selection(run_dir: Path) -> dict:
     return read_json(path, str(run_dir))
 
 
+def read_run_config(run_dir: Path) -> dict:
+    """A run directory's config.yaml as its run wrote it (resolved: the vocabulary size is set). An empty or
+    cut-short one is refused naming the file, rather than read as lmforge's defaults and failing later."""
+    path = run_dir / "config.yaml"
+    tree = read_yaml(path)
+    if not tree:
+        raise UserError(f"{path}: empty; expected the resolved config the run wrote (a run directory's config.yaml "
+                        "holds every section)")
+    model = tree.get("model")
+    if not isinstance(model, dict) or not model.get("vocab_size"):
+        raise UserError(f"{path}: no model.vocab_size; expected the resolved config the run wrote (a run directory's "
+                        "config.yaml holds the model's vocabulary size)")
+    train = tree.get("train")
+    if isinstance(train, dict) and not train.get("schedule_steps") and train.get("max_steps"):
+        # a run written before the schedule's horizon was recorded ran to its max_steps: a resume that extends
+        # max_steps then keeps that schedule, as for a newer run
+        train["schedule_steps"] = train["max_steps"]
+    legacy_log_keys(tree)  # a run written before log.trackers: its log.tensorboard, quietly (not the user's to edit)
+    return tree
+
+
 def _run_folder(path: str | Path) -> Path | None:
     """The run directory of what `path` names (the directory, a weights file beside its config.yaml, or a
     checkpoint in its checkpoints/); None for a Hugging Face folder (config.json) or no run at all."""
@@ -50,10 +71,12 @@ def _run_folder(path: str | Path) -> Path | None:
 
 
 def _saved_tree(path: str | Path) -> dict | None:
+    """read_run_config of the run `path` names; None where there is none or it cannot be read (load_run's to
+    report)."""
     folder = _run_folder(path)
     try:
-        return read_yaml(folder / "config.yaml") if folder else None
-    except (ConfigError, OSError):  # unreadable: load_run's to report
+        return read_run_config(folder) if folder else None
+    except (UserError, OSError):
         return None
 
 

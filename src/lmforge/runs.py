@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge import chat
-from lmforge.config import legacy_log_keys, load_config, read_yaml
+from lmforge.config import load_config
 from lmforge.data.labelled import LabelMap
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
@@ -30,7 +30,7 @@ from lmforge.io import atomic_write, load_weights, read_json, read_weights, save
 from lmforge.model.build import build_model
 from lmforge.peft import apply_peft, peft_method, strip_peft
 from lmforge import quant
-from lmforge.rundir import BASE_FINGERPRINT, BASE_MODEL, LABELS_FILE, WEIGHTS  # the run directory's names
+from lmforge.rundir import BASE_FINGERPRINT, BASE_MODEL, LABELS_FILE, WEIGHTS, read_run_config
 from lmforge.tasks import registry
 from lmforge.train.checkpoint import (CKPT_DIR, checkpoint_model_state, is_sharded, latest_checkpoint,
                                       load_checkpoint, load_model_state)
@@ -211,27 +211,6 @@ def check_labels(run_dir: Path, cfg) -> None:
     if list(cfg.finetune.labels) != trained:
         raise UserError(f"{run_dir / 'config.yaml'}: finetune.labels = {cfg.finetune.labels} differs from {path} = "
                         f"{trained}, the order the model's head was trained in; expected that list")
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """A run directory's config.yaml as its run wrote it (resolved: the vocabulary size is set). An empty or
-    cut-short one is refused naming the file, rather than read as lmforge's defaults and failing later."""
-    path = run_dir / "config.yaml"
-    tree = read_yaml(path)
-    if not tree:
-        raise UserError(f"{path}: empty; expected the resolved config the run wrote (a run directory's config.yaml "
-                        "holds every section)")
-    model = tree.get("model")
-    if not isinstance(model, dict) or not model.get("vocab_size"):
-        raise UserError(f"{path}: no model.vocab_size; expected the resolved config the run wrote (a run directory's "
-                        "config.yaml holds the model's vocabulary size)")
-    train = tree.get("train")
-    if isinstance(train, dict) and not train.get("schedule_steps") and train.get("max_steps"):
-        # a run written before the schedule's horizon was recorded ran to its max_steps: a resume that extends
-        # max_steps then keeps that schedule, as for a newer run
-        train["schedule_steps"] = train["max_steps"]
-    legacy_log_keys(tree)  # a run written before log.trackers: its log.tensorboard, quietly (the run is not the user's to edit)
-    return tree
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
