@@ -16,12 +16,13 @@ export says which model.* values it would need (the `bart-tiny` and `bart-base` 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import SEQ2SEQ_SPECIALS, seq2seq_special_ids
 from lmforge.hf import keymap
 from lmforge.hf.arch import ACTIVATIONS, Arch
 from lmforge.hf.layouts import BART_CLASS  # layouts.BART_LAYOUT: the model.* values BART needs
+from lmforge.hf.tokenizer import ending_with
 
 CLASS = BART_CLASS
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding reads row position + 2
@@ -62,6 +63,7 @@ def _stack(side: str, tok_emb: str) -> Arch:
 ENCODER, DECODER = _stack("encoder", "model.shared"), _stack("decoder", "model.decoder.embed_tokens")
 
 EMBEDDINGS = ("shared.weight", "embed_tokens.weight", "embed_positions.weight")  # the only BART weights without a bias
+
 
 def tensors(model) -> dict[str, torch.Tensor]:
     """An EncoderDecoder's weights under BART's names: biases lmforge has not are zeros, the position tables
@@ -136,9 +138,4 @@ def special_tokens(tok: Tokenizer) -> dict[str, str]:
 def tokenizer(tok: Tokenizer) -> Tokenizer:
     """The run's tokenizer with </s> after each text, as lmforge ends every source: the HF tokenizer's
     ids of a sentence are then what lmforge's encoder reads."""
-    out = Tokenizer.from_str(tok.to_str())
-    eos = seq2seq_special_ids(tok)[2]
-    end = tok.id_to_token(eos)
-    out.post_processor = processors.TemplateProcessing(single=f"$A {end}", pair=f"$A {end} $B:1 {end}:1",
-                                                       special_tokens=[(end, eos)])
-    return out
+    return ending_with(tok, tok.id_to_token(seq2seq_special_ids(tok)[2]))

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer
 
 from lmforge import chat
 from lmforge.config import save_config
@@ -21,7 +21,7 @@ from lmforge.hf.layouts import body_task, check_exportable, decoder_classifier, 
 from lmforge.hf import bart, keymap
 from lmforge.hf.load import Imported, load_hf
 from lmforge.hf.sentence import DENSE_DIR, sentence_files, split_tensors
-from lmforge.hf.tokenizer import special_tokens
+from lmforge.hf.tokenizer import ending_with, special_tokens
 from lmforge.io import atomic_dir, atomic_text, atomic_write, fill_folder, save_weights, write_safetensors
 from lmforge.peft import Adapter, PrefixAttention, lora_layers, peft_method, strip_peft
 from lmforge.quant import dequantise_model
@@ -91,14 +91,11 @@ def _decoder_classifier_tokenizer(tok: Tokenizer, specials: dict[str, str]) -> t
     pools the last token that is not config.pad_token_id, so the pad token must never end a text: the run's own
     padding token where it has one other than eos, else a new one (NEW_PAD, the next id). Its post-processor
     adds the eos as the run did, replacing the source's (which may add a bos the run never read)."""
-    tok = Tokenizer.from_str(tok.to_str())
     eos, pad = specials.get("eos_token"), specials.get("pad_token")
+    tok = ending_with(tok, eos) if eos is not None else Tokenizer.from_str(tok.to_str())
     if pad is None or pad == eos:  # (a vocabulary holding NEW_PAD would have given it as the pad token)
         pad = NEW_PAD
         tok.add_special_tokens([pad])
-    if eos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tok.token_to_id(eos))])
     return tok, {**specials, "pad_token": pad}
 
 

@@ -1,6 +1,6 @@
 """A Hugging Face folder's tokenizer as a `tokenizers.Tokenizer` (tokenizer.json, or BERT's vocab.txt, or
 GPT-2's vocab.json + merges.txt, built as transformers' fast tokenizers build them), and the special-token
-roles an exported folder declares."""
+roles an exported folder declares, and an exported tokenizer that ends each text as lmforge does (ending_with)."""
 
 from __future__ import annotations
 
@@ -100,3 +100,13 @@ def special_tokens(tok: Tokenizer, task: str) -> dict[str, str]:
         roles["eos_token"] = tok.id_to_token(eos)
         roles.setdefault("bos_token", roles["eos_token"])
     return roles
+
+
+def ending_with(tok: Tokenizer, end: str) -> Tokenizer:
+    """A copy of `tok` whose post-processor adds the token `end` after each text (a pair: after each part), as
+    lmforge ends what its models read (a seq2seq source, a classifier's text): transformers' tokenizer then
+    gives the ids the run was trained on."""
+    out = Tokenizer.from_str(tok.to_str())
+    out.post_processor = processors.TemplateProcessing(single=f"$A {end}", pair=f"$A {end} $B:1 {end}:1",
+                                                       special_tokens=[(end, out.token_to_id(end))])
+    return out
