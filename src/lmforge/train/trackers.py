@@ -22,6 +22,7 @@ from urllib.request import url2pathname
 from lmforge.config import Config, TRACKERS, leaves, to_dict
 from lmforge.errors import UserError, one_line
 from lmforge.io import writing
+from lmforge.rundir import WEIGHTS
 
 TB_DIR = "tensorboard"
 WANDB_DIR = "wandb"
@@ -31,7 +32,6 @@ MLFLOW_STORE = "mlruns"  # under log.out_dir, beside the runs it compares, when 
 MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
            "mlflow": ("mlflow", "mlflow-skinny")}
 ARTIFACTS = ("config.yaml", "metrics.jsonl", "curves.png", "report.html")
-WEIGHTS = "model.safetensors"
 REACH_TIMEOUT = 3.0  # seconds to wait for an MLflow server before the run starts
 
 
