@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lmforge.errors import UserError
+from lmforge.errors import UserError, one_line
 from lmforge.io import atomic_write, writing
 from lmforge.train import trackers
 
@@ -29,11 +29,10 @@ class Tracker:
             for r in kept:
                 self.file.write(json.dumps(r) + "\n")
         self.trackers = trackers.start(run_dir, cfg, start_step)
-        lc = cfg.log
-        interactive = lc.progress and sys.stderr.isatty()
+        interactive = self.lc.progress and sys.stderr.isatty()
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not interactive, dynamic_ncols=True,
                         unit="step", file=sys.stderr)
-        self.plain = lc.progress and not interactive  # logs and CI get a line per log interval instead
+        self.plain = self.lc.progress and not interactive  # logs and CI get a line per log interval instead
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         row = {"step": step, "split": split, **metrics}
@@ -60,7 +59,7 @@ class Tracker:
                 raise
             except Exception as e:  # noqa: BLE001 - any library error; the run matters more than one tracker
                 del self.trackers[name]
-                self.bar.write(f"lmforge: warning: {name} failed ({type(e).__name__}: {str(e)[:200]}); the run goes on "
+                self.bar.write(f"lmforge: warning: {name} failed ({type(e).__name__}: {one_line(e)}); the run goes on "
                                f"without it (metrics.jsonl has every row)", file=sys.stderr)
 
     def advance(self, steps: int = 1) -> None:
